@@ -1,0 +1,22 @@
+"""Engines score token-id sequences in the teacher's own vocabulary.
+
+Each engine is one small module behind the `Engine` protocol (base.py). Heavy
+dependencies are imported only when that engine is chosen.
+"""
+
+from __future__ import annotations
+
+from teacher_server.engines.base import Engine, EngineConfig, ScoringJob, TeacherScores
+
+ENGINE_NAMES = ("hf",)
+
+
+def load_engine(name: str, config: EngineConfig) -> Engine:
+    if name == "hf":
+        from teacher_server.engines.hf import HFEngine
+
+        return HFEngine(config)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+
+
+__all__ = ["ENGINE_NAMES", "Engine", "EngineConfig", "ScoringJob", "TeacherScores", "load_engine"]
