@@ -255,3 +255,17 @@ class TeacherClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tokenizer_message(tokenizer) -> teacher_pb2.HFTokenizer:
+    """Describe a transformers fast tokenizer for OpenSession.
+
+    The server recognises the teacher's own tokenizer from this and then scores
+    with exact identity alignment.
+    """
+    return teacher_pb2.HFTokenizer(
+        tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+        special_tokens=list(tokenizer.all_special_tokens),
+        eos_tokens=[tokenizer.eos_token] if tokenizer.eos_token else [],
+        chat_template=tokenizer.chat_template or "",
+    )

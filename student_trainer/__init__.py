@@ -1,0 +1,1 @@
+"""Student side of on-policy distillation: teacher client, rollouts, losses, training loop."""

@@ -1,0 +1,112 @@
+"""Turn rollouts and the teacher's answers into padded training tensors.
+
+Layout is [B, P] over scored positions: row b, column p is position
+prompt_length_b + p of rollout b, predicted by the student logits at the
+position before it. Shorter rollouts are padded and their padding is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd.v1 import teacher_pb2
+from student_trainer.client import TeacherScores
+from student_trainer.losses import drop_special_support, special_token_mask
+from student_trainer.rollouts import Rollout
+
+MASK_REASONS = {
+    teacher_pb2.MASK_REASON_SPECIAL: "special",
+    teacher_pb2.MASK_REASON_UNALIGNED: "unaligned",
+    teacher_pb2.MASK_REASON_LOW_MASS: "low_mass",
+    teacher_pb2.MASK_REASON_BEYOND_CONTEXT: "beyond_context",
+}
+
+
+@dataclass
+class ScoredBatch:
+    input_ids: torch.Tensor  # long [B, L], right-padded rollouts
+    attention_mask: torch.Tensor  # long [B, L]
+    logit_index: torch.Tensor  # long [B, P], position whose logits predict the target
+    targets: torch.Tensor  # long [B, P], the student's sampled tokens
+    valid: torch.Tensor  # bool [B, P], a real position (not padding)
+    mask: torch.Tensor  # bool [B, P], a position that carries loss
+    teacher_ids: torch.Tensor  # long [B, P, K], pad -1
+    teacher_logprobs: torch.Tensor  # float [B, P, K], pad -inf
+    teacher_token_logprobs: torch.Tensor  # float [B, P]
+    reason: torch.Tensor  # long [B, P], teacher MaskReason (special targets found here too)
+
+
+def collate(
+    rollouts: list[Rollout],
+    scores: list[TeacherScores],
+    *,
+    pad_id: int,
+    special_ids: list[int],
+    keep_ids: list[int],
+    mask_special_tokens: bool,
+) -> ScoredBatch:
+    size = len(rollouts)
+    length = max(len(r.tokens) for r in rollouts)
+    positions = max(r.completion_length for r in rollouts)
+    top_k = scores[0].ids.shape[1]
+    input_ids = torch.full((size, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((size, length), dtype=torch.long)
+    logit_index = torch.zeros((size, positions), dtype=torch.long)
+    valid = torch.zeros((size, positions), dtype=torch.bool)
+    teacher_mask = torch.zeros((size, positions), dtype=torch.bool)
+    teacher_ids = torch.full((size, positions, top_k), -1, dtype=torch.long)
+    teacher_logprobs = torch.full((size, positions, top_k), float("-inf"))
+    teacher_token_logprobs = torch.zeros((size, positions))
+    reason = torch.zeros((size, positions), dtype=torch.long)
+    for row, (rollout, score) in enumerate(zip(rollouts, scores)):
+        count, start = rollout.completion_length, rollout.prompt_length
+        input_ids[row, : len(rollout.tokens)] = torch.tensor(rollout.tokens)
+        attention_mask[row, : len(rollout.tokens)] = 1
+        logit_index[row] = torch.arange(start - 1, start - 1 + positions).clamp(max=length - 1)
+        valid[row, :count] = True
+        teacher_mask[row, :count] = torch.tensor(score.mask.astype(bool))
+        teacher_ids[row, :count] = torch.tensor(score.ids.astype(np.int64))
+        teacher_logprobs[row, :count] = torch.tensor(score.logprobs)
+        teacher_token_logprobs[row, :count] = torch.tensor(score.token_logprobs)
+        reason[row, :count] = torch.tensor(score.reason.astype(np.int64))
+    targets = input_ids.gather(1, (logit_index + 1).clamp(max=length - 1))
+    mask = teacher_mask & valid
+    if mask_special_tokens:
+        # The trainer applies its own tokenizer's special tokens too, so the masking
+        # holds whatever the teacher's session settings are.
+        special = special_token_mask(targets, special_ids, keep_ids) & valid
+        reason = torch.where(special & mask, teacher_pb2.MASK_REASON_SPECIAL, reason)
+        mask &= ~special
+        teacher_ids, teacher_logprobs = drop_special_support(teacher_ids, teacher_logprobs, special_ids, keep_ids)
+    return ScoredBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        logit_index=logit_index,
+        targets=targets,
+        valid=valid,
+        mask=mask,
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_logprobs,
+        teacher_token_logprobs=teacher_token_logprobs,
+        reason=reason,
+    )
+
+
+def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
+    """Student logits [B, P, V] at the scored positions."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    index = batch.logit_index.to(device)[..., None].expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index).float()
+
+
+def mask_fractions(batch: ScoredBatch) -> dict[str, float]:
+    """Share of real positions masked, per reason."""
+    real = max(int(batch.valid.sum()), 1)
+    masked = batch.valid & ~batch.mask
+    return {
+        f"masked_{name}": float((masked & (batch.reason == code)).sum()) / real for code, name in MASK_REASONS.items()
+    } | {"masked": float(masked.sum()) / real}

@@ -1,0 +1,59 @@
+"""`opd-train`: on-policy distillation of a student against a running teacher service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from student_trainer.config import LOSSES, load_config
+from student_trainer.train import train
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd-train",
+        description="Train a student with teacher top-K local support matching against an opd-teacher service. "
+        "Flags override --config; every config key (see student_trainer/config.py) can be set in the YAML file.",
+    )
+    parser.add_argument("--config", help="YAML file with TrainConfig keys")
+    parser.add_argument("--student", help="student model directory (Hugging Face format)")
+    parser.add_argument("--teacher", help="HOST:PORT of the teacher service")
+    parser.add_argument("--prompts", help="JSONL of {'prompt': ...} or {'messages': [...]}")
+    parser.add_argument("--eval-prompts", help="held-out prompts (JSONL) for the reverse-KL evaluation")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--output", help="output directory: metrics.jsonl, checkpoints/")
+    parser.add_argument("--loss", choices=LOSSES)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--gamma", type=float, help="sampled_token loss: reward-to-go discount in [0, 1]")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--save-every", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(_parser().parse_args(argv))
+    logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path, resume = args.pop("config"), args.pop("resume")
+    try:
+        config = load_config(config_path, **args)
+    except ValueError as error:
+        raise SystemExit(f"opd-train: {error}") from None
+    records = train(config, resume=resume)
+    if records:
+        last = records[-1]
+        summary = ", ".join(f"{name}={last[name]:.4f}" for name in ("loss", "topk_rkl", "eval_topk_rkl") if name in last)
+        print(f"finished step {last['step']}: {summary}; metrics in {config.output}/metrics.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Training configuration: one dataclass, mirrored by YAML files and CLI flags.
+
+Precedence: defaults < --config FILE.yaml < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSSES = ("topk_rkl", "topk_rkl_unnormalized", "sampled_token")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    student: str = ""  # Hugging Face model directory (or hub id) of the student
+    teacher: str = "127.0.0.1:50051"  # HOST:PORT of the teacher service
+    prompts: str = ""  # JSONL, one {"prompt": "..."} or {"messages": [...]} per line
+    output: str = "outputs/run"
+    steps: int = 100
+    # Loss: teacher top-K local support matching (renormalised), its unnormalised
+    # ablation, or the sampled-token OPD baseline.
+    loss: str = "topk_rkl"
+    top_k: int = 32
+    gamma: float = 0.0  # sampled_token only: discount of the return-to-go (0 = per token)
+    mask_special_tokens: bool = True  # special targets carry no loss and leave the support (EOS stays)
+    # Rollouts.
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 8  # rollouts per optimizer step
+    micro_batch_size: int = 8  # rollouts per forward/backward (gradient accumulation)
+    # Optimizer.
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    # Evaluation on held-out prompts: mean truncated reverse KL to the teacher.
+    eval_prompts: str = ""  # JSONL like prompts; empty = no evaluation
+    eval_every: int = 0  # steps between evaluations (0 = only before and after training)
+    eval_size: int = 64
+    # Bookkeeping.
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    device: str = "cpu"
+    teacher_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        problems = []
+        if not self.student:
+            problems.append("student (--student) is required")
+        if not self.prompts:
+            problems.append("prompts (--prompts) is required")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, updated from the YAML file at `path`, then from `overrides` (None values ignored)."""
+    values: dict[str, Any] = {}
+    if path:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        known = {field.name for field in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in {path}: {unknown}; known keys: {sorted(known)}")
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    config = TrainConfig(**values)
+    config.validate()
+    return config

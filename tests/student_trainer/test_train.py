@@ -1,0 +1,125 @@
+"""The training loop against a live teacher service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from student_trainer import checkpoint as checkpoint_module
+from student_trainer.config import load_config
+from student_trainer.train import train
+from teacher_server.scheduler import SchedulerLimits
+from tests.conftest import LiveServer, build_tiny_model, server_config
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    # Same tokenizer as the teacher, a different and smaller random network.
+    return build_tiny_model(tmp_path_factory.mktemp("student"), seed=1, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    lines = [json.dumps({"prompt": " ".join(f"w{rng.randrange(90)}" for _ in range(5))}) for _ in range(64)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def deterministic_server(tiny_model):
+    # One sequence per forward pass: the teacher's numbers then do not depend on
+    # which requests happened to share a batch, so reruns are bitwise identical.
+    server = LiveServer(server_config(tiny_model, limits=SchedulerLimits(max_batch_size=1)))
+    yield server
+    server.stop()
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_opd_train_cli_lowers_heldout_reverse_kl(live_server, student, prompts, tmp_path):
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "student_trainer.cli",
+        "--student", str(student), "--teacher", live_server.target, "--prompts", str(prompts),
+        "--eval-prompts", str(prompts), "--steps", "20", "--output", str(output),
+        "--top-k", "8", "--lr", "3e-3", "--batch-size", "8", "--max-new-tokens", "12", "--eval-every", "10",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_metrics(output)
+    evals = [(r["step"], r["eval_topk_rkl"]) for r in records if "eval_topk_rkl" in r]
+    print("held-out truncated reverse KL by step:", evals)
+    assert [step for step, _ in evals] == [0, 10, 20]
+    assert evals[-1][1] < 0.8 * evals[0][1]
+    assert "finished step 20" in result.stdout
+    step_keys = set(records[1])
+    for key in ("loss", "topk_rkl", "teacher_support_mass", "student_support_mass", "topk_overlap", "masked",
+                "masked_special", "negative_advantage_share", "response_length", "grad_norm", "tokens_per_s",
+                "teacher_latency_s"):  # fmt: skip
+        assert key in step_keys, key
+    assert (output / "checkpoints" / "step-000020" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("loss", ["sampled_token", "topk_rkl_unnormalized"])
+def test_other_losses_train(live_server, student, prompts, tmp_path, loss):
+    config = load_config(
+        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
+        steps=2, loss=loss, gamma=0.5, top_k=8, batch_size=4, micro_batch_size=2, max_new_tokens=6,
+    )  # fmt: skip
+    records = train(config)
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_module.latest_checkpoint(output) / "model" / "model.safetensors")
+
+
+def test_resume_continues_exactly(deterministic_server, student, prompts, tmp_path):
+    settings = dict(
+        student=str(student), teacher=deterministic_server.target, prompts=str(prompts), top_k=8,
+        batch_size=4, micro_batch_size=2, max_new_tokens=6, lr=3e-3, save_every=2,
+    )  # fmt: skip
+    train(load_config(None, **settings, steps=4, output=str(tmp_path / "straight")))
+    train(load_config(None, **settings, steps=2, output=str(tmp_path / "resumed")))
+    train(load_config(None, **settings, steps=4, output=str(tmp_path / "resumed")), resume=True)
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    steps = [record["step"] for record in read_metrics(tmp_path / "resumed")]
+    assert steps == [1, 2, 3, 4]
+    assert read_metrics(tmp_path / "straight")[-1]["loss"] == read_metrics(tmp_path / "resumed")[-1]["loss"]
+
+
+def test_failed_checkpoint_write_leaves_previous_intact(live_server, student, prompts, tmp_path, monkeypatch):
+    config = load_config(
+        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
+        steps=2, top_k=8, batch_size=2, micro_batch_size=2, max_new_tokens=4, save_every=1,
+    )  # fmt: skip
+    real_save = torch.save
+    calls = {"count": 0}
+
+    def failing_second_save(obj, path, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config)
+    checkpoints = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001"], checkpoints  # no half-written step-000002, no temp dir
+    assert checkpoint_module.latest_checkpoint(tmp_path).name == "step-000001"
