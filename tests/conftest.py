@@ -91,7 +91,8 @@ def server_config(model: Path, **overrides):
     from teacher_server.server import ServerConfig
 
     engine_config = EngineConfig(model=str(model), chunk_size=overrides.pop("chunk_size", 16))
-    return ServerConfig(engine_config=engine_config, host="127.0.0.1", port=0, max_k=overrides.pop("max_k", 32),
+    return ServerConfig(engine_config=engine_config, host="127.0.0.1", port=overrides.pop("port", 0),
+                        max_k=overrides.pop("max_k", 32),
                         grace_s=1.0, **overrides)
 
 
@@ -100,3 +101,14 @@ def live_server(tiny_model):
     server = LiveServer(server_config(tiny_model))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct in float32 (tests marked `real_model`)."""
+    from tests.real_model import missing_reason, smollm2_path
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"real model unavailable: {reason}")
+    return smollm2_path()
