@@ -123,3 +123,16 @@ def test_failed_checkpoint_write_leaves_previous_intact(live_server, student, pr
     checkpoints = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step-000001"], checkpoints  # no half-written step-000002, no temp dir
     assert checkpoint_module.latest_checkpoint(tmp_path).name == "step-000001"
+
+
+def test_example_config_loads_and_flags_win(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "student_trainer" / "configs" / "topk_rkl.yaml"
+    config = load_config(example, student="s", prompts="p.jsonl", lr=1e-4)
+    assert config.loss == "topk_rkl" and config.top_k == 32 and config.top_p == 0.9
+    assert config.lr == 1e-4  # the flag wins over the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: topk_rkl\nlearning_rate: 1.0\n")
+    with pytest.raises(ValueError, match="unknown keys.*learning_rate"):
+        load_config(bad, student="s", prompts="p.jsonl")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        load_config(None, student="s", prompts="p.jsonl", loss="kl")
