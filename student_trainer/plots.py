@@ -33,6 +33,7 @@ def plot_metrics(records: list[dict], path: Path, title: str = "on-policy distil
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+        axis.ticklabel_format(axis="y", useOffset=False)
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.suptitle(title)
