@@ -73,6 +73,19 @@ def per_position_loss(config: TrainConfig, logits: torch.Tensor, batch: ScoredBa
     return loss, advantages
 
 
+def sample(model, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens, seed: int) -> list[Rollout]:
+    return generate_rollouts(
+        model,
+        prompts,
+        eos_ids=tokens.eos_ids,
+        pad_id=tokens.pad_id,
+        top_p=config.top_p,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=seed,
+    )
+
+
 def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: TrainConfig, tokens: StudentTokens):
     scores = teacher.score_many([(r.tokens, r.prompt_length) for r in rollouts], config.top_k)
     return collate(
@@ -87,16 +100,7 @@ def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: Trai
 
 def train_step(model, optimizer, scheduler, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens, step: int) -> dict:
     started = time.perf_counter()
-    rollouts = generate_rollouts(
-        model,
-        prompts,
-        eos_ids=tokens.eos_ids,
-        pad_id=tokens.pad_id,
-        top_p=config.top_p,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-        seed=config.seed * 7919 + step,
-    )
+    rollouts = sample(model, prompts, config, tokens, seed=config.seed * 7919 + step)
     generated = time.perf_counter()
     micro_batches = [
         score_rollouts(teacher, rollouts[i : i + config.micro_batch_size], config, tokens)
@@ -147,16 +151,7 @@ def train_step(model, optimizer, scheduler, teacher, prompts: list[list[int]], c
 @torch.no_grad()
 def evaluate_heldout(model, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens) -> dict:
     """Mean truncated reverse KL to the teacher on the student's own rollouts of held-out prompts."""
-    rollouts = generate_rollouts(
-        model,
-        prompts,
-        eos_ids=tokens.eos_ids,
-        pad_id=tokens.pad_id,
-        top_p=config.top_p,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-        seed=config.seed + EVAL_SEED_OFFSET,
-    )
+    rollouts = sample(model, prompts, config, tokens, seed=config.seed + EVAL_SEED_OFFSET)
     batch = score_rollouts(teacher, rollouts, config, tokens)
     metrics = support_metrics(scored_logits(model, batch), batch.teacher_ids, batch.teacher_logprobs, batch.mask)
     metrics.pop("num_positions")
