@@ -7,7 +7,7 @@ position before it. Shorter rollouts are padded and their padding is masked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class ScoredBatch:
     teacher_logprobs: torch.Tensor  # float [B, P, K], pad -inf
     teacher_token_logprobs: torch.Tensor  # float [B, P]
     reason: torch.Tensor  # long [B, P], teacher MaskReason (special targets found here too)
+    # The teacher's own coverage counts summed over the batch (ScoreResponse.counts):
+    # positions, with_distribution, retained_mass_sum, branch_sequences, ...
+    teacher_counts: dict[str, float] = field(default_factory=dict)
 
 
 def collate(
@@ -81,7 +84,13 @@ def collate(
         reason = torch.where(special & mask, teacher_pb2.MASK_REASON_SPECIAL, reason)
         mask &= ~special
         teacher_ids, teacher_logprobs = drop_special_support(teacher_ids, teacher_logprobs, special_ids, keep_ids)
+    counts: dict[str, float] = {}
+    for score in scores:
+        if getattr(score, "counts", None) is not None:
+            for name, value in ((f.name, getattr(score.counts, f.name)) for f in score.counts.DESCRIPTOR.fields):
+                counts[name] = counts.get(name, 0.0) + float(value)
     return ScoredBatch(
+        teacher_counts=counts,
         input_ids=input_ids,
         attention_mask=attention_mask,
         logit_index=logit_index,
@@ -101,6 +110,22 @@ def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
     logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
     index = batch.logit_index.to(device)[..., None].expand(-1, -1, logits.shape[-1])
     return logits.gather(1, index).float()
+
+
+def teacher_coverage(batches: list[ScoredBatch]) -> dict[str, float]:
+    """The teacher's coverage of a step: share of positions with a distribution, mean
+    retained teacher mass on the support, extra branch sequences (cross-tokenizer)."""
+    total: dict[str, float] = {}
+    for batch in batches:
+        for name, value in batch.teacher_counts.items():
+            total[name] = total.get(name, 0.0) + value
+    if not total.get("positions"):
+        return {}
+    return {
+        "teacher_coverage": total.get("with_distribution", 0.0) / total["positions"],
+        "teacher_retained_mass": total.get("retained_mass_sum", 0.0) / max(total.get("with_distribution", 0.0), 1.0),
+        "teacher_branch_sequences": total.get("branch_sequences", 0.0),
+    }
 
 
 def mask_fractions(batch: ScoredBatch) -> dict[str, float]:

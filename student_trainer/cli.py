@@ -17,7 +17,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with TrainConfig keys")
     parser.add_argument("--student", help="student model directory (Hugging Face format)")
-    parser.add_argument("--teacher", help="HOST:PORT of the teacher service")
+    parser.add_argument("--teacher", help="HOST:PORT of the teacher service, a comma-separated list, or dns:///NAME:PORT")
+    parser.add_argument("--teacher-api-key-file",
+                        help="file with this trainer's API key (default: $OPD_TEACHER_API_KEY)")
+    parser.add_argument("--teacher-tls", action="store_true", default=None, help="TLS with the system's CA roots")
+    parser.add_argument("--teacher-tls-ca", help="PEM CA that signed the teacher's certificate (implies TLS)")
+    parser.add_argument("--teacher-tls-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--teacher-tls-key", help="PEM client key (mutual TLS)")
+    parser.add_argument("--teacher-tls-server-name", help="name to check the teacher's certificate against")
+    parser.add_argument("--pin-teacher", action="store_true", default=None,
+                        help="refuse a teacher whose model or weights change (a silent swap)")
     parser.add_argument("--prompts", help="JSONL of {'prompt': ...} or {'messages': [...]}")
     parser.add_argument("--eval-prompts", help="held-out prompts (JSONL) for the reverse-KL evaluation")
     parser.add_argument("--steps", type=int)

@@ -1,21 +1,42 @@
 """Client of the teacher service: async core, sync wrapper for training loops.
 
 The trainer talks to the teacher only through the opd.v1 stubs wrapped here.
-`AsyncTeacherClient.score_many` sends a batch of rollouts over one ScoreStream,
-many requests in flight, answers matched by request id. Transient failures
-(UNAVAILABLE, and a session the server no longer knows after a restart) are
-retried with jittered exponential backoff and a transparent re-open, so a
-teacher restart costs time, not a training step.
+`AsyncTeacherClient.score_many` sends a batch of rollouts over ScoreStreams, many
+requests in flight, answers matched by request id.
+
+Several teachers: `target` is one address, a comma-separated list, or a list.
+Each entry gets its own channel (an "endpoint") and the rollouts of a batch are
+split over the endpoints that are up; when one fails, its share moves to the
+others. An entry may itself be load-balanced by gRPC, e.g.
+`dns:///teacher.ns.svc:50051` (every address behind the name, round_robin).
+
+Failures that cost time, never a step (retried with jittered exponential backoff,
+up to `RetryPolicy.attempts` tries and `max_elapsed_s`): UNAVAILABLE (teacher down,
+restarting or draining: the endpoint rests for the backoff while others work;
+also CANCELLED, which a call racing a teacher's shutdown can get);
+RESOURCE_EXHAUSTED that carries the server's retry hint (a tenant limit: wait that
+long); NOT_FOUND for the session (the teacher restarted and forgot it: re-open it
+transparently; on a load-balanced endpoint a re-open may land on another replica
+than the failed call, so each further NOT_FOUND re-opens once more, reaching
+every replica within a few tries). Anything else is the caller's bug and raises.
+
+Security: `api_key` is sent as `authorization: Bearer <key>` with every call;
+`tls` (TlsOptions) switches to TLS, with a client certificate for mutual TLS.
+`pin_teacher` refuses a teacher whose model or weights changed (identity.py on
+the server): True pins what the first GetInfo reports, a string pins that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Coroutine, Sequence, TypeVar
 
 import grpc
@@ -27,8 +48,12 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+RETRY_AFTER_KEY = "retry-after-ms"  # teacher_server/errors.py
+PIN_KEY = "opd-teacher-pin"  # teacher_server/identity.py
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# round_robin over every address a target resolves to (a DNS name of several replicas);
+# with one address it behaves like the default pick_first.
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 class TeacherRequestError(RuntimeError):
@@ -51,6 +76,8 @@ class TeacherScores:
     reason: np.ndarray  # uint8 [P]
     coverage: float
     mean_support_mass: float
+    # Per-reason counts, retained mass, branch sequences (cross-tokenizer sessions).
+    counts: teacher_pb2.Coverage | None = None
 
     @classmethod
     def from_proto(cls, response: teacher_pb2.ScoreResponse) -> "TeacherScores":
@@ -62,152 +89,349 @@ class TeacherScores:
             reason=from_tensor(response.reason, name="reason", dtype="uint8", ndim=1),
             coverage=response.coverage,
             mean_support_mass=response.mean_support_mass,
+            counts=response.counts,
         )
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 8
+    attempts: int = 1000  # in practice max_elapsed_s decides
     initial_backoff_s: float = 0.2
-    max_backoff_s: float = 10.0
+    max_backoff_s: float = 5.0
+    max_elapsed_s: float = 900.0  # a teacher restart of a big model takes minutes; a step waits that long
 
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0.5, 1.0) * min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.5, 1.0) * min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """PEM files. `root_certificates`: the CA that signed the teacher's certificate (None:
+    the system roots); `certificate_chain` + `private_key`: the client's own, for mTLS;
+    `server_name`: the name to check the certificate against, if not the target's host."""
+
+    root_certificates: str | None = None
+    certificate_chain: str | None = None
+    private_key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_certificates),
+            private_key=read(self.private_key),
+            certificate_chain=read(self.certificate_chain),
+        )
+
+
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """Endpoints of `target`: a list, or a comma-separated string. gRPC's own address lists
+    (`ipv4:10.0.0.1:50051,10.0.0.2:50051`, `ipv6:...`) stay one load-balanced endpoint."""
+    if isinstance(target, str) and target.startswith(("ipv4:", "ipv6:")):
+        return [target]
+    targets = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in targets if t.strip()]
+    if not targets:
+        raise ValueError("no teacher address given")
+    return targets
+
+
+@dataclass
+class _Failure:
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: float | None = None  # the server's hint (RESOURCE_EXHAUSTED from a limit)
+
+
+class _Endpoint:
+    """One teacher address: its channel, and whether our session is open there."""
+
+    def __init__(self, target: str, options: list, tls: TlsOptions | None) -> None:
+        self.target = target
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            extra = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options + extra)
+        self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
+        self.session_open = False
+        self.open_calls = 1  # OpenSession calls per (re-)open; grows while NOT_FOUND persists
+        self.resting_until = 0.0  # monotonic time before which this endpoint gets no new work
 
 
 class AsyncTeacherClient:
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout_s: float = 300.0,
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = 256 * 1024 * 1024,
+        api_key: str | None = None,
+        tls: TlsOptions | None = None,
+        pin_teacher: bool | str = False,
     ) -> None:
-        self.target = target
+        targets = split_targets(target)
+        self.target = ",".join(targets)
         self.timeout_s = timeout_s
         self.retry = retry
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
-        self._stub = teacher_pb2_grpc.TeacherStub(self._channel)
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.service_config", _SERVICE_CONFIG),
+            # Reconnect to a restarted teacher within ~2 s, not gRPC's default of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        self.endpoints = [_Endpoint(t, options, tls) for t in targets]
+        if api_key and tls is None and not all(_is_loopback(t) for t in targets):
+            log.warning("sending the teacher API key without TLS to %s; use TLS outside a trusted network", self.target)
+        self._auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._pin_wanted = pin_teacher
+        self.pin: str | None = pin_teacher if isinstance(pin_teacher, str) and pin_teacher else None
+        # Jitter from a private generator: the trainer's RNG state (saved in checkpoints) must
+        # not depend on how often the teacher failed.
+        self._rng = random.Random()
         self._request_ids = itertools.count(1)
+        self._turn = itertools.count()
         self._session_request: teacher_pb2.OpenSessionRequest | None = None
         self.session_id: str | None = None
 
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._auth + (((PIN_KEY, self.pin),) if self.pin else ())
+
     async def close(self) -> None:
-        await self._channel.close()
+        await asyncio.gather(*(endpoint.channel.close() for endpoint in self.endpoints))
 
     async def get_info(self) -> teacher_pb2.GetInfoResponse:
-        return await self._with_retries(lambda: self._stub.GetInfo(teacher_pb2.GetInfoRequest(), timeout=self.timeout_s))
+        info = await self._unary(
+            lambda endpoint: endpoint.stub.GetInfo(
+                teacher_pb2.GetInfoRequest(), timeout=self.timeout_s, metadata=self._metadata
+            )
+        )
+        if self._pin_wanted is True and self.pin is None:
+            self.pin = f"{info.model}@{info.weights_sha256}"
+            log.info("pinned the teacher %s", self.pin)
+        return info
 
     async def open_session(
-        self, tokenizer: teacher_pb2.HFTokenizer | None = None, temperature: float = 1.0
+        self, tokenizer: teacher_pb2.HFTokenizer | None = None, temperature: float = 1.0, **session_options
     ) -> str:
-        """Open the session used by later score calls (None = the teacher's own tokenizer)."""
+        """Open the session used by later score calls (None = the teacher's own tokenizer).
+
+        `session_options`: further OpenSessionRequest fields of a cross-tokenizer session,
+        e.g. special_token_pairs=[teacher_pb2.SpecialTokenPair(...)], no_eos_pairing=True,
+        alignment=teacher_pb2.AlignmentOptions(...).
+        """
         student = (
             teacher_pb2.StudentTokenizer(same_as_teacher=True)
             if tokenizer is None
             else teacher_pb2.StudentTokenizer(hf=tokenizer)
         )
-        self._session_request = teacher_pb2.OpenSessionRequest(tokenizer=student, temperature=temperature)
-        return await self._reopen_session()
-
-    async def _reopen_session(self) -> str:
-        if self._session_request is None:
-            raise RuntimeError("call open_session() before scoring")
-        response = await self._with_retries(
-            lambda: self._stub.OpenSession(self._session_request, timeout=self.timeout_s)
-        )
-        self.session_id = response.session_id
+        if self._pin_wanted is True and self.pin is None:
+            await self.get_info()
+        self._session_request = teacher_pb2.OpenSessionRequest(tokenizer=student, temperature=temperature, **session_options)
+        for endpoint in self.endpoints:
+            endpoint.session_open = False
+        # Open it wherever the teacher is up now; endpoints that are down open it on first use.
+        await self._unary(self._ensure_session)
+        for endpoint in self.endpoints:
+            if not endpoint.session_open and endpoint.resting_until <= time.monotonic():
+                try:
+                    await self._ensure_session(endpoint)
+                except grpc.aio.AioRpcError as error:
+                    self._rest(endpoint, _Failure(error.code(), error.details()), 0)
         return self.session_id
 
-    async def score(self, tokens: Sequence[int], score_from: int, top_k: int) -> TeacherScores:
-        """One rollout over the unary RPC."""
-        if self.session_id is None:
-            await self._reopen_session()
-        for attempt in itertools.count():
-            request = self._request(tokens, score_from, top_k)
-            try:
-                return TeacherScores.from_proto(await self._stub.Score(request, timeout=self.timeout_s))
-            except grpc.aio.AioRpcError as error:
-                await self._recover(error.code(), error.details(), attempt)
+    async def _ensure_session(self, endpoint: _Endpoint) -> str:
+        if self._session_request is None:
+            raise RuntimeError("call open_session() before scoring")
+        if not endpoint.session_open:
+            for _ in range(endpoint.open_calls):
+                response = await endpoint.stub.OpenSession(
+                    self._session_request, timeout=self.timeout_s, metadata=self._metadata
+                )
+            if self.session_id not in (None, response.session_id):
+                # Content-addressed ids are the same on every replica of the same teacher.
+                log.warning("teacher %s gave another session id; is it another teacher?", endpoint.target)
+            self.session_id = response.session_id
+            endpoint.session_open = True
+        return self.session_id
 
-    async def score_many(self, rollouts: Sequence[tuple[Sequence[int], int]], top_k: int) -> list[TeacherScores]:
-        """Score (tokens, score_from) pairs over one ScoreStream; results in input order."""
+    async def score(
+        self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()
+    ) -> TeacherScores:
+        """One rollout over the unary RPC; `messages`: the prompt as (role, content) chat messages."""
+
+        async def call(endpoint: _Endpoint) -> TeacherScores:
+            await self._ensure_session(endpoint)
+            request = self._request(tokens, score_from, top_k, messages)
+            reply = await endpoint.stub.Score(request, timeout=self.timeout_s, metadata=self._metadata)
+            endpoint.open_calls = 1
+            return TeacherScores.from_proto(reply)
+
+        return await self._unary(call)
+
+    async def score_many(self, rollouts: Sequence[tuple], top_k: int) -> list[TeacherScores]:
+        """Score (tokens, score_from) pairs over ScoreStreams, split over the endpoints; results in input order.
+
+        A rollout may be (tokens, score_from, messages): the prompt as chat messages too.
+        """
         if self.session_id is None:
-            await self._reopen_session()
+            raise RuntimeError("call open_session() before scoring")
         results: dict[int, TeacherScores] = {}
         todo = list(range(len(rollouts)))
-        for attempt in itertools.count():
-            failures = await self._stream_once(rollouts, todo, top_k, results)
-            todo = [index for index in todo if index not in results]
+        started, attempt = time.monotonic(), 0
+        while todo:
+            endpoints = await self._available()
+            shares = [todo[i :: len(endpoints)] for i in range(len(endpoints))]
+            failures = await asyncio.gather(
+                *(
+                    self._stream_once(endpoint, rollouts, share, top_k, results)
+                    for endpoint, share in zip(endpoints, shares)
+                )
+            )
+            remaining = [index for index in todo if index not in results]
+            progress = len(remaining) < len(todo)
+            todo = remaining
             if not todo:
-                return [results[index] for index in range(len(rollouts))]
-            code, message = failures
-            await self._recover(code, message, attempt)
-        raise AssertionError("unreachable")
+                break
+            if progress:  # the budget is for a teacher that does not come back, not for a long batch
+                started, attempt = time.monotonic(), 0
+            else:
+                attempt += 1
+            for endpoint, failure in zip(endpoints, failures):
+                if failure is not None:
+                    self._recover(endpoint, failure, attempt, started)
+        return [results[index] for index in range(len(rollouts))]
 
     async def _stream_once(
         self,
+        endpoint: _Endpoint,
         rollouts: Sequence[tuple[Sequence[int], int]],
         todo: list[int],
         top_k: int,
         results: dict[int, TeacherScores],
-    ) -> tuple[grpc.StatusCode, str]:
-        """Send `todo` on a fresh stream, filling `results`; return the first failure seen."""
-        index_of = {}
-        requests = []
-        for index in todo:
-            request = self._request(rollouts[index][0], rollouts[index][1], top_k)
-            index_of[request.request_id] = index
-            requests.append(request)
-        first_failure: tuple[grpc.StatusCode, str] | None = None
+    ) -> _Failure | None:
+        """Send `todo` on a fresh stream to `endpoint`, filling `results`; return the first failure seen."""
+        if not todo:
+            return None
+        first_failure: _Failure | None = None
         try:
-            async for reply in self._stub.ScoreStream(iter(requests), timeout=self.timeout_s):
+            await self._ensure_session(endpoint)
+            index_of, requests = {}, []
+            for index in todo:
+                request = self._request(*rollouts[index][:2], top_k, *rollouts[index][2:3])
+                index_of[request.request_id] = index
+                requests.append(request)
+            stream = endpoint.stub.ScoreStream(iter(requests), timeout=self.timeout_s, metadata=self._metadata)
+            async for reply in stream:
                 if reply.HasField("response"):
                     results[index_of[reply.request_id]] = TeacherScores.from_proto(reply.response)
                 elif first_failure is None:
-                    first_failure = (_STATUS_BY_NUMBER[reply.error.code], reply.error.message)
+                    hint = reply.error.retry_after_ms / 1000 if reply.error.retry_after_ms else None
+                    first_failure = _Failure(_STATUS_BY_NUMBER[reply.error.code], reply.error.message, hint)
         except grpc.aio.AioRpcError as error:
-            first_failure = first_failure or (error.code(), error.details())
-        return first_failure or (grpc.StatusCode.UNKNOWN, "the stream ended before every request was answered")
+            first_failure = first_failure or _Failure(error.code(), error.details(), _retry_after(error))
+        if first_failure is None and any(index not in results for index in todo):
+            first_failure = _Failure(grpc.StatusCode.UNKNOWN, "the stream ended before every request was answered")
+        if first_failure is None:
+            endpoint.open_calls = 1
+        return first_failure
 
-    async def _recover(self, code: grpc.StatusCode, message: str, attempt: int) -> None:
-        """Get ready to retry after a failure, or raise if it is not transient."""
-        if code == grpc.StatusCode.NOT_FOUND and "session" in message and self._session_request is not None:
-            log.warning("teacher lost the session (restart?); re-opening it")
-        elif code not in RETRYABLE:
-            raise TeacherRequestError(code, message)
-        if attempt + 1 >= self.retry.attempts:
-            raise TeacherRequestError(code, f"{message} (gave up after {attempt + 1} attempts)")
-        delay = self.retry.delay(attempt)
-        log.warning("teacher %s: %s; retrying in %.1fs", code.name, message, delay)
-        await asyncio.sleep(delay)
-        if code == grpc.StatusCode.NOT_FOUND:
-            await self._reopen_session()
-
-    async def _with_retries(self, call):
+    async def _unary(self, call):
+        """`call(endpoint)` on the next available endpoint, retried as the module docstring says."""
+        started = time.monotonic()
         for attempt in itertools.count():
+            endpoint = (await self._available())[0]
             try:
-                return await call()
+                return await call(endpoint)
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or attempt + 1 >= self.retry.attempts:
-                    raise TeacherRequestError(error.code(), error.details()) from None
-                await asyncio.sleep(self.retry.delay(attempt))
+                self._recover(endpoint, _Failure(error.code(), error.details(), _retry_after(error)), attempt, started)
 
-    def _request(self, tokens: Sequence[int], score_from: int, top_k: int) -> teacher_pb2.ScoreRequest:
+    async def _available(self) -> list[_Endpoint]:
+        """Endpoints not resting, in turn order; waits for the first to wake up when all rest."""
+        now = time.monotonic()
+        awake = [e for e in self.endpoints if e.resting_until <= now]
+        if not awake:
+            first = min(self.endpoints, key=lambda e: e.resting_until)
+            await asyncio.sleep(first.resting_until - now)
+            awake = [first]
+        shift = next(self._turn) % len(awake)  # rotate, so single calls spread over endpoints
+        return awake[shift:] + awake[:shift]
+
+    def _recover(self, endpoint: _Endpoint, failure: _Failure, attempt: int, started: float) -> None:
+        """Get ready to retry after `failure`, or raise if it is not transient (or we waited long enough)."""
+        code, message = failure.code, failure.message
+        if code == grpc.StatusCode.NOT_FOUND and "session" in message and self._session_request is not None:
+            log.warning("teacher %s lost the session (restart?); re-opening it", endpoint.target)
+            endpoint.session_open = False
+            endpoint.open_calls = min(endpoint.open_calls + 1, 16)
+        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED and failure.retry_after_s is not None
+        ):
+            # The endpoint rests for the backoff below; a restarted teacher answers NOT_FOUND next.
+            # CANCELLED: this client never cancels its own calls, so it is a teacher closing its port.
+            pass
+        else:
+            raise TeacherRequestError(code, message)
+        elapsed = time.monotonic() - started
+        if attempt + 1 >= self.retry.attempts or elapsed > self.retry.max_elapsed_s:
+            raise TeacherRequestError(code, f"{message} (gave up after {attempt + 1} attempts, {elapsed:.0f} s)")
+        self._rest(endpoint, failure, attempt)
+
+    def _rest(self, endpoint: _Endpoint, failure: _Failure, attempt: int) -> None:
+        delay = self.retry.delay(attempt, self._rng)
+        if failure.retry_after_s is not None:
+            delay = max(delay, failure.retry_after_s * self._rng.uniform(1.0, 1.5))
+        if failure.code == grpc.StatusCode.NOT_FOUND:
+            delay = 0.0  # nothing to wait for: re-open and retry now
+        else:
+            log.warning(
+                "teacher %s %s: %s; retrying in %.1fs", endpoint.target, failure.code.name, failure.message, delay
+            )
+        endpoint.resting_until = time.monotonic() + delay
+
+    def _request(
+        self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()
+    ) -> teacher_pb2.ScoreRequest:
         return teacher_pb2.ScoreRequest(
             request_id=next(self._request_ids),
             session_id=self.session_id,
             tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
             score_from=score_from,
             top_k=top_k,
+            messages=[teacher_pb2.ChatMessage(role=role, content=content) for role, content in messages],
         )
+
+    async def session_stats(self) -> teacher_pb2.SessionStats:
+        """Coverage totals of this session on one teacher replica (GetSessionStats)."""
+
+        async def call(endpoint: _Endpoint) -> teacher_pb2.SessionStats:
+            await self._ensure_session(endpoint)
+            request = teacher_pb2.GetSessionStatsRequest(session_id=self.session_id)
+            return await endpoint.stub.GetSessionStats(request, timeout=self.timeout_s, metadata=self._metadata)
+
+        return await self._unary(call)
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
+
+
+def _is_loopback(target: str) -> bool:
+    host = target.rpartition("/")[2].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class TeacherClient:
@@ -217,13 +441,13 @@ class TeacherClient:
     caller needs no asyncio and many requests still travel concurrently.
     """
 
-    def __init__(self, target: str, **options) -> None:
+    def __init__(self, target: str | Sequence[str], **options) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
         self._thread.start()
         self._client: AsyncTeacherClient = self._run(self._make(target, options))
 
-    async def _make(self, target: str, options: dict) -> AsyncTeacherClient:
+    async def _make(self, target, options: dict) -> AsyncTeacherClient:
         return AsyncTeacherClient(target, **options)
 
     def _run(self, coroutine: Coroutine[None, None, T]) -> T:
@@ -233,14 +457,23 @@ class TeacherClient:
     def session_id(self) -> str | None:
         return self._client.session_id
 
+    @property
+    def pin(self) -> str | None:
+        return self._client.pin
+
     def get_info(self) -> teacher_pb2.GetInfoResponse:
         return self._run(self._client.get_info())
 
-    def open_session(self, tokenizer: teacher_pb2.HFTokenizer | None = None, temperature: float = 1.0) -> str:
-        return self._run(self._client.open_session(tokenizer, temperature))
+    def open_session(
+        self, tokenizer: teacher_pb2.HFTokenizer | None = None, temperature: float = 1.0, **session_options
+    ) -> str:
+        return self._run(self._client.open_session(tokenizer, temperature, **session_options))
 
-    def score(self, tokens: Sequence[int], score_from: int, top_k: int) -> TeacherScores:
-        return self._run(self._client.score(tokens, score_from, top_k))
+    def score(self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()) -> TeacherScores:
+        return self._run(self._client.score(tokens, score_from, top_k, messages))
+
+    def session_stats(self) -> teacher_pb2.SessionStats:
+        return self._run(self._client.session_stats())
 
     def score_many(self, rollouts: Sequence[tuple[Sequence[int], int]], top_k: int) -> list[TeacherScores]:
         return self._run(self._client.score_many(rollouts, top_k))

@@ -19,7 +19,9 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 @dataclass
 class TrainConfig:
     student: str = ""  # Hugging Face model directory (or hub id) of the student
-    teacher: str = "127.0.0.1:50051"  # HOST:PORT of the teacher service
+    # The teacher service: HOST:PORT, a comma-separated list of them (requests are spread over
+    # the replicas that are up), or dns:///NAME:PORT (every address of NAME, round robin).
+    teacher: str = "127.0.0.1:50051"
     prompts: str = ""  # JSONL, one {"prompt": "..."} or {"messages": [...]} per line
     output: str = "outputs/run"
     steps: int = 100
@@ -51,6 +53,18 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "cpu"
     teacher_timeout_s: float = 300.0
+    # Teacher security: a file holding this trainer's API key (else the environment variable
+    # OPD_TEACHER_API_KEY; neither: no key); TLS when a CA (or teacher_tls) is given, with a
+    # client certificate and key for mutual TLS; the name to check the teacher's certificate
+    # against when it is not the address's host.
+    teacher_api_key_file: str = ""
+    teacher_tls: bool = False
+    teacher_tls_ca: str = ""
+    teacher_tls_cert: str = ""
+    teacher_tls_key: str = ""
+    teacher_tls_server_name: str = ""
+    # Refuse to go on if the teacher's model or weights change under the same address.
+    pin_teacher: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -66,6 +80,8 @@ class TrainConfig:
             problems.append(f"gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if bool(self.teacher_tls_cert) != bool(self.teacher_tls_key):
+            problems.append("teacher_tls_cert and teacher_tls_key go together (mutual TLS)")
         if self.batch_size % self.micro_batch_size:
             problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if problems:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from student_trainer.batch import ScoredBatch, collate, mask_fractions, scored_logits
+from student_trainer.batch import ScoredBatch, collate, mask_fractions, scored_logits, teacher_coverage
 from student_trainer.checkpoint import (
     TrainerState,
     capture_rng,
@@ -28,7 +29,7 @@ from student_trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from student_trainer.client import TeacherClient, tokenizer_message
+from student_trainer.client import TeacherClient, TlsOptions, tokenizer_message
 from student_trainer.config import TrainConfig
 from student_trainer.data import PromptStream, load_prompts
 from student_trainer.losses import sampled_token_loss, support_metrics, topk_reverse_kl
@@ -137,6 +138,7 @@ def train_step(model, optimizer, scheduler, teacher, prompts: list[list[int]], c
     total_tokens = sum(len(r.tokens) for r in rollouts)
     return {
         **totals,
+        **teacher_coverage(micro_batches),
         "grad_norm": float(grad_norm),
         "lr": scheduler.get_last_lr()[0],
         "response_length": sum(r.completion_length for r in rollouts) / len(rollouts),
@@ -158,6 +160,23 @@ def evaluate_heldout(model, teacher, prompts: list[list[int]], config: TrainConf
     return {f"eval_{name}": value for name, value in metrics.items()} | {
         "eval_response_length": sum(r.completion_length for r in rollouts) / len(rollouts)
     }
+
+
+def teacher_client_options(config: TrainConfig) -> dict:
+    """Keyword arguments of TeacherClient from the teacher_* settings (the key is read here, never logged)."""
+    if config.teacher_api_key_file:
+        api_key = Path(config.teacher_api_key_file).read_text().strip()
+    else:
+        api_key = os.environ.get("OPD_TEACHER_API_KEY", "").strip()
+    tls = None
+    if config.teacher_tls or config.teacher_tls_ca or config.teacher_tls_cert:
+        tls = TlsOptions(
+            root_certificates=config.teacher_tls_ca or None,
+            certificate_chain=config.teacher_tls_cert or None,
+            private_key=config.teacher_tls_key or None,
+            server_name=config.teacher_tls_server_name or None,
+        )
+    return dict(timeout_s=config.teacher_timeout_s, api_key=api_key or None, tls=tls, pin_teacher=config.pin_teacher)
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -225,7 +244,7 @@ def train(config: TrainConfig, *, resume: bool = False, evaluate_task: TaskEvalu
             result |= evaluate_task(model)
         return result
 
-    with TeacherClient(config.teacher, timeout_s=config.teacher_timeout_s) as teacher:
+    with TeacherClient(config.teacher, **teacher_client_options(config)) as teacher:
         teacher.open_session(tokenizer_message(tokenizer))
         if start == 0 and (eval_prompts or evaluate_task):
             records.append({"step": 0, **evaluation(0)})

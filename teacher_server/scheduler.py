@@ -1,22 +1,59 @@
-"""Packs concurrent scoring jobs into engine batches by a token budget.
+"""Packs concurrent scoring jobs into engine batches, fairly across tenants, within limits.
 
-Jobs wait in one queue per session; batches are filled round-robin across
-sessions so that one experiment flooding the service cannot starve another.
+Fairness: deficit round robin (DRR, Shreedhar & Varghese 1995) by tokens, on two
+levels: tenants, then the sessions of each tenant. Sessions are content-addressed
+and may be shared by tenants, so a queue belongs to a (tenant, session) pair.
+
+    Every active tenant sits in a ring with a deficit counter (a token credit).
+    The tenant at the head may send its next job while the job's cost (its tokens)
+    is within its credit; the cost is then taken from the credit. When the next
+    job costs more than is left, the tenant goes to the back of the ring with
+    `quantum` more credit for its next turn. A tenant whose queue empties leaves
+    the ring and forgets its credit (no banking of credit while idle).
+
+A tenant that becomes active (it had nothing queued) joins at the front of the
+ring with one quantum, so its job goes into the very next batch; the tenant it
+interrupts keeps its credit for after. This is FQ-CoDel's "new flows first"
+(RFC 8290): it gives light tenants low latency and cannot be used to take more
+than a fair share, because only a tenant whose queue ran empty gets it, and a
+tenant that floods never runs empty. Sessions inside a tenant join at the back.
+
+Each tenant thus gets about the same number of tokens per round whatever its
+queue length, so a tenant flooding the queue with thousands of jobs delays a
+light tenant's job by at most one quantum of its own work plus the batch already
+on the device. Inside a tenant the same rule spreads its share over its sessions.
+Batches are filled by popping jobs in DRR order until the token budget or batch
+size is reached; the DRR state carries over from one batch to the next.
+
+Limits (SchedulerLimits): a request longer than `max_request_tokens` is refused
+outright; per tenant, the tokens waiting in the queue and the requests in flight
+(queued or on the device) are capped, and so are queued jobs over all tenants.
+Over a cap, RESOURCE_EXHAUSTED carries a retry hint: the time the engine needs,
+at its recent throughput, to work off what the tenant already has queued.
+
 The engine runs in one worker thread, so the event loop keeps serving RPCs
 while a batch is on the device. A job whose caller went away (cancelled RPC,
-expired deadline) is dropped before it reaches the engine.
+expired deadline) is dropped before it reaches the engine; its tenant's quota is
+released at once. `drain()` refuses new jobs (UNAVAILABLE) while accepted ones
+finish; `wait_idle()` returns when none is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Hashable, TypeVar
 
 from teacher_server.engines import Engine, ScoringJob, TeacherScores
 from teacher_server.errors import ResourceExhausted, Unavailable
+from teacher_server.tenancy import current_tenant
+
+if TYPE_CHECKING:
+    from teacher_server.metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +63,138 @@ class SchedulerLimits:
     # Padded tokens (batch size x longest sequence) in one forward pass.
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
-    # Jobs waiting in the queue, over all sessions; beyond it: RESOURCE_EXHAUSTED.
+    # Jobs waiting in the queue, over all tenants; beyond it: RESOURCE_EXHAUSTED.
     max_queued_jobs: int = 1024
+    # DRR credit a tenant (and a session within it) gets per turn, in tokens. Smaller
+    # interleaves tenants more finely; below one job's size it costs only loop turns.
+    quantum_tokens: int = 256
+    # Per tenant: tokens waiting in the queue, and requests queued or on the device.
+    max_tenant_queued_tokens: int = 262_144
+    max_tenant_in_flight: int = 512
+    # One request's tokens (its sequence plus any alignment branches).
+    max_request_tokens: int = 65_536
+
+
+def job_cost(job: ScoringJob) -> int:
+    """Tokens the engine runs for `job`: the DRR cost and the unit of the limits."""
+    return len(job.token_ids) + getattr(job, "num_branch_tokens", 0)
 
 
 @dataclass
 class _Pending:
+    tenant: str
     job: ScoringJob
     result: asyncio.Future = field(repr=False)
+    cost: int = 0
+    queued_at: float = 0.0
+    dequeued: bool = False  # taken into a batch (or dropped): no longer counts as queued
 
 
 @dataclass
 class SchedulerStats:
+    jobs_accepted: int = 0
     batches: int = 0
     jobs_scored: int = 0
     jobs_dropped: int = 0
     positions_scored: int = 0
 
 
+@dataclass
+class _TenantLoad:
+    queued_jobs: int = 0
+    queued_tokens: int = 0
+    in_flight: int = 0
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class DeficitRoundRobin(Generic[K]):
+    """DRR over keyed FIFO queues of _Pending; a queue may itself be a DeficitRoundRobin.
+
+    `peek()` names the job DRR serves next (dropping cancelled jobs it meets on the
+    way), `pop()` serves it. Both may rotate the ring; that is the algorithm, not a
+    side effect: a turn ends when the head cannot afford its next job.
+    """
+
+    def __init__(self, quantum: int, on_drop, new_first: bool = False) -> None:
+        self.quantum = max(1, quantum)
+        self.new_first = new_first  # a key that (re)joins goes to the front, not the back
+        self._on_drop = on_drop  # called with each cancelled job taken off a queue
+        self._ring: OrderedDict[K, deque[_Pending] | DeficitRoundRobin] = OrderedDict()
+        self._credit: dict[K, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._ring)
+
+    def queue(self, key: K, factory) -> deque[_Pending] | DeficitRoundRobin:
+        """The queue of `key`, joining the back of the ring with one quantum if new."""
+        if key not in self._ring:
+            self._ring[key] = factory()
+            self._credit[key] = self.quantum
+            if self.new_first:
+                self._ring.move_to_end(key, last=False)
+        return self._ring[key]
+
+    def items(self):
+        for child in self._ring.values():
+            yield from (child.items() if isinstance(child, DeficitRoundRobin) else child)
+
+    def peek(self) -> _Pending | None:
+        while self._ring:
+            key, child = next(iter(self._ring.items()))
+            head = self._head(child)
+            if head is None:  # emptied by cancellations
+                self._leave(key)
+            elif head.cost <= self._credit[key]:
+                return head
+            else:  # the turn is over: back of the ring, one more quantum for next time
+                self._credit[key] += self.quantum
+                self._ring.move_to_end(key)
+        return None
+
+    def pop(self) -> _Pending:
+        head = self.peek()
+        assert head is not None, "pop() on an empty queue"
+        key, child = next(iter(self._ring.items()))
+        self._credit[key] -= head.cost
+        if isinstance(child, DeficitRoundRobin):
+            child.pop()
+        else:
+            child.popleft()
+        if not child:
+            self._leave(key)
+        return head
+
+    def _head(self, child) -> _Pending | None:
+        if isinstance(child, DeficitRoundRobin):
+            return child.peek()
+        while child and child[0].result.cancelled():
+            self._on_drop(child.popleft())
+        return child[0] if child else None
+
+    def _leave(self, key: K) -> None:
+        del self._ring[key]
+        del self._credit[key]
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, limits: SchedulerLimits = SchedulerLimits()) -> None:
+    def __init__(
+        self, engine: Engine, limits: SchedulerLimits = SchedulerLimits(), metrics: TeacherMetrics | None = None
+    ) -> None:
         self.engine = engine
         self.limits = limits
+        self.metrics = metrics
         self.stats = SchedulerStats()
-        self._queues: OrderedDict[str, deque[_Pending]] = OrderedDict()
+        self.draining = False
+        # tenant -> (session -> FIFO of jobs)
+        self._queues: DeficitRoundRobin[str] = DeficitRoundRobin(limits.quantum_tokens, self._dropped, new_first=True)
+        self._load: dict[str, _TenantLoad] = {}
         self._queued = 0
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokens_per_s = 0.0  # recent engine throughput, for retry hints
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
@@ -64,50 +208,126 @@ class Scheduler:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, session_id: str, job: ScoringJob) -> TeacherScores:
-        """Queue `job` and wait for its scores; cancelling the caller drops the job."""
+    def drain(self) -> None:
+        """Refuse new jobs from now on; accepted ones still run."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no accepted job is queued or running; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def queued_jobs(self) -> list[_Pending]:
+        """Jobs still in the queue (cancelled ones included until they are dropped)."""
+        return list(self._queues.items())
+
+    def load(self, tenant: str) -> _TenantLoad:
+        return self._load.get(tenant, _TenantLoad())
+
+    async def submit(self, session_id: str, job: ScoringJob, tenant: str | None = None) -> TeacherScores:
+        """Queue `job` for `tenant` and wait for its scores; cancelling the caller drops the job.
+
+        `tenant` defaults to the tenant of the current RPC (tenancy.current_tenant()).
+        """
+        tenant = current_tenant() if tenant is None else tenant
+        if self.draining:
+            raise Unavailable("the teacher is shutting down (draining); retry against another replica")
         if self._loop_task is None or self._loop_task.done():
             raise Unavailable("the scheduler is not running; retry against a healthy replica")
-        if self._queued >= self.limits.max_queued_jobs:
-            raise ResourceExhausted(
-                f"the teacher queue is full ({self.limits.max_queued_jobs} jobs); retry with backoff "
-                "or send fewer requests at once"
-            )
-        pending = _Pending(job, asyncio.get_running_loop().create_future())
-        self._queues.setdefault(session_id, deque()).append(pending)
+        cost = job_cost(job)
+        self._admit(tenant, cost)
+        load = self._load.setdefault(tenant, _TenantLoad())
+        pending = _Pending(tenant, job, asyncio.get_running_loop().create_future(), cost, time.monotonic())
+        self.stats.jobs_accepted += 1
+        self._queues.queue(tenant, self._session_ring).queue(session_id, deque).append(pending)
         self._queued += 1
+        self._in_flight += 1
+        self._idle.clear()
+        load.queued_jobs += 1
+        load.queued_tokens += cost
+        load.in_flight += 1
+        self._observe_queue(tenant)
         self._wakeup.set()
-        # The future is cancelled with the awaiting task; _next_batch skips it.
-        return await pending.result
+        try:
+            # The future is cancelled with the awaiting task; the queue drops it when it comes up.
+            return await pending.result
+        finally:
+            # Released here, not when the queue drops the job: a cancelled job stops counting at once.
+            if not pending.dequeued:
+                pending.dequeued = True
+                self._queued -= 1
+                load.queued_jobs -= 1
+                load.queued_tokens -= cost
+            load.in_flight -= 1
+            self._in_flight -= 1
+            if load.in_flight == 0:
+                del self._load[tenant]
+            if self._in_flight == 0:
+                self._idle.set()
+            self._observe_queue(tenant)
+
+    def _session_ring(self) -> DeficitRoundRobin[str]:
+        return DeficitRoundRobin(self.limits.quantum_tokens, self._dropped)
+
+    def _admit(self, tenant: str, cost: int) -> None:
+        limits, load = self.limits, self._load.get(tenant, _TenantLoad())
+        if cost > limits.max_request_tokens:
+            self._rejected(tenant, "request_tokens")
+            raise ResourceExhausted(
+                f"the request has {cost} tokens, over this teacher's limit of {limits.max_request_tokens} "
+                "per request; send shorter rollouts"
+            )
+        if self._queued >= limits.max_queued_jobs:
+            self._rejected(tenant, "queued_jobs")
+            raise ResourceExhausted(
+                f"the teacher queue is full ({limits.max_queued_jobs} jobs); retry with backoff or send fewer "
+                "requests at once",
+                retry_after_s=self._retry_after(sum(p.cost for p in self._queues.items())),
+            )
+        if load.in_flight >= limits.max_tenant_in_flight:
+            self._rejected(tenant, "tenant_in_flight")
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {load.in_flight} requests in flight, the limit is "
+                f"{limits.max_tenant_in_flight}; wait for answers before sending more",
+                retry_after_s=self._retry_after(load.queued_tokens),
+            )
+        if load.queued_tokens + cost > limits.max_tenant_queued_tokens:
+            self._rejected(tenant, "tenant_queued_tokens")
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {load.queued_tokens} tokens queued; with this request's {cost} that is "
+                f"over the limit of {limits.max_tenant_queued_tokens}",
+                retry_after_s=self._retry_after(load.queued_tokens + cost),
+            )
+
+    def _retry_after(self, tokens: int) -> float:
+        """Seconds the engine needs for `tokens` at its recent throughput, within [0.05, 30]."""
+        rate = self._tokens_per_s or 2000.0  # before any batch: a guess, only the first hint uses it
+        return min(30.0, max(0.05, tokens / rate))
+
+    def _dropped(self, pending: _Pending) -> None:
+        self.stats.jobs_dropped += 1
 
     def _next_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         longest = 0
-        while self._queues:
-            session_id, queue = next(iter(self._queues.items()))
-            pending = queue[0]
-            if pending.result.cancelled():
-                self._pop(session_id)
-                self.stats.jobs_dropped += 1
-                continue
-            tokens = len(pending.job.token_ids)
+        while (head := self._queues.peek()) is not None:
+            tokens = len(head.job.token_ids)
             padded = (len(batch) + 1) * max(longest, tokens)
             if batch and (padded > self.limits.max_batch_tokens or len(batch) >= self.limits.max_batch_size):
                 break
-            batch.append(self._pop(session_id))
+            pending = self._queues.pop()
+            if not pending.dequeued:
+                pending.dequeued = True
+                self._queued -= 1
+                load = self._load[pending.tenant]
+                load.queued_jobs -= 1
+                load.queued_tokens -= pending.cost
+            batch.append(pending)
             longest = max(longest, tokens)
-            # Round robin: a session that just gave a job moves to the back.
-            if session_id in self._queues:
-                self._queues.move_to_end(session_id)
         return batch
-
-    def _pop(self, session_id: str) -> _Pending:
-        queue = self._queues[session_id]
-        pending = queue.popleft()
-        if not queue:
-            del self._queues[session_id]
-        self._queued -= 1
-        return pending
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +335,11 @@ class Scheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while batch := self._next_batch():
+                started = time.monotonic()
+                if self.metrics is not None:
+                    for pending in batch:
+                        self.metrics.queue_wait(pending.tenant, started - pending.queued_at)
+                        self._observe_queue(pending.tenant)
                 try:
                     results = await loop.run_in_executor(self._executor, self.engine.score, [p.job for p in batch])
                 except Exception as error:  # one bad batch must not take the service down
@@ -123,9 +348,28 @@ class Scheduler:
                         if not pending.result.done():
                             pending.result.set_exception(error)
                     continue
-                self.stats.batches += 1
+                self._record_batch(batch, time.monotonic() - started)
                 for pending, scores in zip(batch, results):
                     self.stats.jobs_scored += 1
                     self.stats.positions_scored += pending.job.num_positions
                     if not pending.result.done():
                         pending.result.set_result(scores)
+
+    def _record_batch(self, batch: list[_Pending], seconds: float) -> None:
+        self.stats.batches += 1
+        tokens = sum(p.cost for p in batch)
+        rate = tokens / max(seconds, 1e-6)
+        self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+        if self.metrics is not None:
+            self.metrics.batch(len(batch), tokens, seconds)
+            for pending in batch:
+                self.metrics.scored(pending.tenant, pending.job.num_positions)
+
+    def _observe_queue(self, tenant: str) -> None:
+        if self.metrics is not None:
+            load = self._load.get(tenant, _TenantLoad())
+            self.metrics.queue(tenant, load.queued_jobs, load.queued_tokens, load.in_flight)
+
+    def _rejected(self, tenant: str, limit: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(tenant, limit)

@@ -1,9 +1,16 @@
-"""Assemble and run the gRPC server: servicer, interceptor, health, reflection.
+"""Assemble and run the gRPC server: servicer, interceptors, health, reflection, metrics.
 
 The port opens first and health reports NOT_SERVING while the model loads, so
 an orchestrator can tell "starting" from "dead"; SERVING is set only once the
-engine has loaded. SIGTERM/SIGINT drain: health goes NOT_SERVING, new RPCs are
-refused, in-flight ones get `grace_s` to finish.
+engine has loaded.
+
+Interceptors, outermost first: auth (API key -> tenant; auth.py), pin (refuse a
+client pinned to other weights; identity.py), status (domain errors -> codes).
+Health and reflection are never behind a key.
+
+SIGTERM/SIGINT drain: health goes NOT_SERVING, new score requests get UNAVAILABLE
+(also on streams already open), every accepted request is still scored and
+answered (within `grace_s`), then the port closes and the process exits.
 """
 
 from __future__ import annotations
@@ -11,19 +18,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
+from teacher_server.auth import ApiKeys, AuthInterceptor
 from teacher_server.engines import EngineConfig, load_engine
+from teacher_server.identity import PinInterceptor, TeacherIdentity, weights_sha256
 from teacher_server.interceptor import StatusInterceptor
+from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import Scheduler, SchedulerLimits
 from teacher_server.service import TeacherService
 from teacher_server.servicer import TeacherServicer
 from teacher_server.sessions import TeacherVocabulary
+from teacher_server.tenancy import SessionOwners
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +52,43 @@ class ServerConfig:
     port: int = 50051
     max_k: int = 64
     limits: SchedulerLimits = SchedulerLimits()
-    max_message_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 256 * 1024 * 1024  # largest response
+    max_request_bytes: int = 64 * 1024 * 1024  # largest request (a tokenizer.json of a big vocabulary fits)
     grace_s: float = 30.0
+    # Tenants: None serves everyone as one open tenant (and says so at start-up).
+    api_keys: ApiKeys | None = None
+    max_sessions_per_tenant: int = 64
+    # TLS: cert + key; with client_ca, clients must present a certificate signed by it (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Prometheus /metrics over HTTP; None: not served. metrics_host None: the gRPC host.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
 
 class TeacherServer:
     """A running teacher: `await start()`, then `await wait()` or `await stop()`."""
 
     def __init__(self, config: ServerConfig) -> None:
+        if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
         self.config = config
-        self.servicer = TeacherServicer()
+        self.metrics = TeacherMetrics()
+        self.servicer = TeacherServicer(self.metrics)
         self.health = health.aio.HealthServicer()
         self.scheduler: Scheduler | None = None
+        self.identity: TeacherIdentity | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._server = grpc.aio.server(
-            interceptors=[StatusInterceptor()],
+            interceptors=[
+                AuthInterceptor(config.api_keys, self.metrics),
+                PinInterceptor(lambda: self.identity),
+                StatusInterceptor(self.metrics),
+            ],
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
         )
@@ -65,29 +98,69 @@ class TeacherServer:
 
     async def start(self) -> None:
         """Open the port, load the model, then report SERVING."""
+        config = self.config
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            self.port = self._server.add_secure_port(address, _server_credentials(config))
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
+            raise RuntimeError(f"cannot listen on {address}")
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
         await self._server.start()
-        log.info("listening on %s:%d, loading %s", self.config.host, self.port, self.config.engine_config.model)
-        engine = await asyncio.to_thread(load_engine, self.config.engine, self.config.engine_config)
-        teacher = await asyncio.to_thread(
-            TeacherVocabulary.from_pretrained,
-            self.config.tokenizer or self.config.engine_config.model,
-            engine.vocab_size,
+        transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+        log.info("listening on %s:%d (%s), loading %s", config.host, self.port, transport, config.engine_config.model)
+        if config.api_keys is None:
+            # Once, here, and loudly: an open teacher is fine on a laptop, not on a shared network.
+            log.warning(
+                "NO AUTHENTICATION: started without --api-keys, so anyone who can reach %s:%d can use this "
+                "teacher, as one shared tenant. Pass --api-keys FILE (one 'TENANT KEY' per line) to require keys.",
+                config.host, self.port,
+            )  # fmt: skip
+        else:
+            tenants = config.api_keys.tenants
+            log.info("API keys required; %d tenant(s): %s", len(tenants), ", ".join(tenants))
+        model = config.engine_config.model
+        # The weights hash streams the model files while the engine loads them.
+        engine, sha = await asyncio.gather(
+            asyncio.to_thread(load_engine, config.engine, config.engine_config),
+            asyncio.to_thread(weights_sha256, model),
         )
-        self.scheduler = Scheduler(engine, self.config.limits)
+        teacher = await asyncio.to_thread(
+            TeacherVocabulary.from_pretrained, config.tokenizer or model, engine.vocab_size
+        )
+        self.scheduler = Scheduler(engine, config.limits, self.metrics)
         self.scheduler.start()
-        self.servicer.set_service(TeacherService(engine, teacher, self.scheduler, self.config.max_k))
+        owners = SessionOwners(config.max_sessions_per_tenant)
+        self.servicer.set_service(TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha))
+        self.identity = TeacherIdentity(engine.model_name, sha)
+        self.metrics.teacher(engine.model_name, engine.name, sha)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s with the %s engine", engine.model_name, engine.name)
+        log.info("serving %s (weights sha256 %s) with the %s engine", engine.model_name, sha[:16] or "n/a", engine.name)
 
     async def stop(self) -> None:
+        """Drain, then stop: accepted requests are answered, new ones get UNAVAILABLE."""
+        started = time.monotonic()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(self.config.grace_s)
+        self.metrics.draining.set(1)
+        if self.scheduler is not None:
+            self.scheduler.drain()
+            if await self.scheduler.wait_idle(self.config.grace_s):
+                stats = self.scheduler.stats
+                log.info(
+                    "drained: every accepted request was answered "
+                    "(%d accepted, %d scored, %d dropped by their callers)",
+                    stats.jobs_accepted, stats.jobs_scored, stats.jobs_dropped,
+                )  # fmt: skip
+            else:
+                log.warning("drain: accepted requests still running after %.0f s; cancelling them", self.config.grace_s)
+        # Answers of finished jobs may still be on their way out: give RPCs the rest of the grace.
+        await self._server.stop(max(0.5, self.config.grace_s - (time.monotonic() - started)))
         if self.scheduler is not None:
             await self.scheduler.stop()
+        self.metrics.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -106,5 +179,17 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(signum, stopping.set)
     await server.start()
     await stopping.wait()
-    log.info("draining: refusing new requests, giving in-flight ones %.0f s", config.grace_s)
+    log.info(
+        "draining: health NOT_SERVING, refusing new requests, finishing accepted ones (up to %.0f s)", config.grace_s
+    )
     await server.stop()
+    log.info("drained; exiting")
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

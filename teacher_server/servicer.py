@@ -6,16 +6,22 @@ It holds no logic of its own beyond the conversion and the streaming plumbing.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import time
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from teacher_server.errors import InvalidArgument, Unavailable
+from teacher_server.alignment.session import Coverage, CrossOptions
+from teacher_server.errors import InvalidArgument, ResourceExhausted, Unavailable
 from teacher_server.interceptor import status_of
 from teacher_server.service import ScoreInput, ScoreOutput, TeacherService
-from teacher_server.sessions import StudentTokenizerSpec
+from teacher_server.sessions import SessionSettings, StudentTokenizerSpec
+from teacher_server.tenancy import current_tenant
+
+if TYPE_CHECKING:
+    from teacher_server.metrics import TeacherMetrics
 
 # Requests of one ScoreStream being scored at once; the stream reads no further
 # requests until one finishes (backpressure instead of unbounded memory).
@@ -23,8 +29,9 @@ MAX_IN_FLIGHT_PER_STREAM = 256
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
-    def __init__(self) -> None:
+    def __init__(self, metrics: TeacherMetrics | None = None) -> None:
         self._service: TeacherService | None = None
+        self.metrics = metrics
 
     def set_service(self, service: TeacherService) -> None:
         self._service = service
@@ -50,15 +57,43 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 eos_tokens=tuple(tokenizer.hf.eos_tokens),
                 chat_template=tokenizer.hf.chat_template,
             )
-        session = self.service.open_session(student, request.temperature or 1.0)
+        settings = SessionSettings(
+            temperature=request.temperature or 1.0,
+            special_token_pairs=tuple((p.student_token, p.teacher_token) for p in request.special_token_pairs),
+            pair_eos=not request.no_eos_pairing,
+            options=_alignment_options(request.alignment) if request.HasField("alignment") else CrossOptions(),
+        )
+        # A new student tokenizer builds its alignment tables (seconds): off the event loop.
+        session = await asyncio.to_thread(self.service.open_session, student, settings, current_tenant())
+        if self.metrics is not None:
+            self.metrics.sessions_open.set(self.service.owners.count())
         return teacher_pb2.OpenSessionResponse(
             session_id=session.session_id,
             same_as_teacher=session.same_as_teacher,
             student_vocab_size=session.student_vocab_size,
+            special_token_pairs=[
+                teacher_pb2.SpecialTokenPair(student_token=a, teacher_token=b) for a, b in session.special_token_pairs
+            ],
+        )
+
+    async def GetSessionStats(self, request, context) -> teacher_pb2.SessionStats:
+        session = self.service.session_stats(request.session_id, current_tenant())
+        stats = session.stats
+        with stats.lock:
+            totals = Coverage(**{name: getattr(stats.totals, name) for name in Coverage.__dataclass_fields__})
+            requests = stats.requests
+        return teacher_pb2.SessionStats(
+            session_id=session.session_id,
+            requests=requests,
+            totals=_coverage(totals),
+            coverage=totals.coverage,
+            mean_retained_mass=totals.mean_retained_mass,
         )
 
     async def CloseSession(self, request, context) -> teacher_pb2.CloseSessionResponse:
-        self.service.close_session(request.session_id)
+        self.service.close_session(request.session_id, current_tenant())
+        if self.metrics is not None:
+            self.metrics.sessions_open.set(self.service.owners.count())
         return teacher_pb2.CloseSessionResponse()
 
     async def Score(self, request: teacher_pb2.ScoreRequest, context) -> teacher_pb2.ScoreResponse:
@@ -72,27 +107,38 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         in_flight: set[asyncio.Task] = set()
 
         async def answer(request: teacher_pb2.ScoreRequest) -> None:
+            started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 reply = teacher_pb2.ScoreStreamResponse(request_id=request.request_id, response=await self._score(request))
             except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as error:
                 code, message = status_of(error)
+                hinted = isinstance(error, ResourceExhausted) and error.retry_after_s
+                retry_after_ms = error.retry_after_ms if hinted else 0
                 reply = teacher_pb2.ScoreStreamResponse(
-                    request_id=request.request_id, error=teacher_pb2.Error(code=code.value[0], message=message)
+                    request_id=request.request_id,
+                    error=teacher_pb2.Error(code=code.value[0], message=message, retry_after_ms=retry_after_ms),
                 )
             finally:
                 slots.release()
+                if self.metrics is not None:
+                    self.metrics.request(current_tenant(), "ScoreStream", code.name, time.perf_counter() - started)
             answers.put_nowait(reply)
 
         async def read_requests() -> None:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            await asyncio.gather(*in_flight)
-            answers.put_nowait(None)
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                # Also when the request stream fails (an unparsable message): the loop below
+                # must not wait for answers that will never come.
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read_requests())
         try:
@@ -108,11 +154,19 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def _score(self, request: teacher_pb2.ScoreRequest) -> teacher_pb2.ScoreResponse:
         tokens = from_tensor(request.tokens, name="tokens", dtype="int32", ndim=1)
+        tenant = current_tenant()
         output = await self.service.score(
             ScoreInput(
-                session_id=request.session_id, tokens=tokens, score_from=request.score_from, top_k=request.top_k
-            )
+                session_id=request.session_id,
+                tokens=tokens,
+                score_from=request.score_from,
+                top_k=request.top_k,
+                messages=tuple((m.role, m.content) for m in request.messages),
+            ),
+            tenant,
         )
+        if self.metrics is not None:
+            self.metrics.score_quality(tenant, output.coverage, output.mean_support_mass)
         return _response(request.request_id, output)
 
 
@@ -126,4 +180,26 @@ def _response(request_id: int, output: ScoreOutput) -> teacher_pb2.ScoreResponse
         reason=to_tensor(output.reason),
         coverage=output.coverage,
         mean_support_mass=output.mean_support_mass,
+        counts=_coverage(output.counts),
+    )
+
+
+def _coverage(counts: Coverage) -> teacher_pb2.Coverage:
+    return teacher_pb2.Coverage(**{name: getattr(counts, name) for name in Coverage.__dataclass_fields__})
+
+
+def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
+    defaults = CrossOptions()
+    if message.candidates < 0 or message.branch_token_factor < 0 or not 0 <= message.min_branch_prob <= 1:
+        raise InvalidArgument(
+            "alignment options: candidates and branch_token_factor must be >= 0 and min_branch_prob in [0, 1] "
+            "(0 = the server's default)"
+        )
+    return CrossOptions(
+        candidates=message.candidates or defaults.candidates,
+        rounds=max(message.expansion_rounds, 0) if message.expansion_rounds else defaults.rounds,
+        branch_token_factor=message.branch_token_factor or defaults.branch_token_factor,
+        min_branch_prob=message.min_branch_prob or defaults.min_branch_prob,
+        branch_token_floor=defaults.branch_token_floor,
+        min_consistent_mass=defaults.min_consistent_mass,
     )

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from teacher_server.alignment.byte_tables import UnsupportedTokenizer, byte_table
+from teacher_server.alignment.session import Coverage, CrossOptions, CrossTokenizer
+from teacher_server.alignment.specials import PairError, special_map
+from teacher_server.alignment.text import TeacherText
 from teacher_server.errors import InvalidArgument, NotFound
 
 
@@ -27,6 +32,12 @@ class TeacherVocabulary:
     special_ids: frozenset[int]
     eos_ids: frozenset[int]
     model_vocab_size: int  # rows of the lm head; may exceed len(vocab) (padded embeddings)
+    # For cross-tokenizer sessions: the teacher's tokenizer.json text, special tokens and chat template.
+    tokenizer_json: str = ""
+    special_tokens: tuple[str, ...] = ()
+    chat_template: str = ""
+    bos_token: str | None = None
+    eos_token: str | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, model_vocab_size: int) -> "TeacherVocabulary":
@@ -34,11 +45,18 @@ class TeacherVocabulary:
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
         return cls(
             vocab=dict(tokenizer.get_vocab()),
             special_ids=frozenset(tokenizer.all_special_ids),
             eos_ids=frozenset(eos_ids),
             model_vocab_size=model_vocab_size,
+            tokenizer_json=backend.to_str() if backend is not None else "",
+            special_tokens=tuple(tokenizer.all_special_tokens),
+            chat_template=template or "",
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
         )
 
 
@@ -53,6 +71,28 @@ class StudentTokenizerSpec:
 
 
 @dataclass(frozen=True)
+class SessionSettings:
+    """What a session is opened with besides the tokenizer (part of its content hash)."""
+
+    temperature: float = 1.0
+    special_token_pairs: tuple[tuple[str, str], ...] = ()
+    pair_eos: bool = True
+    options: CrossOptions = CrossOptions()
+
+
+@dataclass
+class SessionStats:
+    requests: int = 0
+    totals: Coverage = field(default_factory=Coverage)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, coverage: Coverage) -> None:
+        with self.lock:
+            self.requests += 1
+            self.totals.add(coverage)
+
+
+@dataclass(frozen=True)
 class Session:
     session_id: str
     same_as_teacher: bool
@@ -62,21 +102,39 @@ class Session:
     masked_targets: np.ndarray
     # teacher ids never offered as support (special tokens other than EOS, embedding padding).
     excluded_support: np.ndarray
+    # Cross-tokenizer sessions: the alignment (None when identical tokenizers), or why
+    # it is unavailable (the teacher's own tokenizer cannot be aligned byte for byte).
+    cross: CrossTokenizer | None = None
+    cross_error: str = ""
+    special_token_pairs: tuple[tuple[str, str], ...] = ()
+    stats: SessionStats = field(default_factory=SessionStats, compare=False)
 
 
 class SessionRegistry:
-    def __init__(self, teacher: TeacherVocabulary) -> None:
+    def __init__(self, teacher: TeacherVocabulary, max_sequence_length: int = 2**31 - 1) -> None:
         self.teacher = teacher
+        self.max_sequence_length = max_sequence_length
         self._sessions: dict[str, Session] = {}
+        self._teacher_text: TeacherText | None = None
+        self._teacher_error = ""
+        self._lock = threading.Lock()
 
-    def open(self, student: StudentTokenizerSpec | None, temperature: float) -> Session:
+    def open(
+        self, student: StudentTokenizerSpec | None, temperature: float | SessionSettings = 1.0
+    ) -> Session:
         """Open (or find) the session for `student` (None = the teacher's own tokenizer)."""
+        settings = temperature if isinstance(temperature, SessionSettings) else SessionSettings(temperature=temperature)
+        temperature = settings.temperature
         if not (temperature > 0 and np.isfinite(temperature)):
             raise InvalidArgument(f"temperature must be a positive number, got {temperature}")
-        session_id = _session_id(student, temperature)
-        if session_id not in self._sessions:
-            self._sessions[session_id] = self._build(session_id, student, temperature)
-        return self._sessions[session_id]
+        session_id = _session_id(student, settings)
+        with self._lock:
+            found = self._sessions.get(session_id)
+        if found is None:
+            built = self._build(session_id, student, settings)
+            with self._lock:
+                found = self._sessions.setdefault(session_id, built)
+        return found
 
     def get(self, session_id: str) -> Session:
         try:
@@ -91,19 +149,69 @@ class SessionRegistry:
         self.get(session_id)
         del self._sessions[session_id]
 
-    def _build(self, session_id: str, student: StudentTokenizerSpec | None, temperature: float) -> Session:
+    def teacher_text(self) -> TeacherText | None:
+        """The teacher's side of alignment, built once; None (and a reason) if it cannot be aligned."""
+        with self._lock:
+            if self._teacher_text is not None or self._teacher_error:
+                return self._teacher_text
         teacher = self.teacher
+        text, error = None, ""
+        if not teacher.tokenizer_json:
+            error = "the teacher's tokenizer has no tokenizer.json (not a fast tokenizer)"
+        else:
+            try:
+                table = byte_table(teacher.tokenizer_json, teacher.special_tokens)
+                text = TeacherText(table, teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token)
+            except UnsupportedTokenizer as reason:
+                error = f"the teacher's tokenizer cannot be aligned byte for byte: {reason}"
+        with self._lock:
+            self._teacher_text, self._teacher_error = text, error
+        return text
+
+    def _build_cross(
+        self, session_id: str, student: StudentTokenizerSpec, settings: SessionSettings, student_vocab: dict[str, int]
+    ) -> Session:
+        common = dict(
+            session_id=session_id,
+            same_as_teacher=False,
+            student_vocab_size=max(student_vocab.values()) + 1,
+            temperature=settings.temperature,
+            masked_targets=np.zeros(0, dtype=bool),
+            excluded_support=np.zeros(0, dtype=np.int64),
+        )
+        text = self.teacher_text()
+        if text is None:  # the session opens; scoring answers FAILED_PRECONDITION with this reason
+            return Session(
+                **common,
+                cross_error=(
+                    f"this session's student tokenizer differs from the teacher's, and {self._teacher_error}; "
+                    "open the session with same_as_teacher or use a student that shares the teacher's tokenizer"
+                ),
+            )
+        try:
+            table = byte_table(student.tokenizer_json, student.special_tokens)
+        except UnsupportedTokenizer as reason:
+            raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
+        common["student_vocab_size"] = table.vocab_size
+        teacher = self.teacher
+        try:
+            specials = special_map(
+                table, text.table, student.eos_tokens, sorted(teacher.eos_ids), settings.special_token_pairs, settings.pair_eos
+            )
+        except PairError as reason:
+            raise InvalidArgument(str(reason)) from None
+        cross = CrossTokenizer.build(
+            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options
+        )
+        return Session(**common, cross=cross, special_token_pairs=specials.pairs)
+
+    def _build(self, session_id: str, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
+        teacher = self.teacher
+        temperature = settings.temperature
         if student is not None:
             student_vocab = _validated_vocab(student)
             if student_vocab != teacher.vocab:
-                return Session(
-                    session_id=session_id,
-                    same_as_teacher=False,
-                    student_vocab_size=max(student_vocab.values()) + 1,
-                    temperature=temperature,
-                    masked_targets=np.zeros(0, dtype=bool),
-                    excluded_support=np.zeros(0, dtype=np.int64),
-                )
+                return self._build_cross(session_id, student, settings, student_vocab)
         # Identity alignment: the student's ids are the teacher's ids.
         masked = np.zeros(teacher.model_vocab_size, dtype=bool)
         masked[sorted(teacher.special_ids - teacher.eos_ids)] = True
@@ -119,11 +227,13 @@ class SessionRegistry:
         )
 
 
-def _session_id(student: StudentTokenizerSpec | None, temperature: float) -> str:
-    content = json.dumps(
-        {"student": None if student is None else student.__dict__, "temperature": float(temperature)},
-        sort_keys=True,
-    )
+def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:
+    described = {"student": None if student is None else student.__dict__, "temperature": float(settings.temperature)}
+    if settings != SessionSettings(temperature=settings.temperature):  # ids of default sessions stay as they were
+        described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
+        described["pair_eos"] = settings.pair_eos
+        described["options"] = settings.options.__dict__
+    content = json.dumps(described, sort_keys=True)
     return "s-" + hashlib.sha256(content.encode()).hexdigest()[:24]
 
 

@@ -240,8 +240,27 @@ def test_trainer_dockerfile() -> None:
 # --------------------------------------------------------------------------- compose
 
 
-def test_compose_teacher_service() -> None:
-    teacher = _compose()["services"]["teacher"]
+def _service_names(prefix: str) -> list[str]:
+    return sorted(name for name in _compose()["services"] if name.startswith(prefix))
+
+
+TEACHERS = _service_names("teacher")
+TRAINERS = _service_names("trainer")
+
+
+def _secret_path(service: dict, name: str) -> str:
+    assert name in service.get("secrets", []), f"secret {name} is not given to the service"
+    assert name in _compose()["secrets"], f"secret {name} is not declared"
+    return f"/run/secrets/{name}"
+
+
+def test_compose_has_two_teacher_replicas_shared_by_two_trainers() -> None:
+    assert len(TEACHERS) == 2 and len(TRAINERS) == 2, (TEACHERS, TRAINERS)
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_compose_teacher_service(name: str) -> None:
+    teacher = _compose()["services"][name]
 
     assert _service_dockerfile(teacher) == TEACHER_DOCKERFILE
     entrypoint = _effective_entrypoint(teacher)
@@ -252,6 +271,13 @@ def test_compose_teacher_service() -> None:
     assert _flag(command, "--host") == "0.0.0.0"
     assert _flag(command, "--port") == str(TEACHER_PORT)
     model = _flag(command, "--model")
+    # Tenants: the key file comes from a compose secret, never from the image or the command line.
+    assert _flag(command, "--api-keys") == _secret_path(teacher, "api_keys")
+    assert int(_flag(command, "--metrics-port")) > 0
+    # SIGTERM drains within --grace; compose must wait longer before it kills.
+    grace = float(_flag(command, "--grace"))
+    period = teacher["stop_grace_period"]
+    assert period.endswith("s") and float(period[:-1]) > grace
 
     volumes = teacher["volumes"]
     assert "./models:/models:ro" in volumes
@@ -265,23 +291,42 @@ def test_compose_teacher_service() -> None:
 
     devices = teacher["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in devices), "teacher must reserve a GPU"
+    # Published ports stay on the host's loopback.
+    assert all(str(port).startswith("127.0.0.1:") for port in teacher.get("ports", []))
 
 
-def test_compose_trainer_points_at_teacher() -> None:
+def test_compose_replicas_do_not_collide() -> None:
     services = _compose()["services"]
-    teacher, trainer = services["teacher"], services["trainer"]
+    host_ports = [str(port).rsplit(":", 1)[0] for name in TEACHERS for port in services[name]["ports"]]
+    assert len(host_ports) == len(set(host_ports)), host_ports
+    gpus = [services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+            for name in TEACHERS + TRAINERS]  # fmt: skip
+    assert len(set(gpus)) == len(gpus), f"each container gets its own GPU by default: {gpus}"
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_compose_trainer_points_at_teacher(name: str) -> None:
+    services = _compose()["services"]
+    trainer = services[name]
 
     assert _service_dockerfile(trainer) == TRAINER_DOCKERFILE
     entrypoint = _effective_entrypoint(trainer)
     assert entrypoint == ["opd-train"] and entrypoint[0] in _console_scripts()
 
     command = _effective_command(trainer)
-    host, _, port = _flag(command, "--teacher").rpartition(":")
-    assert host == "teacher" and host in services, "trainer must address the teacher by service name"
-    assert port == _flag(_effective_command(teacher), "--port")
-    assert port in _values(TEACHER_DOCKERFILE, "EXPOSE")[0].split()
-
-    assert trainer["depends_on"]["teacher"]["condition"] == "service_healthy"
+    # Every teacher replica, by service name, on the port it listens on.
+    addresses = _flag(command, "--teacher").split(",")
+    assert sorted(address.rpartition(":")[0] for address in addresses) == TEACHERS
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        assert port == _flag(_effective_command(services[host]), "--port")
+        assert port in _values(TEACHER_DOCKERFILE, "EXPOSE")[0].split()
+        assert trainer["depends_on"][host]["condition"] == "service_healthy"
+    # Its own tenant key, from a secret only it gets.
+    key_file = _flag(command, "--teacher-api-key-file")
+    secret = key_file.rpartition("/")[2]
+    assert key_file == _secret_path(trainer, secret)
+    assert [other for other in TRAINERS if secret in services[other].get("secrets", [])] == [name]
 
     # prompts and output live on mounted volumes
     mounts = {}
@@ -295,6 +340,22 @@ def test_compose_trainer_points_at_teacher() -> None:
     student = Path(_flag(command, "--student"))
     assert any(student.is_relative_to(t) for t in mounts), f"{student} is not on a volume"
     assert int(_flag(command, "--steps")) > 0
+
+
+def test_compose_trainers_write_to_separate_outputs() -> None:
+    services = _compose()["services"]
+    outputs = [next(v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == "/output")
+               for name in TRAINERS]  # fmt: skip
+    assert len(set(outputs)) == len(outputs), outputs
+
+
+def test_compose_secrets_stay_out_of_images() -> None:
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]  # fmt: skip
+    for secret in _compose()["secrets"].values():
+        path = (COMPOSE.parent / secret["file"]).resolve().relative_to(ROOT).as_posix()
+        assert path.startswith("docker/secrets/"), path
+        assert _ignored(patterns, path), f"{path} would be copied into the images"
 
 
 def test_compose_commands_use_known_console_scripts() -> None:
@@ -328,7 +389,7 @@ def test_healthchecks_probe_grpc_health_service() -> None:
 
     checks = {
         "teacher.Dockerfile": _healthcheck_cmd(TEACHER_DOCKERFILE),
-        "compose.yaml": _compose()["services"]["teacher"]["healthcheck"]["test"][1:],
+        **{f"compose.yaml {name}": _compose()["services"][name]["healthcheck"]["test"][1:] for name in TEACHERS},
     }
     port = _free_port()
     target = f"127.0.0.1:{port}"

@@ -6,9 +6,9 @@ dependencies are imported only when that engine is chosen.
 
 from __future__ import annotations
 
-from teacher_server.engines.base import Engine, EngineConfig, ScoringJob, TeacherScores
+from teacher_server.engines.base import Branch, Engine, EngineConfig, ScoringJob, TeacherScores
 
-ENGINE_NAMES = ("hf",)
+ENGINE_NAMES = ("hf", "vllm", "sglang")
 
 
 def load_engine(name: str, config: EngineConfig) -> Engine:
@@ -16,7 +16,15 @@ def load_engine(name: str, config: EngineConfig) -> Engine:
         from teacher_server.engines.hf import HFEngine
 
         return HFEngine(config)
+    if name == "vllm":
+        from teacher_server.engines.vllm import VLLMEngine
+
+        return VLLMEngine(config)
+    if name == "sglang":
+        from teacher_server.engines.sglang import SGLangEngine
+
+        return SGLangEngine(config)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 
 
-__all__ = ["ENGINE_NAMES", "Engine", "EngineConfig", "ScoringJob", "TeacherScores", "load_engine"]
+__all__ = ["ENGINE_NAMES", "Branch", "Engine", "EngineConfig", "ScoringJob", "TeacherScores", "load_engine"]

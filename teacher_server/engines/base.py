@@ -8,7 +8,18 @@ next token. Every engine gives these the same meaning:
 * log-probabilities are normalised over the teacher's full vocabulary, at the
   job's temperature (logits / temperature before the softmax);
 * `exclude_ids` are never part of the returned support, but their probability
-  still counts in the normalisation (the support mass then shows what was lost).
+  still counts in the normalisation (the support mass then shows what was lost);
+* `branches` are extra continuations of the job's own sequence: branch b scores
+  `token_ids[:attach] + branch.token_ids` and returns, after each of its tokens,
+  the same top-K row as a main position would, plus the log-probability of each
+  branch token given what precedes it. The service uses them to follow teacher
+  paths that the rollout itself does not take (multi-token candidates of a
+  cross-tokenizer session). An engine may score them as separate sequences; one
+  that shares the prefix (a KV cache, prefix caching) makes them cost only their
+  own tokens. A job without branches is scored exactly as before. An engine
+  that cannot score branches says so with `supports_branches = False`; the
+  service then sends it none (cross-tokenizer sessions project without
+  expansion rounds).
 """
 
 from __future__ import annotations
@@ -27,6 +38,21 @@ class EngineConfig:
     # Rows of the lm head processed at once: peak extra memory is
     # chunk_size x vocab_size floats, whatever the sequence length.
     chunk_size: int = 256
+    # vllm / sglang only (the hf engine ignores them).
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9  # sglang: mem_fraction_static
+    max_model_len: int | None = None  # None: the model's own context length
+    # Prompt tokens per engine step (vLLM chunked prefill / SGLang chunked prefill size);
+    # bounds the float32 [tokens, vocab] log-softmax these engines build for prompt logprobs.
+    max_num_batched_tokens: int | None = None
+    # Further keyword arguments passed to vllm.LLM / sglang.Engine as they are.
+    engine_args: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Branch:
+    attach: int  # 1 <= attach <= len(job.token_ids): the branch follows token_ids[:attach]
+    token_ids: np.ndarray  # int32 [m], m >= 1, teacher vocabulary
 
 
 @dataclass
@@ -36,10 +62,15 @@ class ScoringJob:
     top_k: int
     temperature: float = 1.0
     exclude_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    branches: tuple[Branch, ...] = ()
 
     @property
     def num_positions(self) -> int:
         return len(self.token_ids) - self.score_from
+
+    @property
+    def num_branch_tokens(self) -> int:
+        return sum(len(branch.token_ids) for branch in self.branches)
 
 
 @dataclass
@@ -47,9 +78,19 @@ class TeacherScores:
     ids: np.ndarray  # int32 [P, K] teacher-vocabulary ids of the support
     logprobs: np.ndarray  # float32 [P, K]
     token_logprobs: np.ndarray  # float32 [P] log-probability of token_ids[t]
+    # Branch rows, branches one after the other (sum of branch lengths rows); None without branches.
+    # Row i of branch b: top-K after token_ids[:attach] + branch[: i + 1].
+    branch_ids: np.ndarray | None = None  # int32 [B, K]
+    branch_logprobs: np.ndarray | None = None  # float32 [B, K]
+    branch_token_logprobs: np.ndarray | None = None  # float32 [B]: log p(branch[i] | ... + branch[:i])
 
 
 class Engine(Protocol):
+    """Besides these, an engine may set `temperatures`: a tuple of the only temperatures
+    it scores exactly (vllm and sglang: (1.0,), their prompt log-probabilities come from
+    the raw logits); the service refuses other session temperatures with INVALID_ARGUMENT.
+    Without it, any positive temperature is served."""
+
     name: str
     model_name: str
     vocab_size: int

@@ -556,7 +556,7 @@ class BlockingEngine:
 
 
 def _queued(scheduler) -> list:
-    return [pending for queue in scheduler._queues.values() for pending in queue]
+    return scheduler.queued_jobs()
 
 
 def test_cancelled_and_expired_requests_never_reach_the_engine(tiny_model):

@@ -35,7 +35,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "engine", "vocab_size", "max_k", "max_sequence_length", "dtype", "special_token_ids", "eos_token_ids", "server_version")
+    __slots__ = ("model", "engine", "vocab_size", "max_k", "max_sequence_length", "dtype", "special_token_ids", "eos_token_ids", "server_version", "weights_sha256")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class GetInfoResponse(_message.Message):
     SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine: str
     vocab_size: int
@@ -54,7 +55,8 @@ class GetInfoResponse(_message.Message):
     special_token_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     server_version: str
-    def __init__(self, model: _Optional[str] = ..., engine: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    weights_sha256: str
+    def __init__(self, model: _Optional[str] = ..., engine: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
 
 class StudentTokenizer(_message.Message):
     __slots__ = ("same_as_teacher", "hf")
@@ -76,40 +78,102 @@ class HFTokenizer(_message.Message):
     chat_template: str
     def __init__(self, tokenizer_json: _Optional[str] = ..., special_tokens: _Optional[_Iterable[str]] = ..., eos_tokens: _Optional[_Iterable[str]] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
+class SpecialTokenPair(_message.Message):
+    __slots__ = ("student_token", "teacher_token")
+    STUDENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    student_token: str
+    teacher_token: str
+    def __init__(self, student_token: _Optional[str] = ..., teacher_token: _Optional[str] = ...) -> None: ...
+
+class AlignmentOptions(_message.Message):
+    __slots__ = ("candidates", "expansion_rounds", "branch_token_factor", "min_branch_prob")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    EXPANSION_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_TOKEN_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MIN_BRANCH_PROB_FIELD_NUMBER: _ClassVar[int]
+    candidates: int
+    expansion_rounds: int
+    branch_token_factor: float
+    min_branch_prob: float
+    def __init__(self, candidates: _Optional[int] = ..., expansion_rounds: _Optional[int] = ..., branch_token_factor: _Optional[float] = ..., min_branch_prob: _Optional[float] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("tokenizer", "temperature")
+    __slots__ = ("tokenizer", "temperature", "special_token_pairs", "no_eos_pairing", "alignment")
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKEN_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    NO_EOS_PAIRING_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     tokenizer: StudentTokenizer
     temperature: float
-    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    special_token_pairs: _containers.RepeatedCompositeFieldContainer[SpecialTokenPair]
+    no_eos_pairing: bool
+    alignment: AlignmentOptions
+    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., no_eos_pairing: _Optional[bool] = ..., alignment: _Optional[_Union[AlignmentOptions, _Mapping]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "same_as_teacher", "student_vocab_size")
+    __slots__ = ("session_id", "same_as_teacher", "student_vocab_size", "special_token_pairs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SAME_AS_TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKEN_PAIRS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     same_as_teacher: bool
     student_vocab_size: int
-    def __init__(self, session_id: _Optional[str] = ..., same_as_teacher: _Optional[bool] = ..., student_vocab_size: _Optional[int] = ...) -> None: ...
+    special_token_pairs: _containers.RepeatedCompositeFieldContainer[SpecialTokenPair]
+    def __init__(self, session_id: _Optional[str] = ..., same_as_teacher: _Optional[bool] = ..., student_vocab_size: _Optional[int] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k")
+    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FROM_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     session_id: str
     tokens: Tensor
     score_from: int
     top_k: int
-    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class Coverage(_message.Message):
+    __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "fallback_paths")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    WITH_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_FIELD_NUMBER: _ClassVar[int]
+    UNALIGNED_FIELD_NUMBER: _ClassVar[int]
+    LOW_MASS_FIELD_NUMBER: _ClassVar[int]
+    BEYOND_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_MASS_SUM_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_PATHS_FIELD_NUMBER: _ClassVar[int]
+    positions: int
+    with_distribution: int
+    special: int
+    unaligned: int
+    low_mass: int
+    beyond_context: int
+    retained_mass_sum: float
+    branch_sequences: int
+    branch_tokens: int
+    fallback_paths: int
+    def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., fallback_paths: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass")
+    __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass", "counts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +182,7 @@ class ScoreResponse(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SUPPORT_MASS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     ids: Tensor
     logprobs: Tensor
@@ -126,7 +191,8 @@ class ScoreResponse(_message.Message):
     reason: Tensor
     coverage: float
     mean_support_mass: float
-    def __init__(self, request_id: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., reason: _Optional[_Union[Tensor, _Mapping]] = ..., coverage: _Optional[float] = ..., mean_support_mass: _Optional[float] = ...) -> None: ...
+    counts: Coverage
+    def __init__(self, request_id: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., reason: _Optional[_Union[Tensor, _Mapping]] = ..., coverage: _Optional[float] = ..., mean_support_mass: _Optional[float] = ..., counts: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
     __slots__ = ("request_id", "response", "error")
@@ -139,12 +205,34 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class GetSessionStatsRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionStats(_message.Message):
+    __slots__ = ("session_id", "requests", "totals", "coverage", "mean_retained_mass")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RETAINED_MASS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    requests: int
+    totals: Coverage
+    coverage: float
+    mean_retained_mass: float
+    def __init__(self, session_id: _Optional[str] = ..., requests: _Optional[int] = ..., totals: _Optional[_Union[Coverage, _Mapping]] = ..., coverage: _Optional[float] = ..., mean_retained_mass: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

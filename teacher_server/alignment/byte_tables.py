@@ -1,0 +1,271 @@
+"""Byte tables: the exact bytes of every token of a Hugging Face fast tokenizer.
+
+Alignment works on bytes, never characters: byte-level BPE splits one multi-byte
+character over several tokens. A table is read from the tokenizer.json text alone:
+
+* byte-level BPE (GPT-2, Llama-3, Qwen, tiktoken-derived vocabularies such as
+  Tekken): every character of a token string stands for one byte through GPT-2's
+  bytes_to_unicode map;
+* SentencePiece (Metaspace, "\u2581" for a space; `<0xNN>` byte-fallback pieces
+  are that one byte);
+* plain vocabularies whose strings are their own UTF-8 text.
+
+Added tokens are their literal content; special (control) tokens and the unknown
+token carry no bytes and are flagged. WordPiece/WordLevel vocabularies drop
+whitespace, so their text cannot be rebuilt from the tokens: they are refused.
+Tables are cached by the content hash of the tokenizer.json text (plus the extra
+special tokens), so every session with the same tokenizer shares one table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+
+BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# A text that exercises the decoding rules (spaces, runs of whitespace, newlines, digits).
+PROBE = "Hello, world! 123 4567\n\n  indented\ttab x=y+1; end."
+
+
+class UnsupportedTokenizer(ValueError):
+    """A tokenizer whose tokens cannot be read back as exact bytes."""
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (printable characters stand for bytes)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+@dataclass(frozen=True, eq=False)
+class ByteTable:
+    """Bytes of every token id; token i is data[starts[i]:starts[i + 1]]."""
+
+    content_hash: str
+    kind: str  # "byte-level" | "metaspace" | "plain"
+    data: np.ndarray  # uint8, all tokens' bytes back to back
+    starts: np.ndarray  # int64 [V + 1]
+    special: np.ndarray  # bool [V]: control/unknown tokens and holes in the id range (no bytes)
+    preferred: np.ndarray  # bool [V]: the id to project onto among tokens with equal bytes
+    tokens: tuple[bytes, ...]  # the same bytes as Python objects (table building only)
+    strings: tuple[str | None, ...]  # vocabulary string of every id (None for holes)
+    ids: dict[str, int]  # vocabulary string -> id, added tokens included
+    dummy_prefix: bool  # the tokenizer puts a space before the text it encodes
+    padded: np.ndarray  # uint16 [V, WINDOW]: first bytes of each token, padded with PAD_UNIT
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def token_bytes(self, ids: np.ndarray) -> bytes:
+        return b"".join(self.tokens[i] for i in np.asarray(ids).tolist())
+
+
+WINDOW = 16  # bytes compared at once in the vectorised prefix tests
+PAD_UNIT = 0xFFFE  # never equal to a byte (0..255), a special unit (256..) or the stream's end marker
+
+
+def _components(node) -> list[dict]:
+    """Every typed component of a normalizer/pre_tokenizer/decoder tree."""
+    if isinstance(node, dict):
+        found = [node] if "type" in node else []
+        for value in node.values():
+            found += _components(value)
+        return found
+    if isinstance(node, list):
+        return [item for value in node for item in _components(value)]
+    return []
+
+
+def _kind(spec: dict) -> tuple[str, str]:
+    model = spec.get("model") or {}
+    model_type = model.get("type")
+    if model_type in ("WordPiece", "WordLevel"):
+        raise UnsupportedTokenizer(
+            f"{model_type} tokenizers drop whitespace, so their text cannot be rebuilt byte for byte; "
+            "cross-tokenizer scoring needs a byte-level BPE, SentencePiece/Metaspace or plain BPE/Unigram tokenizer"
+        )
+    if model_type not in ("BPE", "Unigram"):
+        raise UnsupportedTokenizer(f"unknown tokenizer model type {model_type!r}")
+    parts = _components(spec.get("normalizer")) + _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder"))
+    types = {part["type"] for part in parts}
+    dropping = types & {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
+    if dropping:
+        raise UnsupportedTokenizer(f"pre-tokenizer {sorted(dropping)} drops whitespace; the text cannot be rebuilt from tokens")
+    if "ByteLevel" in types:
+        return "byte-level", ""
+    for part in parts:
+        if part["type"] == "Metaspace":
+            return "metaspace", part.get("replacement", "\u2581")
+        if part["type"] == "Replace" and part.get("content") == " " and part.get("pattern", {}).get("String"):
+            return "metaspace", part["pattern"]["String"]
+    return "plain", ""
+
+
+def _vocabulary(spec: dict) -> dict[str, int]:
+    model = spec["model"]
+    if model["type"] == "Unigram":
+        vocab = {piece: index for index, (piece, _score) in enumerate(model["vocab"])}
+    else:
+        vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens") or []:
+        vocab[added["content"]] = added["id"]
+    return vocab
+
+
+def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> ByteTable:
+    """Read the byte table of a tokenizer.json text; UnsupportedTokenizer if it has none."""
+    try:
+        spec = json.loads(tokenizer_json)
+    except ValueError as error:
+        raise UnsupportedTokenizer(f"not JSON: {error}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise UnsupportedTokenizer("no tokenizer model in the JSON")
+    extra_special = tuple(sorted(set(extra_special)))
+    kind, space = _kind(spec)
+    vocab = _vocabulary(spec)
+    size = max(vocab.values()) + 1
+    strings: list[str | None] = [None] * size
+    for string, index in vocab.items():
+        strings[index] = string
+    added = {entry["id"]: entry for entry in spec.get("added_tokens") or []}
+    model = spec["model"]
+    unknown = model.get("unk_id") if model["type"] == "Unigram" else vocab.get(model.get("unk_token") or "")
+    special_ids = {index for index, entry in added.items() if entry.get("special")}
+    special_ids |= {vocab[token] for token in extra_special if token in vocab}
+    if unknown is not None:
+        special_ids.add(unknown)
+    byte_fallback = bool(model.get("byte_fallback"))
+    to_byte = _unicode_to_byte()
+
+    tokens: list[bytes] = []
+    special = np.zeros(size, dtype=bool)
+    fallback = np.zeros(size, dtype=bool)
+    for index, string in enumerate(strings):
+        if string is None or index in special_ids:
+            special[index] = True
+            tokens.append(b"")
+            continue
+        if index in added:  # added tokens match (and decode to) their literal content
+            tokens.append(string.encode("utf-8"))
+        elif kind == "byte-level":
+            try:
+                tokens.append(bytes(to_byte[char] for char in string))
+            except KeyError:
+                tokens.append(string.encode("utf-8"))
+        elif kind == "metaspace" and byte_fallback and (match := BYTE_FALLBACK.match(string)):
+            tokens.append(bytes([int(match.group(1), 16)]))
+            fallback[index] = True
+        elif kind == "metaspace":
+            tokens.append(string.replace(space, " ").encode("utf-8"))
+        else:
+            tokens.append(string.encode("utf-8"))
+        if not tokens[-1]:
+            special[index] = True  # an empty token has nothing to align
+    lengths = np.fromiter((len(token) for token in tokens), dtype=np.int64, count=size)
+    starts = np.zeros(size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    data = np.frombuffer(b"".join(tokens), dtype=np.uint8)
+    # Among tokens with the same bytes, project onto the one the tokenizer produces:
+    # a regular piece rather than its <0xNN> byte-fallback twin, else the lowest id.
+    preferred = ~special
+    first: dict[bytes, int] = {}
+    for index in np.argsort(fallback, kind="stable").tolist():
+        if special[index]:
+            continue
+        if tokens[index] in first:
+            preferred[index] = False
+        else:
+            first[tokens[index]] = index
+    columns = np.arange(WINDOW)
+    inside = columns < lengths[:, None]
+    source = np.minimum(starts[:-1, None] + columns, max(len(data) - 1, 0))
+    padded = np.where(inside, data[source] if len(data) else 0, PAD_UNIT).astype(np.uint16)
+    table = ByteTable(
+        content_hash=content_hash(tokenizer_json, extra_special),
+        kind=kind,
+        data=data,
+        starts=starts,
+        special=special,
+        preferred=preferred,
+        tokens=tuple(tokens),
+        strings=tuple(strings),
+        ids=vocab,
+        dummy_prefix=False,
+        padded=padded,
+    )
+    return _checked(table, tokenizer_json)
+
+
+def _checked(table: ByteTable, tokenizer_json: str) -> ByteTable:
+    """Encode a probe text and require the table to give it back (learning the dummy prefix)."""
+    try:
+        tokenizer = parsed_tokenizer(tokenizer_json)
+    except Exception as error:
+        raise UnsupportedTokenizer(f"tokenizers cannot load it: {error}") from None
+    ids = tokenizer.encode(PROBE, add_special_tokens=False).ids
+    rebuilt = table.token_bytes(ids)
+    text = PROBE.encode()
+    if rebuilt == text:
+        return table
+    if rebuilt == b" " + text:
+        return _replace(table, dummy_prefix=True)
+    raise UnsupportedTokenizer(
+        f"its tokens do not give back the text they encode ({text[:40]!r} came back as {rebuilt[:40]!r}); "
+        "a normalizer that rewrites text (lower-casing, NFKC, stripping) cannot be aligned byte for byte"
+    )
+
+
+def _replace(table: ByteTable, **changes) -> ByteTable:
+    fields = dict(table.__dict__)
+    fields.update(changes)
+    return ByteTable(**fields)
+
+
+def content_hash(tokenizer_json: str, extra_special: Iterable[str] = ()) -> str:
+    digest = hashlib.sha256(tokenizer_json.encode())
+    digest.update(json.dumps(sorted(set(extra_special))).encode())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def parsed_tokenizer(tokenizer_json: str):
+    """tokenizers.Tokenizer.from_str, once per text (a 131k-token vocabulary takes a second)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+_cache: dict[str, ByteTable] = {}
+_lock = threading.Lock()
+
+
+def byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> ByteTable:
+    """The cached table of this tokenizer (one per content hash, shared by all sessions)."""
+    key = content_hash(tokenizer_json, extra_special)
+    with _lock:
+        cached = _cache.get(key)
+    if cached is None:
+        cached = build_byte_table(tokenizer_json, extra_special)
+        with _lock:
+            cached = _cache.setdefault(key, cached)
+    return cached

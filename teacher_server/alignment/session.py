@@ -1,0 +1,207 @@
+"""One student tokenizer against the teacher's: the tables a session shares, and the steps of a request.
+
+The steps are plain functions of arrays so that the service (which awaits the
+scheduler between them) and the tests/benchmarks (which call an engine directly)
+run the same code:
+
+    plan = cross.align(tokens, score_from, messages)
+    scores = engine(cross.main_job(plan, k))                        # one pass over the teacher sequence
+    projection = cross.start(plan, scores)
+    for _ in range(cross.options.rounds):                           # bounded extra rounds
+        requests = cross.branch_requests(projection, plan)
+        if not requests: break
+        scores = engine(cross.branch_job(plan, k, requests))
+        cross.absorb(projection, requests, scores)
+    result = cross.finish(projection, top_k)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from opd.v1 import teacher_pb2
+from teacher_server.alignment.align import Alignment, align
+from teacher_server.alignment.byte_tables import ByteTable
+from teacher_server.alignment.pair import PairTables, pair_tables
+from teacher_server.alignment.project import Projection
+from teacher_server.alignment.specials import SpecialMap, excluded_support
+from teacher_server.alignment.text import TeacherText
+from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
+
+REASONS = {
+    "special": teacher_pb2.MASK_REASON_SPECIAL,
+    "unaligned": teacher_pb2.MASK_REASON_UNALIGNED,
+    "low_mass": teacher_pb2.MASK_REASON_LOW_MASS,
+    "beyond_context": teacher_pb2.MASK_REASON_BEYOND_CONTEXT,
+}
+
+
+@dataclass(frozen=True)
+class CrossOptions:
+    # Teacher candidates read at every teacher row (several teacher tokens can land on
+    # one student token, and some are inconsistent with the partial bytes r).
+    candidates: int = 64
+    # Extra rounds of branches for off-rollout paths (0 = land them on their longest token).
+    rounds: int = 1
+    # Branches are scored for open paths at least this probable ...
+    min_branch_prob: float = 0.01
+    # ... and at most this many branch tokens per request: max(floor, factor * positions).
+    branch_token_floor: int = 64
+    branch_token_factor: float = 1.0
+    # Inside a teacher token, LOW_MASS when the consistent paths read carry less than what the
+    # unread candidates could (project.py), or less than this absolute floor.
+    min_consistent_mass: float = 0.0
+
+
+@dataclass
+class Coverage:
+    """Counts of one response (or, summed, of a session)."""
+
+    positions: int = 0
+    with_distribution: int = 0
+    special: int = 0
+    unaligned: int = 0
+    low_mass: int = 0
+    beyond_context: int = 0
+    retained_mass_sum: float = 0.0  # teacher mass on the returned support, summed over rows with mask = 1
+    branch_sequences: int = 0
+    branch_tokens: int = 0
+    fallback_paths: int = 0
+
+    def add(self, other: "Coverage") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def coverage(self) -> float:
+        return self.with_distribution / self.positions if self.positions else 0.0
+
+    @property
+    def mean_retained_mass(self) -> float:
+        return self.retained_mass_sum / self.with_distribution if self.with_distribution else 0.0
+
+
+@dataclass
+class CrossResult:
+    ids: np.ndarray
+    logprobs: np.ndarray
+    token_logprobs: np.ndarray
+    mask: np.ndarray
+    reason: np.ndarray
+    coverage: Coverage = field(default_factory=Coverage)
+
+
+@dataclass(eq=False)
+class CrossTokenizer:
+    student: ByteTable
+    text: TeacherText
+    specials: SpecialMap
+    tables: PairTables
+    excluded: np.ndarray  # teacher ids never offered as support
+    max_sequence_length: int
+    options: CrossOptions = CrossOptions()
+
+    @classmethod
+    def build(
+        cls, student: ByteTable, text: TeacherText, specials: SpecialMap, model_vocab_size: int,
+        max_sequence_length: int, options: CrossOptions = CrossOptions(),
+    ) -> "CrossTokenizer":  # fmt: skip
+        return cls(
+            student=student,
+            text=text,
+            specials=specials,
+            tables=pair_tables(student, text),
+            excluded=excluded_support(text.table, specials, model_vocab_size),
+            max_sequence_length=max_sequence_length,
+            options=options,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def align(self, tokens: np.ndarray, score_from: int, messages: Sequence[tuple[str, str]] = ()) -> Alignment:
+        plan = align(tokens, score_from, self.student, self.text, self.specials, messages)
+        if len(plan.teacher_ids) > self.max_sequence_length:
+            # Positions that need teacher rows past the context window: BEYOND_CONTEXT.
+            limit = self.max_sequence_length - plan.teacher_from
+            if limit < 1:
+                raise ValueError(
+                    f"the teacher's rendering of the prompt alone has {plan.teacher_from} tokens, more than its "
+                    f"context of {self.max_sequence_length}"
+                )
+            plan.teacher_ids = plan.teacher_ids[: self.max_sequence_length]
+            beyond = (plan.row < 0) | (plan.row >= limit) | (plan.e > plan.t_end[limit - 1])
+            plan.reason[beyond & (plan.reason == 0)] = teacher_pb2.MASK_REASON_BEYOND_CONTEXT
+            plan.t_start, plan.t_end = plan.t_start[:limit], plan.t_end[:limit]
+        return plan
+
+    def main_job(self, plan: Alignment, temperature: float = 1.0) -> ScoringJob:
+        return ScoringJob(
+            token_ids=plan.teacher_ids,
+            score_from=plan.teacher_from,
+            top_k=self.options.candidates,
+            temperature=temperature,
+            exclude_ids=self.excluded,
+        )
+
+    def start(self, plan: Alignment, scores: TeacherScores) -> Projection:
+        rows = len(plan.t_start)
+        return Projection.start(
+            plan, self.tables, self.specials, scores.ids[:rows], scores.logprobs[:rows], scores.token_logprobs[:rows]
+        )
+
+    def branch_requests(self, projection: Projection) -> list[tuple[int, tuple[int, ...]]]:
+        options = self.options
+        budget = max(options.branch_token_floor, int(options.branch_token_factor * projection.alignment.num_positions))
+        requests = projection.branch_requests(options.min_branch_prob, budget)
+        limit = self.max_sequence_length
+        return [(at, extra) for at, extra in requests if at + len(extra) <= limit]
+
+    def branch_job(self, plan: Alignment, requests: list[tuple[int, tuple[int, ...]]], temperature: float = 1.0) -> ScoringJob:
+        # Only the prefix the branches need, and a single scored row: the pass is for the branches.
+        end = min(max(max(at for at, _ in requests), 2), len(plan.teacher_ids))
+        return ScoringJob(
+            token_ids=plan.teacher_ids[:end],
+            score_from=end - 1,
+            top_k=self.options.candidates,
+            temperature=temperature,
+            exclude_ids=self.excluded,
+            branches=tuple(Branch(attach=at, token_ids=np.asarray(extra, dtype=np.int32)) for at, extra in requests),
+        )
+
+    @staticmethod
+    def absorb(projection: Projection, requests: list[tuple[int, tuple[int, ...]]], scores: TeacherScores) -> None:
+        # The row after each branch's last token.
+        last = np.cumsum([len(extra) for _, extra in requests]) - 1
+        projection.absorb(requests, scores.branch_ids[last], scores.branch_logprobs[last])
+
+    def finish(self, projection: Projection, top_k: int) -> CrossResult:
+        ids, logprobs, token_logprobs, reason, mass = projection.finish(top_k, self.options.min_consistent_mass)
+        mask = (reason == 0).astype(np.uint8)
+        used = mask.astype(bool)
+        stats = projection.stats
+        coverage = Coverage(
+            positions=len(reason),
+            with_distribution=int(used.sum()),
+            retained_mass_sum=float(mass[used].sum()),
+            branch_sequences=stats.branch_sequences,
+            branch_tokens=stats.branch_tokens,
+            fallback_paths=stats.fallback_paths,
+            **{name: int((reason == code).sum()) for name, code in REASONS.items()},
+        )
+        return CrossResult(ids, logprobs, token_logprobs, mask, reason, coverage)
+
+    # ------------------------------------------------------------------ synchronous driver
+
+    def score(self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0) -> CrossResult:
+        """The whole request against an engine called directly (tests, benchmarks)."""
+        plan = self.align(np.asarray(tokens), score_from, messages)
+        projection = self.start(plan, engine.score([self.main_job(plan, temperature)])[0])
+        for _ in range(self.options.rounds if getattr(engine, "supports_branches", True) else 0):
+            requests = self.branch_requests(projection)
+            if not requests:
+                break
+            self.absorb(projection, requests, engine.score([self.branch_job(plan, requests, temperature)])[0])
+        return self.finish(projection, top_k)

@@ -1,0 +1,155 @@
+"""The teacher's side of the text: bytes in, teacher token ids out, and its chat template.
+
+The student's completion arrives as bytes. The teacher tokenizes them as it would
+have written them: no dummy-prefix space (the completion continues a prompt), and
+special-token strings inside the text stay plain text (a student writing
+"<|im_end|>" as characters did not emit the control token). Invalid UTF-8 (a
+byte-level student can sample half a character) is encoded byte by byte.
+Every encoding is checked: `encode` reports how many leading bytes its tokens
+give back exactly, and the caller marks whatever lies beyond as unaligned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from teacher_server.alignment.byte_tables import ByteTable, parsed_tokenizer
+
+
+def _without_dummy_prefix(spec: dict) -> dict:
+    """The same tokenizer, except that it never adds a space at the start of a text."""
+
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace":
+                node["prepend_scheme"] = "never"
+                if "add_prefix_space" in node:
+                    node["add_prefix_space"] = False
+            if node.get("type") == "ByteLevel" and "add_prefix_space" in node:
+                node["add_prefix_space"] = False
+            for key, value in list(node.items()):
+                if isinstance(value, list):
+                    node[key] = [visit(item) for item in value if not _is_prepend(item)]
+                else:
+                    node[key] = visit(value)
+        return node
+
+    spec = visit(spec)
+    if _is_prepend(spec.get("normalizer")):
+        spec["normalizer"] = None
+    return spec
+
+
+def _is_prepend(node) -> bool:
+    return isinstance(node, dict) and node.get("type") == "Prepend"
+
+
+@dataclass(eq=False)
+class TeacherText:
+    """Encodes bytes with the teacher's tokenizer; renders its chat template."""
+
+    table: ByteTable
+    tokenizer_json: str
+    chat_template: str = ""
+    bos_token: str | None = None
+    eos_token: str | None = None
+    _plain: object = field(default=None, repr=False)
+    _default: object = field(default=None, repr=False)
+    _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from tokenizers import Tokenizer
+
+        spec = json.loads(self.tokenizer_json)
+        self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
+        self._plain = Tokenizer.from_str(json.dumps(_without_dummy_prefix(spec)))
+        with_special = self._default.encode("a", add_special_tokens=True).ids
+        without = self._default.encode("a", add_special_tokens=False).ids
+        cut = len(with_special) - len(without)
+        self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
+        self._plain.encode_special_tokens = True
+        for index, token in enumerate(self.table.tokens):
+            if len(token) == 1 and self.table.preferred[index]:
+                self._single_byte.setdefault(token[0], index)
+        # Without a pre-tokenizer that splits (SentencePiece/Metaspace), BPE runs over the whole
+        # text at once, which gets slow on long texts. A byte that no longer token contains
+        # (a newline for SentencePiece vocabularies) is a token boundary whatever surrounds it:
+        # cutting the text there gives the same tokens, in pieces that encode fast.
+        self._separators = ""
+        if self.table.kind == "metaspace":
+            inside = set()
+            for token in self.table.tokens:
+                if len(token) > 1:
+                    inside.update(token)
+            self._separators = "".join(chr(b) for b in (10, 13, 9) if b not in inside and b in self._single_byte)
+
+    def _encode_text(self, text: str) -> list[int]:
+        if not self._separators or len(text) < 256:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        pieces = re.split(f"([{re.escape(self._separators)}])", text)
+        return [i for encoding in self._plain.encode_batch([p for p in pieces if p], add_special_tokens=False) for i in encoding.ids]
+
+    def encode(self, data: bytes) -> tuple[np.ndarray, int]:
+        """Teacher ids for `data` and how many leading bytes they reproduce exactly."""
+        text = data.decode("utf-8", errors="surrogateescape")
+        ids: list[int] = []
+        run_start = 0
+        for index, char in enumerate(text) if _has_surrogates(text) else ():
+            if "\udc80" <= char <= "\udcff":  # an invalid byte: its own single-byte token
+                ids += self._encode_text(text[run_start:index]) if index > run_start else []
+                byte_id = self._single_byte.get(ord(char) - 0xDC00)
+                if byte_id is None:
+                    run_start = len(text) + 1
+                    break
+                ids.append(byte_id)
+                run_start = index + 1
+        if run_start < len(text):
+            ids += self._encode_text(text[run_start:])
+        array = np.asarray(ids, dtype=np.int64)
+        return array, _common_prefix(self.table.token_bytes(array), data)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt as the teacher reads it: its special tokens parsed, its own prefix rules."""
+        return np.asarray(self._default.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def start_ids(self) -> np.ndarray:
+        """What the teacher's post-processor puts before a text (e.g. BOS)."""
+        return self._start_ids
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        """The prompt in the teacher's chat template, ready for the assistant's answer."""
+        if not self.chat_template:
+            raise ValueError("the teacher has no chat template; send the prompt as tokens without messages")
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[[{"role": role, "content": content} for role, content in messages]],
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        return rendered[0]
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _common_prefix(left: bytes, right: bytes) -> int:
+    if left == right:
+        return len(left)
+    size = min(len(left), len(right))
+    a = np.frombuffer(left[:size], dtype=np.uint8)
+    b = np.frombuffer(right[:size], dtype=np.uint8)
+    differ = np.flatnonzero(a != b)
+    return int(differ[0]) if len(differ) else size

@@ -1,0 +1,106 @@
+"""The teacher's identity (model name + weights hash), and clients that pin it.
+
+A trainer that resumes for days against "the teacher" must not silently train
+against different weights after an operator swapped the model behind the same
+address. GetInfo returns `model` and `weights_sha256`; a client that pins them
+sends the metadata `opd-teacher-pin: <model>@<weights_sha256>` with every call,
+and a server serving anything else answers FAILED_PRECONDITION (never a score).
+GetInfo itself is not checked: it is how a client learns what to pin.
+
+The hash covers every regular file of a local model directory (weights, config,
+tokenizer), streamed, so it is computed without loading anything twice. A hub id
+that is not a local directory has no hash here (""); pinning then checks the
+model name only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import grpc
+
+from teacher_server.auth import PROTECTED_PREFIX
+from teacher_server.errors import FailedPrecondition
+from teacher_server.interceptor import checked_handler
+
+log = logging.getLogger(__name__)
+
+PIN_KEY = "opd-teacher-pin"
+UNPINNED_METHODS = ("/opd.v1.Teacher/GetInfo",)
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    model: str
+    weights_sha256: str
+
+    @property
+    def pin(self) -> str:
+        return f"{self.model}@{self.weights_sha256}"
+
+
+def weights_sha256(model: str) -> str:
+    """SHA-256 over the relative names and contents of every file in the model directory."""
+    root = Path(model)
+    if not root.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def pin_of(metadata) -> str | None:
+    for name, value in metadata or ():
+        if name == PIN_KEY:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+class PinInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses Teacher calls pinned to another teacher than the one served.
+
+    `identity()` is None while the model loads (the servicer answers UNAVAILABLE then).
+    """
+
+    def __init__(self, identity: Callable[[], TeacherIdentity | None]) -> None:
+        self.identity = identity
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        pin = pin_of(handler_call_details.invocation_metadata)
+        if handler is None or pin is None or not method.startswith(PROTECTED_PREFIX) or method in UNPINNED_METHODS:
+            return handler
+        served = self.identity()
+        if served is None or _matches(pin, served):
+            return handler
+        refusal = FailedPrecondition(
+            f"this teacher serves {served.pin!r} but the client pinned {pin!r}: the teacher was swapped. "
+            "Refusing to score with other weights; point the client at the pinned teacher, or re-pin deliberately"
+        )
+        log.warning("refused a call pinned to another teacher (%s)", method)
+
+        def check() -> None:
+            raise refusal
+
+        return checked_handler(handler, check)
+
+
+def _matches(pin: str, served: TeacherIdentity) -> bool:
+    model, _, sha = pin.rpartition("@")
+    if not model:  # a bare name without '@'
+        model, sha = sha, ""
+    return model == served.model and (sha == served.weights_sha256)

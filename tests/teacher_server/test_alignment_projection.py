@@ -1,0 +1,188 @@
+"""The projection with hand-written teacher probabilities on real tokenizers: exact expectations.
+
+The teacher here is ScriptedTeacher (tests/tokenizers.py): its next-token probabilities
+depend on the text after the prompt, so every expected value below is a product of the
+script's numbers.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from teacher_server.alignment.session import CrossOptions
+from tests import tokenizers as T
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def need(*names):
+    for name in names:
+        reason = T.missing_reason(name)
+        if reason:
+            pytest.skip(f"tokenizer {name} unavailable: {reason}")
+
+
+def teacher_id(name: str, text: str) -> int:
+    ids = T.load(name)(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, f"{text!r} is {len(ids)} {name} tokens"
+    return ids[0]
+
+
+def run(student: str, teacher: str, completion_ids: list[int], script: dict, top_k: int = 8, rounds: int = 1,
+        prompt: str = "Q:", pairs=(), pair_eos=True):  # fmt: skip
+    """Score `completion_ids` (student ids) after `prompt` with a teacher that follows `script`."""
+    s = T.load(student)
+    prompt_ids = s(prompt, add_special_tokens=False)["input_ids"]
+    tokens = np.asarray(prompt_ids + completion_ids)
+    engine = T.ScriptedTeacher(T.table(teacher), None, None)
+    cross = T.cross(student, teacher, engine, CrossOptions(rounds=rounds), pairs=pairs, pair_eos=pair_eos)
+    plan = cross.align(tokens, len(prompt_ids))
+    by_text = {key.encode(): {teacher_id(teacher, tok) if isinstance(tok, str) else tok: p for tok, p in value.items()}
+               for key, value in script.items()}  # fmt: skip
+    engine.prompt_length_of = lambda job: plan.teacher_from
+    engine.script = lambda context: by_text.get(context, {})
+    return cross, cross.score(engine, tokens, len(prompt_ids), top_k)
+
+
+def support(result, row: int, student: str) -> dict[str, float]:
+    tokenizer = T.load(student)
+    # Entries of negligible mass come from the script's "spread the rest evenly" tail.
+    return {
+        tokenizer.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+        for i, lp in zip(result.ids[row], result.logprobs[row])
+        if i >= 0 and np.exp(lp) > 1e-9
+    }
+
+
+def test_student_token_spanning_several_teacher_tokens_gets_the_chain_rule():
+    """GPT-2 writes " 130" as one token, SmolLM2 as " ", "1", "3", "0" (the known pitfall)."""
+    need("gpt2", "smollm2")
+    gpt2 = T.load("gpt2")
+    completion = gpt2(" costs 130 dollars", add_special_tokens=False)["input_ids"]
+    assert gpt2.convert_ids_to_tokens(completion) == ["Ġcosts", "Ġ130", "Ġdollars"]
+    script = {
+        "": {" costs": 1.0},
+        " costs": {" ": 0.8, " more": 0.2},
+        " costs more": {" than": 1.0},
+        " costs ": {"1": 0.6, "2": 0.4},
+        " costs 1": {"3": 0.5, "5": 0.5},
+        " costs 13": {"0": 0.9, " ": 0.1},
+        " costs 130": {" dollars": 1.0},
+        " costs 15": {"0": 1.0},
+        " costs 150": {" ": 1.0},
+        " costs 2": {"0": 1.0},
+        " costs 20": {" ": 1.0},
+    }
+    _, result = run("gpt2", "smollm2", completion, script)
+    got = support(result, 1, "gpt2")
+    # Along the rollout: " " "1" "3" "0" is the student's own " 130" (chain rule); " 13" then " "
+    # lands on " 13"; the alternatives " 15.." and " 2.." are followed by a branch to " 150", " 20".
+    expected = {"Ġ20": 0.8 * 0.4, "Ġ150": 0.8 * 0.6 * 0.5, "Ġ130": 0.8 * 0.6 * 0.5 * 0.9, "Ġmore": 0.2, "Ġ13": 0.8 * 0.6 * 0.5 * 0.1}
+    for token, prob in expected.items():
+        assert got[token] == pytest.approx(prob, rel=1e-5), (token, got)
+    assert result.token_logprobs[1] == pytest.approx(np.log(0.216), abs=1e-5)
+    assert result.mask.all()
+
+    # Without the branch round the alternatives land on their longest student token so far.
+    _, naive = run("gpt2", "smollm2", completion, script, rounds=0)
+    got = support(naive, 1, "gpt2")
+    assert got["Ġ130"] == pytest.approx(0.216, rel=1e-5), "the rollout's own path needs no branch"
+    assert got["Ġ2"] == pytest.approx(0.32, rel=1e-5) and got["Ġ15"] == pytest.approx(0.24, rel=1e-5)
+
+
+def test_position_inside_a_teacher_token_is_conditioned_on_the_partial_bytes():
+    """SmolLM2 writes "1", "3", "0"; GPT-2's " 130" is one token: three student positions inside it."""
+    need("gpt2", "smollm2")
+    smol = T.load("smollm2")
+    completion = smol(" costs 130 dollars", add_special_tokens=False)["input_ids"]
+    assert smol.convert_ids_to_tokens(completion) == ["Ġcosts", "Ġ", "1", "3", "0", "Ġdollars"]
+    script = {
+        "": {" costs": 1.0},
+        " costs": {" 130": 0.5, " 120": 0.2, " 13": 0.1, " 1": 0.1, " 2": 0.1},
+        " costs 1": {"3": 0.5, "0": 0.5},
+        " costs 13": {"0": 1.0},
+        " costs 130": {" dollars": 1.0},
+    }
+    _, result = run("smollm2", "gpt2", completion, script, rounds=1)
+    assert support(result, 1, "smollm2") == pytest.approx({"Ġ": 1.0}, rel=1e-5)
+    assert support(result, 2, "smollm2") == pytest.approx({"1": 0.9, "2": 0.1}, rel=1e-5)
+    # r = " 1": " 130", " 13" and " 1"+"3" continue with "3"; " 120" with "2"; " 1"+"0" with "0".
+    z = 0.5 + 0.2 + 0.1 + 0.05 + 0.05
+    assert support(result, 3, "smollm2") == pytest.approx({"3": 0.65 / z, "2": 0.2 / z, "0": 0.05 / z}, rel=1e-5)
+    # r = " 13": the path " 1" "3" needs a second round to pass r, so one round leaves it out.
+    assert support(result, 4, "smollm2") == pytest.approx({"0": 1.0}, rel=1e-5)
+    assert result.token_logprobs[3] == pytest.approx(np.log(0.65 / z), abs=1e-5)
+    assert result.mask.all()
+
+
+def test_eos_is_paired_by_default_and_masked_on_request():
+    need("gpt2", "smollm2")
+    gpt2 = T.load("gpt2")
+    completion = gpt2(" done", add_special_tokens=False)["input_ids"] + [gpt2.eos_token_id]
+    im_end = T.load("smollm2").convert_tokens_to_ids("<|im_end|>")
+    script = {"": {" done": 1.0}, " done": {im_end: 0.7, ".": 0.3}, " done.": {im_end: 1.0}}
+    _, result = run("gpt2", "smollm2", completion, script)
+    assert support(result, 1, "gpt2") == pytest.approx({"<|endoftext|>": 0.7, ".": 0.3}, rel=1e-5)
+    assert result.mask[1] == 1 and result.token_logprobs[1] == pytest.approx(np.log(0.7), abs=1e-5)
+
+    _, unpaired = run("gpt2", "smollm2", completion, script, pair_eos=False)
+    assert unpaired.mask[1] == 0 and unpaired.reason[1] == 1  # SPECIAL
+    assert unpaired.coverage.special == 1
+
+
+@pytest.fixture(scope="module")
+def thinking_gpt2(tmp_path_factory):
+    """GPT-2 with <think> and </think> added as special tokens (a reasoning student)."""
+    need("gpt2", "smollm2")
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(T.load("gpt2").backend_tokenizer.to_str())
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    return tokenizer
+
+
+def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2):
+    tokenizer = thinking_gpt2
+    from teacher_server.alignment.byte_tables import byte_table
+    from teacher_server.alignment.session import CrossTokenizer
+    from teacher_server.alignment.specials import special_map
+
+    s_table = byte_table(tokenizer.backend_tokenizer.to_str(), tokenizer.all_special_tokens)
+    text = T.teacher_text("smollm2")
+    completion = tokenizer("<think> so</think> done", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(completion) == ["<think>", "Ġso", "</think>", "Ġdone", "<|endoftext|>"]
+    prompt = tokenizer("Q:", add_special_tokens=False)["input_ids"]
+    tokens = np.asarray(prompt + completion)
+    im_end = text.table.ids["<|im_end|>"]
+
+    def score(pairs=()):
+        specials = special_map(s_table, text.table, ["<|endoftext|>"], [im_end], pairs)
+        engine = T.ScriptedTeacher(text.table, None, None)
+        cross = CrossTokenizer.build(s_table, text, specials, engine.vocab_size, engine.max_sequence_length)
+        plan = cross.align(tokens, len(prompt))
+        script = {b"": {teacher_id("smollm2", " so"): 0.9}, b" so": {teacher_id("smollm2", " done"): 0.6},
+                  b" so done": {im_end: 0.8}, b"<think>": {teacher_id("smollm2", " so"): 0.5},
+                  b"<think> so": {teacher_id("smollm2", "</"): 0.5}}  # fmt: skip
+        engine.prompt_length_of = lambda job: plan.teacher_from
+        engine.script = lambda context: script.get(context, {})
+        return plan, cross.score(engine, tokens, len(prompt), 8)
+
+    plan, result = score()
+    # The teacher reads " so done": the think tokens take no bytes.
+    assert plan.units[: plan.num_units - 1].astype(np.uint8).tobytes() == b" so done"
+    # Masked: the think tokens and the token right after each (its teacher context lost a token).
+    assert list(result.mask) == [0, 0, 0, 0, 1] and (result.reason[:4] == 1).all()
+    assert result.token_logprobs[4] == pytest.approx(np.log(0.8), abs=1e-5)  # EOS paired with <|im_end|>
+    specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+    assert not specials & set(result.ids.reshape(-1).tolist()), "special tokens never appear in the support"
+
+    # Paired on request with the teacher's plain text "<think>": the student's token stands for those bytes.
+    plan, paired = score(pairs=[("<think>", "<think>")])
+    assert plan.units[: plan.num_units - 1].astype(np.uint8).tobytes() == b"<think> so done"
+    assert list(paired.mask) == [1, 1, 0, 0, 1]
+    assert paired.token_logprobs[1] == pytest.approx(np.log(0.5), abs=1e-5)

@@ -1,0 +1,238 @@
+"""Cross-tokenizer scoring on real tokenizers and GSM8K answers: coverage, the service, special tokens.
+
+Coverage is measured for every ordered pair of four real tokenizers. Only SmolLM2 has a
+model here, so the pairs use a bigram teacher of the teacher's tokenizer (tests/tokenizers.py,
+fitted on half of the answers, scored on the other half); the pairs with SmolLM2 as the
+teacher also run the real model (test_cross_tokenizer_fidelity.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from opd.tensors import from_tensor, to_tensor
+from opd.v1 import teacher_pb2, teacher_pb2_grpc
+from teacher_server.alignment.session import Coverage
+from tests import tokenizers as T
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MIN_COVERAGE = 0.97
+PAIRS = [(s, t) for t in T.NAMES for s in T.NAMES if s != t]
+
+
+def need(*names):
+    for name in names:
+        reason = T.missing_reason(name)
+        if reason:
+            pytest.skip(f"tokenizer {name} unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def answers():
+    try:
+        data = T.gsm8k()
+    except FileNotFoundError:
+        pytest.skip("shared/data/gsm8k/test.jsonl not found")
+    return data
+
+
+def rollout(student: str, example: dict) -> tuple[list[int], int]:
+    """GSM8K question as the prompt, its reference answer + EOS as the completion."""
+    tokenizer = T.load(student)
+    prompt = tokenizer(example["question"], add_special_tokens=True)["input_ids"]
+    completion = tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + completion, len(prompt)
+
+
+_bigrams: dict[str, T.BigramTeacher] = {}
+
+
+def bigram(teacher: str, answers) -> T.BigramTeacher:
+    if teacher not in _bigrams:
+        _bigrams[teacher] = T.BigramTeacher(T.load(teacher), [example["answer"] for example in answers[::2]])
+    return _bigrams[teacher]
+
+
+def coverage_of(student: str, teacher: str, engine, examples, **score) -> Coverage:
+    cross = T.cross(student, teacher, engine)
+    total = Coverage()
+    for example in examples:
+        tokens, score_from = rollout(student, example)
+        total.add(cross.score(engine, tokens, score_from, 16, **score).coverage)
+    return total
+
+
+@pytest.mark.parametrize("student, teacher", PAIRS, ids=[f"{s}->{t}" for s, t in PAIRS])
+def test_coverage_on_gsm8k_answers(student, teacher, answers):
+    need(student, teacher)
+    examples = answers[1::2][:12]
+    total = coverage_of(student, teacher, bigram(teacher, answers), examples)
+    print(f"\n{student} -> {teacher} (bigram teacher): coverage {total.coverage:.4f} of {total.positions} positions, "
+          f"mean retained mass {total.mean_retained_mass:.3f}, low_mass {total.low_mass}, unaligned {total.unaligned}, "
+          f"branches {total.branch_sequences}")  # fmt: skip
+    # Every position is aligned. LOW_MASS (inside a teacher token, the consistent paths read carry
+    # less than the unread candidates could) depends on the teacher: this bigram stand-in spreads
+    # much of its mass outside any top 64, so its masked share is reported, not bounded here.
+    assert total.unaligned == 0 and total.special == 0 and total.beyond_context == 0
+    aligned = (total.positions - total.unaligned - total.special - total.beyond_context) / total.positions
+    assert aligned >= MIN_COVERAGE
+
+
+def test_student_130_gets_its_own_token_from_the_real_teacher(smollm2):
+    """GPT-2's " 130" is one token; SmolLM2 writes " ", "1", "3", "0": the support offers " 130" itself."""
+    need("gpt2")
+    engine = T.smollm2_engine()
+    gpt2 = T.load("gpt2")
+    prompt = gpt2("Q: A shirt costs 80 dollars and a hat 50 dollars. What do both cost?\nA: 80 + 50 =",
+                  add_special_tokens=False)["input_ids"]  # fmt: skip
+    completion = gpt2(" 130 dollars.", add_special_tokens=False)["input_ids"]
+    position = gpt2.convert_ids_to_tokens(completion).index("Ġ130")
+    result = T.cross("gpt2", "smollm2", engine).score(engine, prompt + completion, len(prompt), 8)
+    support = {gpt2.convert_ids_to_tokens(int(i)): float(np.exp(lp)) for i, lp in zip(result.ids[position], result.logprobs[position]) if i >= 0}
+    print(f"\nsupport at ' 130': {support}")
+    assert "Ġ130" in support
+    multi_digit = [token for token in support if token.lstrip("Ġ").isdigit() and len(token.lstrip("Ġ")) > 1]
+    assert len(multi_digit) >= 2, f"student-vocabulary numbers, not just their first digit: {support}"
+    # The student's own token: the exact chain rule over the teacher tokens it spans.
+    plan = T.cross("gpt2", "smollm2", engine).align(np.asarray(prompt + completion), len(prompt))
+    start = plan.teacher_from + plan.row[position]
+    end = plan.teacher_from + int(np.searchsorted(plan.t_end, plan.e[position], side="left")) + 1
+    from teacher_server.engines import ScoringJob
+
+    direct = engine.score([ScoringJob(plan.teacher_ids[:end], start, 1)])[0].token_logprobs.astype(np.float64).sum()
+    assert result.token_logprobs[position] == pytest.approx(direct, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2):
+    from tests.conftest import LiveServer, server_config
+
+    server = LiveServer(server_config(smollm2, max_k=32, chunk_size=64))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(smollm2_server):
+    import grpc
+
+    channel = grpc.insecure_channel(smollm2_server.target)
+    yield teacher_pb2_grpc.TeacherStub(channel)
+    channel.close()
+
+
+def hf_message(tokenizer) -> teacher_pb2.HFTokenizer:
+    from student_trainer.client import tokenizer_message
+
+    return tokenizer_message(tokenizer)
+
+
+def score(stub, session_id, tokens, score_from, top_k=8, messages=()):
+    request = teacher_pb2.ScoreRequest(
+        request_id=1, session_id=session_id, tokens=to_tensor(np.asarray(tokens, np.int32)), score_from=score_from,
+        top_k=top_k, messages=[teacher_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+    )  # fmt: skip
+    return stub.Score(request, timeout=120)
+
+
+def test_teacher_tokenizer_sent_explicitly_is_bit_for_bit_the_same_path(stub):
+    smol = T.load("smollm2")
+    same = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True)), timeout=60)
+    explicit = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(smol))), timeout=60)
+    assert explicit.same_as_teacher and explicit.student_vocab_size == same.student_vocab_size
+    tokens = smol("Q: 3 + 4?\nA: 3 + 4 = 7.", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
+    a, b = score(stub, same.session_id, tokens, 6), score(stub, explicit.session_id, tokens, 6)
+    for field in ("ids", "logprobs", "token_logprobs", "mask", "reason"):
+        assert getattr(a, field).data == getattr(b, field).data, field
+
+
+def test_cross_tokenizer_session_over_grpc(stub, answers):
+    need("gpt2")
+    gpt2 = T.load("gpt2")
+    opened = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120)
+    assert not opened.same_as_teacher and opened.student_vocab_size == len(gpt2)
+    assert [(p.student_token, p.teacher_token) for p in opened.special_token_pairs] == [("<|endoftext|>", "<|im_end|>")]
+    example = answers[1]
+    tokens, score_from = rollout("gpt2", example)
+    reply = score(stub, opened.session_id, tokens, score_from, messages=[("user", example["question"])])
+    ids = from_tensor(reply.ids, name="ids", dtype="int32", ndim=2)
+    mask = from_tensor(reply.mask, name="mask", dtype="uint8", ndim=1)
+    assert ids.shape == (len(tokens) - score_from, 8) and ids.max() < len(gpt2)
+    assert reply.counts.positions == len(mask) and reply.counts.with_distribution == int(mask.sum())
+    assert reply.coverage >= MIN_COVERAGE and reply.counts.branch_sequences > 0
+    stats = stub.GetSessionStats(teacher_pb2.GetSessionStatsRequest(session_id=opened.session_id), timeout=30)
+    assert stats.requests == 1 and stats.totals.positions == reply.counts.positions
+    assert stats.coverage == pytest.approx(reply.coverage) and stats.mean_retained_mass == pytest.approx(reply.mean_support_mass)
+
+
+@pytest.mark.parametrize("payload, needle", [("{}", "tokenizer"), ('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}', "WordLevel")])
+def test_bad_student_tokenizer_is_invalid_argument_with_the_reason(stub, payload, needle):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.OpenSession(
+            teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_pb2.HFTokenizer(tokenizer_json=payload))),
+            timeout=60,
+        )  # fmt: skip
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in caught.value.details()
+
+
+def test_chat_template_and_think_tokens_give_no_spurious_penalties(stub):
+    """A ChatML student with <think> control tokens against SmolLM2 (which has no <think>).
+
+    Masked: the think tokens (SPECIAL). Mapped: <|im_end|>, the student's EOS, onto the
+    teacher's. Read as literal text instead, "<think>" costs the teacher's surprise at those
+    characters, a penalty the student did nothing to earn.
+    """
+    need("gpt2")
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(T.load("gpt2").backend_tokenizer.to_str())
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    student = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                      additional_special_tokens=specials, chat_template=template)  # fmt: skip
+    messages = [("user", "What is 12 + 30?")]
+    prompt = student.apply_chat_template([{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+    prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) or hasattr(prompt, "keys") else list(prompt)
+    completion = student("<think>\n12 + 30 = 42\n</think>\nThe answer is 42.<|im_end|>", add_special_tokens=False)["input_ids"]
+    tokens = prompt + completion
+    think = {student.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+
+    def session(pairs=()):
+        request = teacher_pb2.OpenSessionRequest(
+            tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(student)),
+            special_token_pairs=[teacher_pb2.SpecialTokenPair(student_token=a, teacher_token=b) for a, b in pairs],
+        )
+        return stub.OpenSession(request, timeout=120).session_id
+
+    reply = score(stub, session(), tokens, len(prompt), messages=messages)
+    mask = from_tensor(reply.mask, name="mask", dtype="uint8", ndim=1)
+    reason = from_tensor(reply.reason, name="reason", dtype="uint8", ndim=1)
+    token_lp = from_tensor(reply.token_logprobs, name="token_logprobs", dtype="float32", ndim=1)
+    ids = from_tensor(reply.ids, name="ids", dtype="int32", ndim=2)
+    targets = np.asarray(completion)
+    is_think = np.isin(targets, list(think))
+    # Masked: the think tokens, and the token right after each (the teacher reads the text
+    # around a removed <think> run together, "assistant\n\n12").
+    masked = is_think | np.concatenate([[False], is_think[:-1]])
+    assert (mask[masked] == 0).all() and (reason[masked] == teacher_pb2.MASK_REASON_SPECIAL).all()
+    assert mask[~masked].all(), "everything else, the EOS included, stays in the loss"
+    assert not set(ids[ids >= 0].tolist()) & (think | {student.convert_tokens_to_ids("<|im_start|>")})
+    eos_lp = float(token_lp[-1])
+    print(f"\nthink tokens masked; token log-probs of the kept positions: min {token_lp[mask == 1].min():.2f}, "
+          f"EOS {eos_lp:.2f}")  # fmt: skip
+    assert token_lp[mask == 1].min() > -12.0
+    # The same rollout with <think> read as text by the teacher: a large penalty at that position.
+    literal = score(stub, session(pairs=[("<think>", "<think>"), ("</think>", "</think>")]), tokens, len(prompt), messages=messages)
+    literal_lp = from_tensor(literal.token_logprobs, name="token_logprobs", dtype="float32", ndim=1)
+    print(f"<think> read as text: token log-prob {literal_lp[0]:.2f} at <think>, {literal_lp[is_think].min():.2f} worst")
+    assert literal_lp[is_think].min() < token_lp[mask == 1].min() - 2.0

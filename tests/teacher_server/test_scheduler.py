@@ -1,0 +1,160 @@
+"""The scheduler on its own: deficit round robin across tenants and sessions, limits, drain.
+
+A recording engine stands in for the model (the scheduler is engine-agnostic), so
+the order of service is checked exactly, without timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from teacher_server.engines import ScoringJob, TeacherScores
+from teacher_server.errors import ResourceExhausted, Unavailable
+from teacher_server.scheduler import Scheduler, SchedulerLimits
+
+
+class RecordingEngine:
+    """Returns empty scores; remembers each batch as a list of job tags. `gate` holds the first batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def score(self, jobs):
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.batches.append([job.tag for job in jobs])
+        return [
+            TeacherScores(
+                ids=np.zeros((job.num_positions, 1), np.int32),
+                logprobs=np.zeros((job.num_positions, 1), np.float32),
+                token_logprobs=np.zeros(job.num_positions, np.float32),
+            )
+            for job in jobs
+        ]
+
+
+def job(tag: str, tokens: int) -> ScoringJob:
+    scoring = ScoringJob(token_ids=np.arange(tokens, dtype=np.int32) % 50, score_from=1, top_k=1)
+    scoring.tag = tag  # the recording engine reports tags
+    return scoring
+
+
+async def run_until_blocked(scheduler: Scheduler, engine: RecordingEngine, submissions):
+    """Submit a blocker job, then `submissions` (tenant, session, tag, tokens) while the engine is held,
+    then release it: the queue holds everything at once, so the order is the scheduler's alone."""
+    scheduler.start()
+    blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "blocker"))
+    await asyncio.to_thread(engine.entered.wait, 30)
+    tasks = [asyncio.ensure_future(scheduler.submit(session, job(tag, tokens), tenant))
+             for tenant, session, tag, tokens in submissions]  # fmt: skip
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    await scheduler.stop()
+    return [tag for batch in engine.batches[1:] for tag in batch]
+
+
+def test_a_flooding_tenant_cannot_starve_a_light_one():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=4, quantum_tokens=64))
+    flood = [("heavy", "h", f"h{i}", 32) for i in range(200)]
+    light = [("light", "l", f"l{i}", 32) for i in range(3)]
+    order = asyncio.run(run_until_blocked(scheduler, engine, flood + light))
+    # The light tenant arrived after 200 heavy jobs, yet it is served first (it was idle:
+    # new tenants first), then it alternates with the heavy one, a quantum (two jobs) each.
+    positions = [order.index(f"l{i}") for i in range(3)]
+    assert positions == [0, 1, 4], order[:12]
+    assert len(order) == 203
+
+
+def test_fair_share_is_by_tokens_not_by_requests():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=8, quantum_tokens=128))
+    long = [("long", "a", f"L{i}", 128) for i in range(20)]  # 128 tokens each
+    short = [("short", "b", f"S{i}", 16) for i in range(160)]  # 16 tokens each
+    order = asyncio.run(run_until_blocked(scheduler, engine, long + short))
+    # While both have work, each turn gives each tenant 128 tokens: one long job or eight short ones.
+    first = order[:45]
+    long_tokens = 128 * sum(tag.startswith("L") for tag in first)
+    short_tokens = 16 * sum(tag.startswith("S") for tag in first)
+    assert abs(long_tokens - short_tokens) <= 128, (long_tokens, short_tokens)
+
+
+def test_sessions_within_a_tenant_share_its_turns_and_tenants_not_sessions_are_the_unit():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=8, quantum_tokens=32))
+    # Tenant "many" spreads its jobs over four sessions, tenant "one" uses one session:
+    # per-session round robin would give "many" four times the share.
+    many = [("many", f"m{s}", f"m{s}-{i}", 32) for i in range(10) for s in range(4)]
+    one = [("one", "o", f"o-{i}", 32) for i in range(40)]
+    order = asyncio.run(run_until_blocked(scheduler, engine, many + one))
+    first = order[:40]
+    assert sum(tag.startswith("o") for tag in first) == 20
+    # Inside "many", its turns rotate over its sessions.
+    many_order = [tag.split("-")[0] for tag in first if tag.startswith("m")]
+    assert many_order[:8] == ["m0", "m1", "m2", "m3"] * 2
+
+
+def test_tenant_limits_give_resource_exhausted_with_a_retry_hint():
+    async def main():
+        engine = RecordingEngine()
+        limits = SchedulerLimits(max_tenant_in_flight=3, max_tenant_queued_tokens=100, max_request_tokens=200)
+        scheduler = Scheduler(engine, limits)
+        scheduler.start()
+        held = [asyncio.ensure_future(scheduler.submit("s", job(f"a{i}", 20), "a")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ResourceExhausted, match="3 requests in flight") as caught:
+            await scheduler.submit("s", job("a3", 20), "a")
+        assert caught.value.retry_after_s and 0.05 <= caught.value.retry_after_s <= 30
+        # Another tenant is not affected by a's limit.
+        other = asyncio.ensure_future(scheduler.submit("s", job("b0", 90), "b"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ResourceExhausted, match="tokens queued") as caught:
+            await scheduler.submit("s", job("b1", 20), "b")
+        assert caught.value.retry_after_s
+        with pytest.raises(ResourceExhausted, match="limit of 200 per request") as caught:
+            await scheduler.submit("s", job("big", 201), "c")
+        assert caught.value.retry_after_s is None  # a size limit: retrying cannot help
+        # Cancelled requests give their quota back at once, before the engine sees them.
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        assert scheduler.load("a").in_flight == 0 and scheduler.load("a").queued_tokens == 0
+        engine.gate.set()
+        await other
+        again = await scheduler.submit("s", job("a4", 20), "a")
+        assert again.token_logprobs.shape == (19,)
+        await scheduler.stop()
+        return engine
+
+    engine = asyncio.run(main())
+    # a0-a2 were on the device when cancelled; b0 and a4 came after.
+    assert [tag for batch in engine.batches for tag in batch] == ["a0", "a1", "a2", "b0", "a4"]
+
+
+def test_drain_refuses_new_work_and_finishes_accepted_work():
+    async def main():
+        engine = RecordingEngine()
+        scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=2))
+        scheduler.start()
+        accepted = [asyncio.ensure_future(scheduler.submit("s", job(f"x{i}", 8), "t")) for i in range(5)]
+        await asyncio.to_thread(engine.entered.wait, 30)
+        scheduler.drain()
+        with pytest.raises(Unavailable, match="draining"):
+            await scheduler.submit("s", job("late", 8), "t")
+        assert not await scheduler.wait_idle(0.05)  # the engine is still held
+        engine.gate.set()
+        assert await scheduler.wait_idle(30)
+        results = await asyncio.gather(*accepted)
+        await scheduler.stop()
+        return engine, results
+
+    engine, results = asyncio.run(main())
+    assert len(results) == 5
+    assert sorted(tag for batch in engine.batches for tag in batch) == [f"x{i}" for i in range(5)]
