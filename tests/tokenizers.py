@@ -397,13 +397,10 @@ class ScriptedTeacher:
 @lru_cache(maxsize=1)
 def smollm2_engine():
     """The hf engine on SmolLM2-135M-Instruct (one per test session)."""
-    import torch
-
     from teacher_server.engines import EngineConfig
     from teacher_server.engines.hf import HFEngine
     from tests.real_model import smollm2_path
 
-    torch.set_num_threads(1)
     return HFEngine(EngineConfig(model=str(smollm2_path())))
 
 
