@@ -67,10 +67,12 @@ def _series(runs: list[list[dict]], key: str, smooth: int) -> tuple[list[int], l
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot_study(records: dict[str, list[list[dict]]], labels: dict[str, str], output: Path) -> list[Path]:
-    """curves.png (metrics over steps) and bars.png (final accuracy, gradient-norm variance) of opd-study.
+def plot_study(records: dict[str, list[list[dict]]], runs: dict[str, list[dict]], labels: dict[str, str],
+               output: Path) -> list[Path]:  # fmt: skip
+    """curves.png (metrics over steps) and bars.png (per-run numbers) of opd-study.
 
-    `records[variant]` holds one list of metric records per seed.
+    `records[variant]` holds one list of metric records per seed; `runs[variant]` one dict of
+    per-run numbers per seed (study_report.summarize_run).
     """
     import matplotlib
 
@@ -82,17 +84,19 @@ def plot_study(records: dict[str, list[list[dict]]], labels: dict[str, str], out
     figure, axes = plt.subplots(3, 2, figsize=(11, 10), squeeze=False)
     for axis, (key, title, log_scale) in zip(axes.flat, STUDY_PANELS):
         smooth = 1 if key in ("accuracy", "heldout_rkl", "negative_advantage_share", "masked") else 5
-        for name, runs in records.items():
-            steps, mean, low, high = _series(runs, key, smooth)
+        for name, seeds in records.items():
+            steps, mean, low, high = _series(seeds, key, smooth)
             if not steps:
                 continue
-            axis.plot(steps, mean, style[name], color=colors[name], label=labels.get(name, name), linewidth=1.4)
+            width = 2.4 if name == "recipe" else 1.3
+            axis.plot(steps, mean, style[name], color=colors[name], label=labels.get(name, name), linewidth=width)
             axis.fill_between(steps, low, high, color=colors[name], alpha=0.15, linewidth=0)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         if log_scale:
             axis.set_yscale("log")
+    axes[1, 0].set_ylim(bottom=0.1)  # a collapsed run has no loss left: its gradient norm is 0
     handles, names = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="lower center", ncol=4, fontsize=9, frameon=False)
     figure.suptitle("opd-study: mean over seeds, band = min..max over seeds")
@@ -101,32 +105,29 @@ def plot_study(records: dict[str, list[list[dict]]], labels: dict[str, str], out
     figure.savefig(curves, dpi=80)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    names = list(records)
-    finals = {name: [[r["accuracy"] for r in run if "accuracy" in r] for run in records[name]] for name in names}
-    grads = {name: [[r["grad_norm"] for r in run if "grad_norm" in r] for run in records[name]] for name in names}
-    per_seed = {
-        "final held-out accuracy": {name: [curve[-1] for curve in finals[name] if curve] for name in names},
-        "variance of the gradient norm over steps": {
-            name: [sum((g - sum(run) / len(run)) ** 2 for g in run) / len(run) for run in grads[name] if run]
-            for name in names
-        },
-    }
-    for axis, (title, values) in zip(axes.flat, per_seed.items()):
+    bar_panels = [
+        ("accuracy_final", "final held-out accuracy", False),
+        ("grad_norm_var", "grad-norm variance, all steps", True),
+        ("grad_norm_var_live", "grad-norm variance, live steps (masked < 0.5)", True),
+    ]
+    names = list(runs)
+    figure, axes = plt.subplots(1, len(bar_panels), figsize=(14, 4.2), squeeze=False)
+    for axis, (key, title, log_scale) in zip(axes.flat, bar_panels):
         for x, name in enumerate(names):
-            seeds = values[name]
-            if not seeds:
-                continue
-            axis.bar(x, sum(seeds) / len(seeds), color=colors[name], alpha=0.6)
-            axis.plot([x] * len(seeds), seeds, "o", color="black", markersize=3)
+            values = [run[key] for run in runs[name] if run.get(key) == run.get(key)]  # NaN-free
+            if values:
+                axis.bar(x, sum(values) / len(values), color=colors.get(name), alpha=0.6)
+                axis.plot([x] * len(values), values, "o", color="black", markersize=3)
         axis.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=30, ha="right", fontsize=8)
-        axis.set_title(title + " (bar = mean, dots = seeds)", fontsize=10)
+        axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3, axis="y")
-    starts = [curve[0] for name in names for curve in finals[name] if curve]
+        if log_scale:
+            axis.set_yscale("log")
+    starts = [run["accuracy_start"] for name in names for run in runs[name]]
     if starts:
         axes[0, 0].axhline(sum(starts) / len(starts), color="gray", linestyle=":", label="before training")
         axes[0, 0].legend(fontsize=8)
-    axes[0, 1].set_yscale("log")
+    figure.suptitle("opd-study: bar = mean over seeds, dots = seeds", fontsize=11)
     figure.tight_layout()
     bars = output / "bars.png"
     figure.savefig(bars, dpi=80)
