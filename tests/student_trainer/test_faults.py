@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -30,27 +29,12 @@ from student_trainer import checkpoint as checkpoint_module
 from student_trainer.client import RetryPolicy, TeacherClient
 from student_trainer.config import load_config
 from student_trainer.train import train
-from tests.conftest import build_tiny_model
 from tests.teacher_server.test_load import start_teacher, stop_teacher
 from tests.teacher_server.test_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 KILL_AFTER_STEPS = (1, 3, 5)  # the teacher dies after the trainer has logged these steps
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("student"), seed=1, hidden=32)
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": " ".join(f"w{rng.randrange(90)}" for _ in range(5))}) + "\n"
-                            for _ in range(64)))  # fmt: skip
-    return path
 
 
 def trainer_command(student: Path, prompts: Path, teacher: str, output: Path, *extra: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,22 +15,7 @@ from student_trainer import checkpoint as checkpoint_module
 from student_trainer.config import load_config
 from student_trainer.train import train
 from teacher_server.scheduler import SchedulerLimits
-from tests.conftest import LiveServer, build_tiny_model, server_config
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    # Same tokenizer as the teacher, a different and smaller random network.
-    return build_tiny_model(tmp_path_factory.mktemp("student"), seed=1, hidden=32)
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    lines = [json.dumps({"prompt": " ".join(f"w{rng.randrange(90)}" for _ in range(5))}) for _ in range(64)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.conftest import LiveServer, server_config
 
 
 @pytest.fixture(scope="module")
