@@ -112,13 +112,17 @@ def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
     return logits.gather(1, index).float()
 
 
-def teacher_coverage(batches: list[ScoredBatch]) -> dict[str, float]:
-    """The teacher's coverage of a step: share of positions with a distribution, mean
-    retained teacher mass on the support, extra branch sequences (cross-tokenizer)."""
+def summed_teacher_counts(batches: list[ScoredBatch]) -> dict[str, float]:
     total: dict[str, float] = {}
     for batch in batches:
         for name, value in batch.teacher_counts.items():
             total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def teacher_coverage(total: dict[str, float]) -> dict[str, float]:
+    """The teacher's coverage from its summed counts: share of positions with a distribution,
+    mean retained teacher mass on the support, extra branch sequences (cross-tokenizer)."""
     if not total.get("positions"):
         return {}
     return {

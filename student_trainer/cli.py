@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from student_trainer.config import LOSSES, load_config
+from student_trainer.config import LOSSES, PARALLELISMS, ROLLOUT_ENGINES, load_config
 from student_trainer.train import train
 
 
@@ -43,7 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--device")
+    parser.add_argument("--device", help="cpu, cuda (under torchrun: each rank's own GPU) or cuda:N")
+    parser.add_argument("--parallelism", choices=PARALLELISMS, help="under torchrun: ddp (default) or fsdp")
+    parser.add_argument("--rollout-engine", choices=ROLLOUT_ENGINES, help="hf (default) or vllm (colocated)")
+    parser.add_argument("--rollout-sync-every", type=int, help="vllm: push the weights every N steps (default 1)")
+    parser.add_argument("--overlap-scoring", action="store_true", default=None,
+                        help="sample batch i+1 while batch i is scored (one step of policy lag)")
+    parser.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank (0: the whole model)")
+    parser.add_argument("--lora-alpha", type=float)
+    parser.add_argument("--lora-target-modules", type=lambda text: text.split(","),
+                        help="comma-separated module names, e.g. q_proj,v_proj (default: all-linear)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--log-level", default="WARNING")
     return parser

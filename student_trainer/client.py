@@ -35,6 +35,7 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Coroutine, Sequence, TypeVar
@@ -475,8 +476,12 @@ class TeacherClient:
     def session_stats(self) -> teacher_pb2.SessionStats:
         return self._run(self._client.session_stats())
 
+    def submit_score_many(self, rollouts: Sequence[tuple[Sequence[int], int]], top_k: int) -> Future:
+        """score_many without waiting: a Future of its result (the trainer samples meanwhile)."""
+        return asyncio.run_coroutine_threadsafe(self._client.score_many(rollouts, top_k), self._loop)
+
     def score_many(self, rollouts: Sequence[tuple[Sequence[int], int]], top_k: int) -> list[TeacherScores]:
-        return self._run(self._client.score_many(rollouts, top_k))
+        return self.submit_score_many(rollouts, top_k).result()
 
     def close(self) -> None:
         self._run(self._client.close())

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 LOSSES = ("topk_rkl", "topk_rkl_unnormalized", "sampled_token")
+ROLLOUT_ENGINES = ("hf", "vllm")
+PARALLELISMS = ("ddp", "fsdp")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -35,8 +37,21 @@ class TrainConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 8  # rollouts per optimizer step
-    micro_batch_size: int = 8  # rollouts per forward/backward (gradient accumulation)
+    batch_size: int = 8  # rollouts per optimizer step, over all processes (the global batch)
+    micro_batch_size: int = 8  # rollouts per forward/backward of one process (gradient accumulation)
+    # hf: generate with the model being trained. vllm: a colocated vLLM engine (in this process)
+    # that gets the trainer's weights every rollout_sync_every steps (policy lag up to N - 1).
+    rollout_engine: str = "hf"
+    rollout_sync_every: int = 1
+    # Score batch i while batch i+1 is sampled: faster, at one step of policy lag.
+    overlap_scoring: bool = False
+    # Under torchrun: ddp (replicated weights) or fsdp (fully_shard per decoder layer).
+    parallelism: str = "ddp"
+    # LoRA (PEFT): rank 0 trains the whole model; otherwise only adapters on these modules.
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
     # Optimizer.
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -82,6 +97,14 @@ class TrainConfig:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if bool(self.teacher_tls_cert) != bool(self.teacher_tls_key):
             problems.append("teacher_tls_cert and teacher_tls_key go together (mutual TLS)")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            problems.append(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if self.rollout_sync_every < 1:
+            problems.append(f"rollout_sync_every must be >= 1, got {self.rollout_sync_every}")
+        if self.parallelism not in PARALLELISMS:
+            problems.append(f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}")
+        if self.lora_r < 0:
+            problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         if self.batch_size % self.micro_batch_size:
             problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if problems:

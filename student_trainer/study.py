@@ -43,7 +43,7 @@ from student_trainer.demo.run import DEFAULT_CACHE, free_port, teacher_service, 
 from student_trainer.losses import support_metrics
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
-from student_trainer.train import EVAL_SEED_OFFSET, StudentTokens, sample, score_rollouts, train
+from student_trainer.train import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts, train
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,10 @@ class HeldoutEvaluator:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        rollouts = sample(model, self.prompts, self.config, self.tokens, seed=self.config.seed + EVAL_SEED_OFFSET)
+        rollouts = hf_rollouts(model, self.tokens).generate(
+            self.prompts, evaluation_seeds(self.config, len(self.prompts)), top_p=self.config.top_p,
+            temperature=self.config.temperature, max_new_tokens=self.config.max_new_tokens,
+        )  # fmt: skip
         batch = score_rollouts(self.client, rollouts, self.config, self.tokens)
         logits = scored_logits(model, batch)
         on_loss = support_metrics(logits, batch.teacher_ids, batch.teacher_logprobs, batch.mask)

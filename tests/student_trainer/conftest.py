@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tiny_model
+from teacher_server.scheduler import SchedulerLimits
+from tests.conftest import LiveServer, build_tiny_model, server_config
+
+
+@pytest.fixture(scope="module")
+def deterministic_server(tiny_model):
+    # One sequence per forward pass: the teacher's numbers then do not depend on
+    # which requests happened to share a batch, so reruns are bitwise identical.
+    server = LiveServer(server_config(tiny_model, limits=SchedulerLimits(max_batch_size=1)))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
