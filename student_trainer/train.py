@@ -95,7 +95,6 @@ def per_position_loss(config: TrainConfig, logits: torch.Tensor, batch: ScoredBa
 
 
 def evaluation_seeds(config: TrainConfig, count: int, first: int = 0) -> list[int]:
-    # Every evaluation of a run (and of a resumed run) samples the same way.
     return rollout_seeds(config.seed + EVAL_SEED_OFFSET, 0, first, count)
 
 
