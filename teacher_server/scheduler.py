@@ -330,30 +330,64 @@ class Scheduler:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while batch := self._next_batch():
-                started = time.monotonic()
-                if self.metrics is not None:
-                    for pending in batch:
-                        self.metrics.queue_wait(pending.tenant, started - pending.queued_at)
-                        self._observe_queue(pending.tenant)
-                try:
-                    results = await loop.run_in_executor(self._executor, self.engine.score, [p.job for p in batch])
-                except Exception as error:  # one bad batch must not take the service down
-                    log.exception("engine failed on a batch of %d jobs", len(batch))
-                    for pending in batch:
-                        if not pending.result.done():
-                            pending.result.set_exception(error)
-                    continue
-                self._record_batch(batch, time.monotonic() - started)
-                for pending, scores in zip(batch, results):
-                    self.stats.jobs_scored += 1
-                    self.stats.positions_scored += pending.job.num_positions
-                    if not pending.result.done():
-                        pending.result.set_result(scores)
+        batch: list[_Pending] = []
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while batch := self._next_batch():
+                    if self.metrics is not None:
+                        now = time.monotonic()
+                        for pending in batch:
+                            self.metrics.queue_wait(pending.tenant, now - pending.queued_at)
+                            self._observe_queue(pending.tenant)
+                    await self._run_batch(batch)
+        except Exception:
+            # A bug here must not leave requests waiting forever: answer them, and refuse new
+            # ones (submit sees the loop is done), so clients go to a healthy replica.
+            log.exception("the scheduler loop failed; failing the jobs in flight and in the queue")
+            failure = Unavailable("the teacher's scheduler failed; retry against a healthy replica")
+            self._fail(batch + list(self._queues.items()), failure)
+            raise
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        try:
+            results = await self._score(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                log.exception("engine failed on a job")
+                self._fail(batch, error)
+                return
+            # One bad job (or tenant) must not fail the jobs it happened to share a batch
+            # with: score them one at a time, so only the job at fault gets the error.
+            log.warning("engine failed on a batch of %d jobs (%s); scoring them one by one", len(batch), error)
+            for pending in batch:
+                await self._run_batch([pending])
+            return
+        self._deliver(batch, results, started)
+
+    async def _score(self, batch: list[_Pending]) -> list:
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.engine.score, [p.job for p in batch]
+        )
+        if len(results) != len(batch):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} jobs")
+        return results
+
+    def _deliver(self, batch: list[_Pending], results: list, started: float) -> None:
+        self._record_batch(batch, time.monotonic() - started)
+        for pending, scores in zip(batch, results):
+            self.stats.jobs_scored += 1
+            self.stats.positions_scored += pending.job.num_positions
+            if not pending.result.done():
+                pending.result.set_result(scores)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for pending in batch:
+            if not pending.result.done():
+                pending.result.set_exception(error)
 
     def _record_batch(self, batch: list[_Pending], seconds: float) -> None:
         self.stats.batches += 1

@@ -23,8 +23,9 @@ from teacher_server.tenancy import current_tenant
 if TYPE_CHECKING:
     from teacher_server.metrics import TeacherMetrics
 
-# Requests of one ScoreStream being scored at once; the stream reads no further
-# requests until one finishes (backpressure instead of unbounded memory).
+# Requests of one ScoreStream being scored or waiting to be sent; the stream reads no
+# further requests until an answer has been handed to gRPC (backpressure instead of
+# unbounded memory, also when the client reads its answers slowly).
 MAX_IN_FLIGHT_PER_STREAM = 256
 
 
@@ -122,7 +123,6 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                     error=teacher_pb2.Error(code=code.value[0], message=message, retry_after_ms=retry_after_ms),
                 )
             finally:
-                slots.release()
                 if self.metrics is not None:
                     self.metrics.request(current_tenant(), "ScoreStream", code.name, time.perf_counter() - started)
             answers.put_nowait(reply)
@@ -144,6 +144,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         try:
             while (reply := await answers.get()) is not None:
                 yield reply
+                slots.release()
             await reader  # re-raises a failure of the request stream itself
         finally:
             # The client went away or the stream failed: stop every unfinished request,

@@ -68,8 +68,11 @@ class TeacherText:
         spec = json.loads(self.tokenizer_json)
         self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
         self._plain = Tokenizer.from_str(json.dumps(_without_dummy_prefix(spec)))
-        with_special = self._default.encode("a", add_special_tokens=True).ids
-        without = self._default.encode("a", add_special_tokens=False).ids
+        # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what
+        # the post-processor adds around a text.
+        sample = next((t.decode() for t, p in zip(self.table.tokens, self.table.preferred.tolist()) if p and len(t) == 1), "a")
+        with_special = self._default.encode(sample, add_special_tokens=True).ids
+        without = self._default.encode(sample, add_special_tokens=False).ids
         cut = len(with_special) - len(without)
         self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
         self._plain.encode_special_tokens = True
@@ -89,10 +92,40 @@ class TeacherText:
             self._separators = "".join(chr(b) for b in (10, 13, 9) if b not in inside and b in self._single_byte)
 
     def _encode_text(self, text: str) -> list[int]:
-        if not self._separators or len(text) < 256:
-            return self._plain.encode(text, add_special_tokens=False).ids
-        pieces = re.split(f"([{re.escape(self._separators)}])", text)
-        return [i for encoding in self._plain.encode_batch([p for p in pieces if p], add_special_tokens=False) for i in encoding.ids]
+        try:
+            if not self._separators or len(text) < 256:
+                return self._plain.encode(text, add_special_tokens=False).ids
+            pieces = re.split(f"([{re.escape(self._separators)}])", text)
+            return [i for encoding in self._plain.encode_batch([p for p in pieces if p], add_special_tokens=False) for i in encoding.ids]
+        except Exception:  # a WordLevel vocabulary without an unknown token refuses a word it lacks
+            return self._encodable_prefix(text)
+
+    def _encodable_prefix(self, text: str) -> list[int]:
+        """Ids of the pre-tokenized pieces of `text` up to the first one the model cannot encode.
+
+        The model encodes each pre-token on its own, so these are the ids of that prefix; `encode`
+        then sees that they stop short of the text and the caller marks the rest unaligned.
+        """
+        splitter = self._plain.pre_tokenizer
+        pieces = [piece for piece, _ in splitter.pre_tokenize_str(text)] if splitter is not None else [text]
+        ids: list[int] = []
+        for piece in pieces:
+            try:
+                ids += self._plain.encode(piece, add_special_tokens=False).ids
+            except Exception:
+                break
+        return ids
+
+    def plain_ids(self, texts: list[str]) -> list[list[int] | None]:
+        """The teacher's tokens of each text (no dummy prefix); None where it cannot encode all of it."""
+        try:
+            return [encoding.ids for encoding in self._plain.encode_batch(texts, add_special_tokens=False)]
+        except Exception:  # one text outside a WordLevel vocabulary fails the whole batch: one by one
+            out: list[list[int] | None] = []
+            for text in texts:
+                ids = self._encodable_prefix(text)
+                out.append(ids if self.table.token_bytes(ids) == text.encode() else None)
+            return out
 
     def encode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Teacher ids for `data` and how many leading bytes they reproduce exactly."""
@@ -125,15 +158,19 @@ class TeacherText:
         """The prompt in the teacher's chat template, ready for the assistant's answer."""
         if not self.chat_template:
             raise ValueError("the teacher has no chat template; send the prompt as tokens without messages")
+        from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(
-            conversations=[[{"role": role, "content": content} for role, content in messages]],
-            chat_template=self.chat_template,
-            add_generation_prompt=True,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[[{"role": role, "content": content} for role, content in messages]],
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as error:  # e.g. the template's raise_exception on a role it does not know
+            raise ValueError(f"the teacher's chat template refused these messages: {error}") from None
         return rendered[0]
 
 

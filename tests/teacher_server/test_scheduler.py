@@ -158,3 +158,61 @@ def test_drain_refuses_new_work_and_finishes_accepted_work():
     engine, results = asyncio.run(main())
     assert len(results) == 5
     assert sorted(tag for batch in engine.batches for tag in batch) == [f"x{i}" for i in range(5)]
+
+
+class PoisonEngine(RecordingEngine):
+    """Fails any batch holding a job tagged "bad" (as an engine fails on one malformed or too large job)."""
+
+    def score(self, jobs):
+        if any(job.tag == "bad" for job in jobs):
+            self.batches.append(["failed:" + ",".join(job.tag for job in jobs)])
+            raise RuntimeError("engine error on the bad job")
+        return super().score(jobs)
+
+
+def test_one_failing_job_does_not_fail_the_jobs_batched_with_it():
+    async def scenario():
+        engine = PoisonEngine()
+        engine.gate.set()
+        scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=8))
+        engine.gate.clear()  # hold the first batch so the next three queue together
+        scheduler.start()
+        blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "t0"))
+        await asyncio.to_thread(engine.entered.wait, 30)
+        tasks = [asyncio.ensure_future(scheduler.submit(f"s{i}", job(tag, 8), f"t{i}"))
+                 for i, tag in enumerate(["good1", "bad", "good2"], start=1)]  # fmt: skip
+        await asyncio.sleep(0)
+        engine.gate.set()
+        results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await scheduler.stop()
+        return engine.batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert isinstance(results[2], RuntimeError)  # only the bad job fails
+    assert all(isinstance(result, TeacherScores) for index, result in enumerate(results) if index != 2), results
+    assert batches[1][0].startswith("failed:"), batches  # the three were batched together and failed ...
+    assert sorted(batches[2:]) == [["failed:bad"], ["good1"], ["good2"]], batches  # ... then ran one by one
+
+
+def test_a_failed_scheduler_loop_fails_queued_jobs_instead_of_leaving_them_waiting():
+    async def scenario():
+        engine = RecordingEngine()
+        scheduler = Scheduler(engine, SchedulerLimits(max_batch_size=1))
+        scheduler.start()
+        first = asyncio.ensure_future(scheduler.submit("s", job("first", 4), "t"))
+        await asyncio.to_thread(engine.entered.wait, 30)
+        queued = asyncio.ensure_future(scheduler.submit("s", job("queued", 4), "t"))
+        await asyncio.sleep(0)
+
+        def broken_delivery(*args):
+            raise RuntimeError("a bug in the scheduler loop")
+
+        scheduler._deliver = broken_delivery  # the loop dies after the engine returns
+        engine.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, queued, return_exceptions=True), 30)
+        await scheduler.stop()
+        return results
+
+    first, queued = asyncio.run(scenario())
+    for result in (first, queued):  # the job in flight and the queued one both get an answer
+        assert isinstance(result, Unavailable) and "scheduler failed" in str(result), result
