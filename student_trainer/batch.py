@@ -105,11 +105,19 @@ def collate(
 
 
 def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
-    """Student logits [B, P, V] at the scored positions."""
+    """Student logits [B, P, V] at the scored positions.
+
+    The lm head runs only from the first scored position on (`logits_to_keep`): prompt
+    positions before it need hidden states but never a vocabulary-sized row.
+    """
     device = next(model.parameters()).device
-    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-    index = batch.logit_index.to(device)[..., None].expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, index).float()
+    first = int(batch.logit_index.min())
+    keep = batch.input_ids.shape[1] - first
+    output = model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=keep
+    )
+    index = (batch.logit_index - first).to(device)[..., None].expand(-1, -1, output.logits.shape[-1])
+    return output.logits.gather(1, index).float()
 
 
 def summed_teacher_counts(batches: list[ScoredBatch]) -> dict[str, float]:
