@@ -15,7 +15,8 @@ up to `RetryPolicy.attempts` tries and `max_elapsed_s`): UNAVAILABLE (teacher do
 restarting or draining: the endpoint rests for the backoff while others work;
 also CANCELLED, which a call racing a teacher's shutdown can get);
 RESOURCE_EXHAUSTED that carries the server's retry hint (a tenant limit: wait that
-long); NOT_FOUND for the session (the teacher restarted and forgot it: re-open it
+long); DEADLINE_EXCEEDED (`timeout_s` bounds one call or stream: a stream that timed
+out on a busy teacher resends only its unanswered requests); NOT_FOUND for the session (the teacher restarted and forgot it: re-open it
 transparently; on a load-balanced endpoint a re-open may land on another replica
 than the failed call, so each further NOT_FOUND re-opens once more, reaching
 every replica within a few tries). Anything else is the caller's bug and raises.
@@ -372,7 +373,7 @@ class AsyncTeacherClient:
             log.warning("teacher %s lost the session (restart?); re-opening it", endpoint.target)
             endpoint.session_open = False
             endpoint.open_calls = min(endpoint.open_calls + 1, 16)
-        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
+        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED) or (
             code == grpc.StatusCode.RESOURCE_EXHAUSTED and failure.retry_after_s is not None
         ):
             # The endpoint rests for the backoff below; a restarted teacher answers NOT_FOUND next.

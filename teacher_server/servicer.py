@@ -189,13 +189,29 @@ def _coverage(counts: Coverage) -> teacher_pb2.Coverage:
     return teacher_pb2.Coverage(**{name: getattr(counts, name) for name in Coverage.__dataclass_fields__})
 
 
+# Upper bounds of the client's alignment options: each multiplies the work of every request
+# (candidates is the engine's top-N per row, rounds are sequential engine passes, the factor
+# sizes the branch job), so a session may not ask for more than these.
+MAX_CANDIDATES = 1024
+MAX_EXPANSION_ROUNDS = 8
+MAX_BRANCH_TOKEN_FACTOR = 8.0
+
+
 def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
     defaults = CrossOptions()
-    if message.candidates < 0 or message.branch_token_factor < 0 or not 0 <= message.min_branch_prob <= 1:
-        raise InvalidArgument(
-            "alignment options: candidates and branch_token_factor must be >= 0 and min_branch_prob in [0, 1] "
-            "(0 = the server's default)"
+    problems = []
+    if not 0 <= message.candidates <= MAX_CANDIDATES:
+        problems.append(f"candidates must be in [0, {MAX_CANDIDATES}], got {message.candidates}")
+    if message.expansion_rounds > MAX_EXPANSION_ROUNDS:  # negative: no rounds (the proto says so)
+        problems.append(f"expansion_rounds must be at most {MAX_EXPANSION_ROUNDS}, got {message.expansion_rounds}")
+    if not 0 <= message.branch_token_factor <= MAX_BRANCH_TOKEN_FACTOR:
+        problems.append(
+            f"branch_token_factor must be in [0, {MAX_BRANCH_TOKEN_FACTOR}], got {message.branch_token_factor}"
         )
+    if not 0 <= message.min_branch_prob <= 1:
+        problems.append(f"min_branch_prob must be in [0, 1], got {message.min_branch_prob}")
+    if problems:
+        raise InvalidArgument("alignment options: " + "; ".join(problems) + " (0 = the server's default)")
     return CrossOptions(
         candidates=message.candidates or defaults.candidates,
         rounds=max(message.expansion_rounds, 0) if message.expansion_rounds else defaults.rounds,

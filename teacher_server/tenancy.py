@@ -16,6 +16,7 @@ exist), and a well-behaved client simply opens its own.
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections import defaultdict
 
 from teacher_server.errors import NotFound, ResourceExhausted
@@ -41,50 +42,62 @@ def unknown_session(session_id: str) -> NotFound:
 
 
 class SessionOwners:
-    """Which tenants opened which sessions, with a cap on sessions per tenant."""
+    """Which tenants opened which sessions, with a cap on sessions per tenant.
+
+    OpenSession grants from a worker thread (it may build alignment tables) while the
+    other RPCs check and release on the event loop: one lock keeps the two maps consistent.
+    """
 
     def __init__(self, max_sessions_per_tenant: int = 64) -> None:
         self.max_sessions_per_tenant = max_sessions_per_tenant
         self._by_tenant: dict[str, set[str]] = defaultdict(set)
         self._owners: dict[str, set[str]] = defaultdict(set)
+        self._lock = threading.Lock()
 
     def grant(self, tenant: str, session_id: str) -> None:
         """Record that `tenant` opened `session_id` (again: a no-op)."""
-        owned = self._by_tenant[tenant]
-        if session_id in owned:
-            return
-        if len(owned) >= self.max_sessions_per_tenant:
-            # Every session holds tables in memory: without this cap one tenant opening
-            # sessions with ever new tokenizers would grow the server without bound.
-            raise ResourceExhausted(
-                f"tenant {tenant!r} already has {len(owned)} open sessions, the limit is "
-                f"{self.max_sessions_per_tenant}; close sessions it no longer uses (CloseSession)"
-            )
-        owned.add(session_id)
-        self._owners[session_id].add(tenant)
+        with self._lock:
+            owned = self._by_tenant[tenant]
+            if session_id in owned:
+                return
+            if len(owned) >= self.max_sessions_per_tenant:
+                # Every session holds tables in memory: without this cap one tenant opening
+                # sessions with ever new tokenizers would grow the server without bound.
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} already has {len(owned)} open sessions, the limit is "
+                    f"{self.max_sessions_per_tenant}; close sessions it no longer uses (CloseSession)"
+                )
+            owned.add(session_id)
+            self._owners[session_id].add(tenant)
 
     def check(self, tenant: str, session_id: str) -> None:
-        if session_id not in self._by_tenant.get(tenant, ()):
-            raise unknown_session(session_id)
+        with self._lock:
+            if session_id not in self._by_tenant.get(tenant, ()):
+                raise unknown_session(session_id)
 
     def release(self, tenant: str, session_id: str) -> bool:
         """Forget that `tenant` opened `session_id`; True when no tenant holds it any more."""
-        self.check(tenant, session_id)
-        self._by_tenant[tenant].discard(session_id)
-        if not self._by_tenant[tenant]:
-            del self._by_tenant[tenant]
-        owners = self._owners[session_id]
-        owners.discard(tenant)
-        if owners:
-            return False
-        del self._owners[session_id]
-        return True
+        with self._lock:
+            if session_id not in self._by_tenant.get(tenant, ()):
+                raise unknown_session(session_id)
+            self._by_tenant[tenant].discard(session_id)
+            if not self._by_tenant[tenant]:
+                del self._by_tenant[tenant]
+            owners = self._owners[session_id]
+            owners.discard(tenant)
+            if owners:
+                return False
+            del self._owners[session_id]
+            return True
 
     def has_owner(self, session_id: str) -> bool:
-        return bool(self._owners.get(session_id))
+        with self._lock:
+            return bool(self._owners.get(session_id))
 
     def sessions_of(self, tenant: str) -> list[str]:
-        return sorted(self._by_tenant.get(tenant, ()))
+        with self._lock:
+            return sorted(self._by_tenant.get(tenant, ()))
 
     def count(self) -> int:
-        return len(self._owners)
+        with self._lock:
+            return len(self._owners)

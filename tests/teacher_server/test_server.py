@@ -236,6 +236,28 @@ def test_bad_temperature_is_invalid_argument(stub, temperature):
     assert "temperature" in caught.value.details()
 
 
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (teacher_pb2.AlignmentOptions(candidates=5000), "candidates must be in [0, 1024], got 5000"),
+        (teacher_pb2.AlignmentOptions(candidates=-1), "candidates"),
+        (teacher_pb2.AlignmentOptions(expansion_rounds=100), "expansion_rounds must be at most 8, got 100"),
+        (teacher_pb2.AlignmentOptions(branch_token_factor=1e6), "branch_token_factor must be in [0, 8.0]"),
+        (teacher_pb2.AlignmentOptions(min_branch_prob=2.0), "min_branch_prob must be in [0, 1], got 2.0"),
+    ],
+    ids=["candidates-huge", "candidates-negative", "rounds-huge", "factor-huge", "prob-above-1"],
+)
+def test_alignment_options_beyond_their_bounds_are_invalid_argument(stub, options, needle):
+    # Each multiplies the work of every request of the session: refused when the session opens.
+    request = teacher_pb2.OpenSessionRequest(
+        tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), alignment=options
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.OpenSession(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in caught.value.details(), caught.value.details()
+
+
 # ---------------------------------------------------------------- results
 
 
