@@ -37,6 +37,8 @@ class ScoredBatch:
     teacher_logprobs: torch.Tensor  # float [B, P, K], pad -inf
     teacher_token_logprobs: torch.Tensor  # float [B, P]
     reason: torch.Tensor  # long [B, P], teacher MaskReason (special targets found here too)
+    # The rollout engine's log-prob of each target when it sampled it (NaN: not recorded).
+    behaviour_logprobs: torch.Tensor | None = None  # float [B, P]
     # The teacher's own coverage counts summed over the batch (ScoreResponse.counts):
     # positions, with_distribution, retained_mass_sum, branch_sequences, ...
     teacher_counts: dict[str, float] = field(default_factory=dict)
@@ -64,6 +66,7 @@ def collate(
     teacher_logprobs = torch.full((size, positions, top_k), float("-inf"))
     teacher_token_logprobs = torch.zeros((size, positions))
     reason = torch.zeros((size, positions), dtype=torch.long)
+    behaviour_logprobs = torch.full((size, positions), float("nan"))
     for row, (rollout, score) in enumerate(zip(rollouts, scores)):
         count, start = rollout.completion_length, rollout.prompt_length
         input_ids[row, : len(rollout.tokens)] = torch.tensor(rollout.tokens)
@@ -75,6 +78,8 @@ def collate(
         teacher_logprobs[row, :count] = torch.tensor(score.logprobs)
         teacher_token_logprobs[row, :count] = torch.tensor(score.token_logprobs)
         reason[row, :count] = torch.tensor(score.reason.astype(np.int64))
+        if rollout.logprobs is not None:
+            behaviour_logprobs[row, :count] = torch.tensor(rollout.logprobs)
     targets = input_ids.gather(1, (logit_index + 1).clamp(max=length - 1))
     mask = teacher_mask & valid
     if mask_special_tokens:
@@ -101,6 +106,7 @@ def collate(
         teacher_logprobs=teacher_logprobs,
         teacher_token_logprobs=teacher_token_logprobs,
         reason=reason,
+        behaviour_logprobs=behaviour_logprobs,
     )
 
 
@@ -118,6 +124,21 @@ def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
     )
     index = (batch.logit_index - first).to(device)[..., None].expand(-1, -1, output.logits.shape[-1])
     return output.logits.gather(1, index).float()
+
+
+@torch.no_grad()
+def behaviour_gaps(logits: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
+    """|log-prob the rollout engine recorded - the trained model's log-prob| of each target that has one.
+
+    About 0 when the engine sampled with the weights being trained (float rounding only); a
+    weight push that failed, or policy lag, shows up here.
+    """
+    recorded = batch.behaviour_logprobs.to(logits.device)
+    seen = batch.valid.to(logits.device) & ~recorded.isnan()
+    targets = batch.targets.to(logits.device)[seen]
+    rows = logits[seen]
+    log_q = rows.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+    return (recorded[seen] - log_q).abs()
 
 
 def summed_teacher_counts(batches: list[ScoredBatch]) -> dict[str, float]:

@@ -28,7 +28,15 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
-from student_trainer.batch import ScoredBatch, collate, mask_fractions, scored_logits, summed_teacher_counts, teacher_coverage
+from student_trainer.batch import (
+    ScoredBatch,
+    behaviour_gaps,
+    collate,
+    mask_fractions,
+    scored_logits,
+    summed_teacher_counts,
+    teacher_coverage,
+)
 from student_trainer.checkpoint import (
     TrainerState,
     capture_rng,
@@ -151,9 +159,15 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
     counts = all_reduce_sums(local, world)
     positions, real_positions = max(counts["positions"], 1), max(counts["real_positions"], 1)
     totals: dict[str, float] = defaultdict(float)
+    gap = {"behaviour_gap_sum": 0.0, "behaviour_gap_count": 0.0}
+    gap_max = 0.0
     for batch in micro_batches:
         logits = scored_logits(model, batch)
         loss, advantages = per_position_loss(config, logits, batch)
+        gaps = behaviour_gaps(logits.detach(), batch)
+        gap["behaviour_gap_sum"] += float(gaps.sum())
+        gap["behaviour_gap_count"] += gaps.numel()
+        gap_max = max(gap_max, float(gaps.max())) if gaps.numel() else gap_max
         # Mean over every loss-carrying position of the global batch, whatever the micro-batching and
         # the world size (gradient averaging over ranks divides the world size back out).
         (loss.sum() * world.size / positions).backward()
@@ -178,7 +192,8 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
         dict(totals)
         | {f"counts.{name}": value for name, value in summed_teacher_counts(micro_batches).items()}
         | {"completion_tokens": sum(r.completion_length for r in pending.rollouts), "rollouts": len(pending.rollouts)}
-        | {"total_tokens": sum(len(r.tokens) for r in pending.rollouts)},
+        | {"total_tokens": sum(len(r.tokens) for r in pending.rollouts)}
+        | gap,
         world,
     )
     teacher_counts = {name.removeprefix("counts."): sums.pop(name) for name in list(sums) if name.startswith("counts.")}
@@ -190,6 +205,8 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
         "response_length": sums["completion_tokens"] / sums["rollouts"],
         "scored_positions": int(positions),
         "policy_lag": pending.policy_lag,
+        "behaviour_logprob_gap": sums["behaviour_gap_sum"] / max(sums["behaviour_gap_count"], 1),
+        "behaviour_logprob_gap_max": all_reduce_max(gap_max, world),
         "world_size": world.size,
         "total_tokens": sums["total_tokens"],
         "rollout_s": pending.rollout_s,
