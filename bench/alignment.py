@@ -1,6 +1,6 @@
 """Cross-tokenizer alignment: throughput, coverage per tokenizer pair, fidelity against brute force.
 
-    python bench/alignment.py throughput [--pair gpt2:mistral-sp-v1] [--tokens 1000000]
+    python bench/alignment.py throughput [--pairs gpt2:mistral-sp-v1 ...] [--tokens 1000000]   # (e) of issue 6
     python bench/alignment.py coverage [--answers 200] [--real 20]
     python bench/alignment.py fidelity [--examples 6] [--positions 4]
 
@@ -11,7 +11,9 @@ packages); GSM8K comes from ../shared/data/gsm8k/test.jsonl.
 throughput: `align` (student bytes, teacher tokenization of the same bytes, the
 position -> teacher row/offset maps) on long rollouts made of GSM8K answers, in student
 tokens per second; also the index maps alone (teacher ids given), and the projection
-of 64 teacher candidates per row (bigram teacher rows) in positions per second.
+of 64 teacher candidates per row (bigram teacher rows) in positions per second. One
+JSON line per tokenizer pair (default: every ordered pair of different tokenizers),
+then a markdown table (target of issue 6: align >= 1M student tokens/s per core).
 coverage: every ordered pair of the four tokenizers; a bigram teacher of each teacher
 tokenizer (fitted on the even answers, scored on the odd ones), and with --real N the
 pairs whose teacher is SmolLM2-135M with the real model and its chat template.
@@ -33,14 +35,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from tests import tokenizers as T  # noqa: E402
 
 
 def throughput(args) -> None:
+    pairs = args.pairs or [f"{s}:{t}" for s in T.available() for t in T.available() if s != t]
+    common.header("(e) cross-tokenizer alignment throughput on real tokenizer pairs, one core")
+    rows = []
+    for pair in pairs:
+        row = pair_throughput(pair, args)
+        rows.append(row)
+        common.emit({"bench": "alignment", **row, "load_average": common.load_average()})
+    common.print_table(rows, {"student": "student", "teacher": "teacher", "teacher_tokens": "teacher tokens",
+                              "align_m_per_s": "align M student tok/s", "maps_m_per_s": "maps alone M tok/s",
+                              "projection_k_per_s": "projection k pos/s", "coverage": "coverage"},
+                       f"Rollouts of {args.rollout} student tokens made of GSM8K answers, {args.tokens} tokens per "
+                       "pair, one thread:")  # fmt: skip
+    common.footer()
+
+
+def pair_throughput(pair: str, args) -> dict:
     from teacher_server.alignment.align import align
     from teacher_server.alignment.session import CrossOptions
 
-    student_name, teacher_name = args.pair.split(":")
+    student_name, teacher_name = pair.split(":")
     student = T.load(student_name)
     answers = [example["answer"] for example in T.gsm8k()]
     ids: list[int] = []
@@ -88,12 +107,10 @@ def throughput(args) -> None:
     projection = cross.start(plan, scores)
     result = cross.finish(projection, 32)
     projected = args.rollout / (time.perf_counter() - started)
-    print(f"pair {student_name} (student) -> {teacher_name} (teacher), rollouts of {args.rollout} student tokens "
-          f"({len(plan.teacher_ids) - plan.teacher_from} teacher tokens), {repeats} repeats, one core:")  # fmt: skip
-    print(f"  align (bytes + teacher tokenization + maps): {full / 1e6:.2f} M student tokens/s")
-    print(f"  index maps alone (teacher ids known):        {maps / 1e6:.2f} M student tokens/s")
-    print(f"  projection, {cross.options.candidates} candidates/row, no branches: {projected / 1e3:.1f} k positions/s "
-          f"(coverage {result.coverage.coverage:.4f})")  # fmt: skip
+    return {"student": student_name, "teacher": teacher_name, "rollout": args.rollout, "repeats": repeats,
+            "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from, "align_m_per_s": full / 1e6,
+            "maps_m_per_s": maps / 1e6, "candidates": cross.options.candidates,
+            "projection_k_per_s": projected / 1e3, "coverage": result.coverage.coverage}  # fmt: skip
 
 
 def coverage(args) -> None:
@@ -153,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     speed = commands.add_parser("throughput")
-    speed.add_argument("--pair", default="gpt2:mistral-sp-v1", help="student:teacher")
+    speed.add_argument("--pairs", nargs="+", help="student:teacher ... (default: every ordered pair available)")
     speed.add_argument("--rollout", type=int, default=16384, help="student tokens per rollout")
     speed.add_argument("--tokens", type=int, default=1_000_000, help="student tokens in all")
     cover = commands.add_parser("coverage")

@@ -80,7 +80,8 @@ def plot_study(records: dict[str, list[list[dict]]], runs: dict[str, list[dict]]
     import matplotlib.pyplot as plt
 
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(records)}
-    style = {name: "--" if name.startswith("sampled") else "-" for name in records}
+    # Dashed: the baseline; dotted: a student with another tokenizer than the teacher's.
+    style = {name: "--" if name.startswith("sampled") else ":" if "xtok" in name else "-" for name in records}
     figure, axes = plt.subplots(3, 2, figsize=(11, 10), squeeze=False)
     for axis, (key, title, log_scale) in zip(axes.flat, STUDY_PANELS):
         smooth = 1 if key in ("accuracy", "heldout_rkl", "negative_advantage_share", "masked") else 5
@@ -123,9 +124,13 @@ def plot_study(records: dict[str, list[list[dict]]], runs: dict[str, list[dict]]
         axis.grid(alpha=0.3, axis="y")
         if log_scale:
             axis.set_yscale("log")
-    starts = [run["accuracy_start"] for name in names for run in runs[name]]
-    if starts:
-        axes[0, 0].axhline(sum(starts) / len(starts), color="gray", linestyle=":", label="before training")
+    # Each variant's own start (the cross-tokenizer variants start from another student).
+    for x, name in enumerate(names):
+        starts = [run["accuracy_start"] for run in runs[name]]
+        if starts:
+            label = "before training" if x == 0 else None
+            axes[0, 0].plot([x - 0.4, x + 0.4], [sum(starts) / len(starts)] * 2, ":", color="gray", label=label)
+    if names:
         axes[0, 0].legend(fontsize=8)
     figure.suptitle("opd-study: bar = mean over seeds, dots = seeds", fontsize=11)
     figure.tight_layout()

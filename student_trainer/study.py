@@ -3,8 +3,10 @@
 Runs every variant of VARIANTS with several seeds, one after the other, through ONE teacher
 service (`opd-teacher serve` in a subprocess) on the demo's task (reverse a 6-digit string,
 student_trainer/demo/task.py): a cached teacher that solves it and a weak cached student.
-Every run starts from the same student; the seed changes the prompt order and the rollout
-sampling. Output:
+The cross-tokenizer variants start from a second weak student whose tokenizer differs from
+the teacher's (demo/xtok.py: doubled digits are one token, other special tokens); the
+service aligns it byte for byte. Every run of a variant starts from the same student; the
+seed changes the prompt order and the rollout sampling. Output:
 
     DIR/runs/<variant>/seed<k>/metrics.jsonl   one run (written by train.train), run.json its summary
     DIR/summary.json                            settings, per-run and per-variant numbers, the claims
@@ -17,7 +19,8 @@ continues where it stopped.
 Held-out numbers are the same for every variant, whatever its training settings: greedy
 exact-match accuracy, and on the student's own rollouts sampled at temperature 1 without top-p,
 the reverse KL to the teacher over its whole non-special support (K = GetInfo.max_k) and the
-share of masked positions (HeldoutEvaluator).
+share of masked positions (HeldoutEvaluator). A cross-tokenizer student is evaluated with its
+own tokenizer and its own (cross-tokenizer) teacher session.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import json
 import os
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from student_trainer.batch import mask_fractions, scored_logits
 from student_trainer.client import TeacherClient, tokenizer_message
@@ -55,6 +60,7 @@ class Variant:
     top_p: float = 0.9
     gamma: float = 0.0
     mask_special_tokens: bool = True
+    student: str = "demo"  # a demo.task.TOKENIZERS name: "xtok" trains the other-tokenizer student
 
 
 VARIANTS = (
@@ -65,16 +71,18 @@ VARIANTS = (
     Variant("recipe", "recipe: top-K rKL, K=32", "topk_rkl"),
     Variant("recipe_no_renorm", "recipe, no renormalisation", "topk_rkl_unnormalized"),
     Variant("recipe_top_p1", "recipe, top-p 1.0", "topk_rkl", top_p=1.0),
+    Variant("recipe_xtok", "recipe, other student tokenizer", "topk_rkl", student="xtok"),
+    Variant("recipe_xtok_nomask", "recipe, other tokenizer, mask_special_tokens off", "topk_rkl", student="xtok",
+            mask_special_tokens=False),  # fmt: skip
 )
 VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS}
-# Cross-tokenizer variants (a student tokenizer other than the teacher's, with and without
-# special-token masking) are not here: see the note.
+# What `mask_special_tokens: false` does here (TrainConfig only reaches the trainer's collate):
 CROSS_TOKENIZER_NOTE = (
-    "not run: the service aligns a different student tokenizer with the teacher's byte for byte and refuses "
-    "WordLevel vocabularies such as the demo's ('WordLevel tokenizers drop whitespace, so their text cannot be "
-    "rebuilt byte for byte'), so a demo-teacher session with any other student tokenizer answers "
-    "FAILED_PRECONDITION; these variants need the demo tokenizer rebuilt as a plain BPE and a student with a "
-    "different tokenizer"
+    "the student tokenizer (demo/xtok.py) differs from the teacher's in its vocabulary (doubled digits are one "
+    "token) and its special tokens (<s>, </s>, <|pad|>, <think>); the service pairs </s> with the teacher's <eos> "
+    "and masks the other student specials itself, whatever the trainer's mask_special_tokens says: that setting "
+    "only adds the trainer's own masking (collate) and is not sent in OpenSession, so recipe_xtok_nomask turns "
+    "off the trainer's masking, not the service's"
 )
 
 
@@ -88,18 +96,20 @@ class Settings:
     eval_every: int
     accuracy_problems: int  # held-out problems for greedy accuracy
     kl_rollouts: int  # held-out rollouts for the reverse KL
-    max_new_tokens: int = task.NUM_DIGITS + 1
+    max_new_tokens: int = task.NUM_DIGITS + 1  # xtok answers take at most as many tokens
 
 
-# task.OPD_RECIPE's batch and lr; 120 steps instead of 200 so that 21 runs take ~15 min on a quiet
-# 2-core machine (~46 s a run; the recipe reaches ~73%). Batch 32 for 100 steps was tried: the
-# recipe reached only 37%, and under load a step costs the teacher's latency whatever the batch.
+# task.OPD_RECIPE's batch and lr; 100 steps instead of 200 so that 27 runs fit in 30 min on the 2-core
+# machine shared with other jobs (load 5): a step took ~0.27 s (~0.7 s for the cross-tokenizer
+# student, whose scoring needs a second teacher pass for its double-digit tokens), an evaluation
+# ~1.5 s; the recipe reaches ~70% by step 100. Batch 32 for 100 steps was tried: the recipe reached
+# only 37%. 120 steps (the first study) would take ~30 min under that load.
 FULL = Settings(
-    variants=tuple(v.name for v in VARIANTS), seeds=(0, 1, 2), steps=120, batch_size=64, lr=1e-3,
+    variants=tuple(v.name for v in VARIANTS), seeds=(0, 1, 2), steps=100, batch_size=64, lr=1e-3,
     eval_every=10, accuracy_problems=500, kl_rollouts=64,
 )  # fmt: skip
 QUICK = Settings(
-    variants=("sampled_g0", "recipe"), seeds=(0,), steps=6, batch_size=16, lr=1e-3,
+    variants=("sampled_g0", "recipe", "recipe_xtok"), seeds=(0,), steps=6, batch_size=16, lr=1e-3,
     eval_every=3, accuracy_problems=100, kl_rollouts=16,
 )  # fmt: skip
 
@@ -118,6 +128,7 @@ class HeldoutEvaluator:
 
     def __init__(self, client: TeacherClient, tokenizer, problems: list[task.Problem], prompts: list[list[int]],
                  config: TrainConfig) -> None:  # fmt: skip
+        """`client` has a session open for `tokenizer`; `prompts` are tokenized with it."""
         self.client, self.tokenizer, self.problems, self.prompts = client, tokenizer, problems, prompts
         self.config = config
         self.tokens = StudentTokens(tokenizer)
@@ -182,29 +193,47 @@ def run_one(config: TrainConfig, evaluator: HeldoutEvaluator) -> dict[str, Any]:
     return result
 
 
-def run_study(output: Path, settings: Settings, *, teacher: Path, student: Path) -> dict[str, Any]:
-    """Run every (variant, seed) of `settings`, then write summary.json, summary.md and the plots."""
+def open_evaluator(stack: ExitStack, target: str, student: Path, problems: list[task.Problem], settings: Settings,
+                   heldout: Path) -> tuple[HeldoutEvaluator, int]:  # fmt: skip
+    """A HeldoutEvaluator for `student` with its own client and session (its tokenizer's); and max_k."""
+    tokenizer = AutoTokenizer.from_pretrained(student)  # as train() loads it
+    client = stack.enter_context(TeacherClient(target))
+    client.open_session(tokenizer_message(tokenizer))  # a cross-tokenizer session if it is not the teacher's
+    max_k = client.get_info().max_k
+    config = TrainConfig(
+        student=str(student), prompts="-", top_k=max_k, top_p=1.0, temperature=1.0,
+        max_new_tokens=settings.max_new_tokens, seed=0,
+    )  # fmt: skip
+    evaluator = HeldoutEvaluator(client, tokenizer, problems[: settings.accuracy_problems], load_prompts(heldout, tokenizer),
+                                 config)  # fmt: skip
+    return evaluator, max_k
+
+
+def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict[str, Path]) -> dict[str, Any]:
+    """Run every (variant, seed) of `settings`, then write summary.json, summary.md and the plots.
+
+    `students`: the starting student of each Variant.student the variants use.
+    """
     started = time.monotonic()
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer = task.build_tokenizer()
     problems = task.heldout_problems(max(settings.accuracy_problems, settings.kl_rollouts))
     write_prompts(output / "prompts.jsonl", task.make_problems(20_000, seed=7, split="train"))
     write_prompts(output / "heldout.jsonl", problems[: settings.kl_rollouts])
     variants = [VARIANT_BY_NAME[name] for name in settings.variants]
     total = len(variants) * len(settings.seeds)
     runs: dict[str, list[dict[str, Any]]] = {variant.name: [] for variant in variants}
-    with teacher_service(teacher, free_port(), output / "teacher.log") as target, TeacherClient(target) as client:
-        client.open_session(tokenizer_message(tokenizer))
-        max_k = client.get_info().max_k
-        eval_config = TrainConfig(
-            student=str(student), prompts="-", top_k=max_k, top_p=1.0, temperature=1.0,
-            max_new_tokens=settings.max_new_tokens, seed=0,
-        )  # fmt: skip
-        evaluator = HeldoutEvaluator(client, tokenizer, problems[: settings.accuracy_problems],
-                                     load_prompts(output / "heldout.jsonl", tokenizer), eval_config)  # fmt: skip
+    with ExitStack() as stack:
+        # One thread for the teacher, as for the trainer (main): a tiny model gains nothing from two, and
+        # with the other core busy (the trainer, other jobs) two threads made every teacher call ~10x slower.
+        target = stack.enter_context(teacher_service(teacher, free_port(), output / "teacher.log", threads=1))
+        evaluators: dict[str, HeldoutEvaluator] = {}
+        for kind in dict.fromkeys(variant.student for variant in variants):
+            evaluators[kind], max_k = open_evaluator(stack, target, students[kind], problems, settings,
+                                                     output / "heldout.jsonl")  # fmt: skip
         for index, (variant, seed) in enumerate((v, s) for v in variants for s in settings.seeds):
-            config = run_config(variant, seed, settings, student=student, target=target, max_k=max_k, output=output)
-            result = run_one(config, evaluator)
+            config = run_config(variant, seed, settings, student=students[variant.student], target=target,
+                                max_k=max_k, output=output)  # fmt: skip
+            result = run_one(config, evaluators[variant.student])
             runs[variant.name].append({"seed": seed, "wall_s": result["wall_s"], **result["metrics"]})
             m = result["metrics"]
             print(f"[{index + 1}/{total}] {variant.name} seed {seed}: accuracy {m['accuracy_start']:.3f} -> "
@@ -213,7 +242,7 @@ def run_study(output: Path, settings: Settings, *, teacher: Path, student: Path)
     summary = {
         "settings": dataclasses.asdict(settings),
         "teacher": str(teacher),
-        "student": str(student),
+        "students": {kind: str(path) for kind, path in students.items()},
         "teacher_max_k": max_k,
         "variants": {
             v.name: {**dataclasses.asdict(v), "top_k_sent": min(v.top_k, max_k), "runs": runs[v.name],
@@ -240,10 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opd-study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="2 variants, 1 seed, 6 steps: checks the pipeline, proves nothing")
+    parser.add_argument("--quick", action="store_true", help="3 variants, 1 seed, 6 steps: checks the pipeline, proves nothing")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the demo teacher/student are cached")
     parser.add_argument("--teacher-model", type=Path, help="teacher model directory instead of the cached demo teacher")
     parser.add_argument("--student-model", type=Path, help="student model directory instead of the cached demo student")
+    parser.add_argument("--xtok-student-model", type=Path,
+                        help="student with another tokenizer than the teacher's, for the *_xtok variants, instead of "
+                             "the cached one (demo/xtok.py)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="training steps per run (overrides the preset)")
     parser.add_argument("--seeds", type=int, help="number of seeds per variant (overrides the preset)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANT_BY_NAME)}")
@@ -265,8 +297,13 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         print("preparing the teacher and the student (trained once, then cached) ...", flush=True)
         teacher = args.teacher_model or task.prepare_teacher(args.cache_dir)
-        student = args.student_model or task.prepare_student(args.cache_dir)
-        summary = run_study(args.output, settings, teacher=teacher, student=student)
+        kinds = {VARIANT_BY_NAME[name].student for name in settings.variants}
+        students = {}
+        if "demo" in kinds:
+            students["demo"] = args.student_model or task.prepare_student(args.cache_dir)
+        if "xtok" in kinds:
+            students["xtok"] = args.xtok_student_model or task.prepare_student(args.cache_dir, task.XTOK_STUDENT_RECIPE)
+        summary = run_study(args.output, settings, teacher=teacher, students=students)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print((args.output / "summary.md").read_text())

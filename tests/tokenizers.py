@@ -371,8 +371,9 @@ class ScriptedTeacher:
                 for context, target in zip(contexts, targets):
                     logp, masked = self._row(self.table.token_bytes(np.asarray(context[start:], dtype=np.int64)), job.exclude_ids)
                     top = np.argsort(-masked, kind="stable")[: job.top_k]
-                    ids.append(top)
-                    lps.append(masked[top])
+                    pad = job.top_k - len(top)  # K above a small vocabulary: padded as the engines do
+                    ids.append(np.concatenate([top, np.full(pad, -1)]))
+                    lps.append(np.concatenate([masked[top], np.full(pad, -np.inf)]))
                     tlp.append(logp[target] if target >= 0 else 0.0)
                 return (np.asarray(ids, np.int32).reshape(-1, job.top_k), np.asarray(lps, np.float32).reshape(-1, job.top_k),
                         np.asarray(tlp, np.float32))  # fmt: skip

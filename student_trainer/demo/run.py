@@ -64,11 +64,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def teacher_service(model: Path, port: int, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
-    """Run `opd-teacher serve` in a subprocess until the block ends; yields HOST:PORT."""
+def teacher_service(model: Path, port: int, log_path: Path, timeout_s: float = 120.0,
+                    threads: int | None = None) -> Iterator[str]:  # fmt: skip
+    """Run `opd-teacher serve` in a subprocess until the block ends; yields HOST:PORT.
+
+    `threads`: the teacher's intra-op thread count (OMP_NUM_THREADS); None inherits it.
+    """
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(model), "--port", str(port)]
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) as process:
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) as process:
         try:
             wait_until_serving(target, process, timeout_s, log_path)
             yield target

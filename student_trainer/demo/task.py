@@ -16,13 +16,15 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from student_trainer.demo import xtok
 
 # Bump when the task, the tokenizer or the training code changes meaning: it is part of
 # the cache key, so cached models built by older code are not reused.
@@ -61,6 +63,11 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
+# Tokenizers by name (Recipe.tokenizer): the demo's, and the cross-tokenizer student's (xtok.py).
+TOKENIZERS = {"demo": build_tokenizer, "xtok": xtok.build_tokenizer}
+VOCABULARIES = {"demo": VOCAB, "xtok": xtok.VOCAB}
+
+
 @dataclass(frozen=True)
 class Problem:
     prompt: str  # e.g. "123456>"
@@ -97,14 +104,17 @@ def heldout_problems(n: int = 1000) -> list[Problem]:
     return make_problems(n, HELDOUT_SEED, split="heldout")
 
 
-def _config(vocab_size: int, hidden: int, heads: int, intermediate: int) -> transformers.LlamaConfig:
+def _config(vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None) -> transformers.LlamaConfig:
+    """`tokenizer` gives the special ids of another vocabulary than the demo's."""
+    ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if tokenizer is not None else (
+        VOCAB.index(PAD), VOCAB.index(BOS), VOCAB.index(EOS))  # fmt: skip
     return transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=2,  # 1 layer cannot learn reversal (DESIGN.md section 9)
         num_attention_heads=heads, num_key_value_heads=heads,
         head_dim=32,  # >= 32 so the model also loads in vLLM's CPU backend
         max_position_embeddings=32, tie_word_embeddings=False,
-        pad_token_id=VOCAB.index(PAD), bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS),
+        pad_token_id=ids[0], bos_token_id=ids[1], eos_token_id=ids[2],
     )
 
 
@@ -112,8 +122,8 @@ def teacher_config(vocab_size: int) -> transformers.LlamaConfig:
     return _config(vocab_size, hidden=128, heads=4, intermediate=256)
 
 
-def student_config(vocab_size: int) -> transformers.LlamaConfig:
-    return _config(vocab_size, hidden=64, heads=2, intermediate=128)
+def student_config(vocab_size: int, tokenizer=None) -> transformers.LlamaConfig:
+    return _config(vocab_size, hidden=64, heads=2, intermediate=128, tokenizer=tokenizer)
 
 
 def build_model(config: transformers.LlamaConfig, seed: int) -> transformers.LlamaForCausalLM:
@@ -121,22 +131,42 @@ def build_model(config: transformers.LlamaConfig, seed: int) -> transformers.Lla
     return transformers.LlamaForCausalLM(config).float().eval()
 
 
-def encode_problems(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, int]:
-    """[N, T] ids of <bos> prompt answer <eos>, and the prompt length (with <bos>)."""
-    ids = tokenizer([p.prompt + p.answer for p in problems])["input_ids"]
+def encode_problems(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """[N, T] ids of <bos> prompt answer <eos>, and where the answer is.
+
+    With the demo tokenizer every row has the same layout: the second value is the prompt
+    length (with <bos>). A tokenizer with multi-digit tokens (xtok.py) gives rows of several
+    lengths: they are right-padded with <pad>, and the second value is the [N, T] targets,
+    the row's ids on its answer and <eos> and -100 (no loss) on its prompt and padding.
+    """
     eos = tokenizer.eos_token_id
-    seqs = torch.tensor([row + [eos] for row in ids], dtype=torch.long)  # raises if ragged
-    prompt_len = len(tokenizer(problems[0].prompt)["input_ids"])
-    return seqs, prompt_len
+    ids = [row + [eos] for row in tokenizer([p.prompt + p.answer for p in problems])["input_ids"]]
+    prompt_lens = [len(row) for row in tokenizer([p.prompt for p in problems])["input_ids"]]
+    if len({len(row) for row in ids}) == 1 and len(set(prompt_lens)) == 1:
+        return torch.tensor(ids, dtype=torch.long), prompt_lens[0]
+    width = max(len(row) for row in ids)
+    seqs = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    targets = torch.full((len(ids), width), -100, dtype=torch.long)
+    for index, (row, start) in enumerate(zip(ids, prompt_lens)):
+        seqs[index, : len(row)] = torch.tensor(row)
+        targets[index, start : len(row)] = seqs[index, start : len(row)]
+    return seqs, targets
 
 
-def answer_loss(model, seqs: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Mean cross-entropy of the answer and <eos> tokens given everything before them."""
+def answer_loss(model, seqs: torch.Tensor, answer: int | torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer and <eos> tokens given everything before them.
+
+    `answer`: the prompt length of every row, or per-position targets (encode_problems).
+    Padding after <eos> needs no attention mask: causal attention never looks ahead.
+    """
     logits = model(input_ids=seqs[:, :-1], use_cache=False).logits
-    # logits[:, t] predicts seqs[:, t + 1]; the answer starts at position prompt_len.
-    pred = logits[:, prompt_len - 1:]
-    target = seqs[:, prompt_len:]
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1))
+    if isinstance(answer, int):
+        # logits[:, t] predicts seqs[:, t + 1]; the answer starts at position prompt_len.
+        pred = logits[:, answer - 1:]
+        target = seqs[:, answer:]
+    else:
+        pred, target = logits, answer[:, 1:]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
 def train_supervised(model, tokenizer, problems: list[Problem], *, steps: int,
@@ -147,7 +177,7 @@ def train_supervised(model, tokenizer, problems: list[Problem], *, steps: int,
     reaching 100%), gradient clipping at 1. Batches are drawn with a generator seeded by
     `seed`, so the run is deterministic on CPU.
     """
-    seqs, prompt_len = encode_problems(tokenizer, problems)
+    seqs, answer = encode_problems(tokenizer, problems)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, int(steps * warmup_frac))
@@ -162,8 +192,8 @@ def train_supervised(model, tokenizer, problems: list[Problem], *, steps: int,
     model.train()
     losses = []
     for _ in range(steps):
-        batch = seqs[torch.randint(len(seqs), (batch_size,), generator=gen)]
-        loss = answer_loss(model, batch, prompt_len)
+        rows = torch.randint(len(seqs), (batch_size,), generator=gen)
+        loss = answer_loss(model, seqs[rows], answer if isinstance(answer, int) else answer[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,15 +211,23 @@ def greedy_answers(model, tokenizer, problems: list[Problem], *, batch_size: int
     out: list[str | None] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        ids = torch.tensor(tokenizer([p.prompt for p in chunk])["input_ids"])  # equal lengths
-        max_new = max(len(p.answer) for p in chunk) + 1  # answer plus <eos>
-        for _ in range(max_new):
-            # Sequences are at most ~15 tokens: a full forward per step beats cache bookkeeping.
-            next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-        prompt_len = ids.shape[1] - max_new
-        for row in ids[:, prompt_len:].tolist():
-            out.append(tokenizer.decode(row[:row.index(eos)]) if eos in row else None)
+        prompts = tokenizer([p.prompt for p in chunk])["input_ids"]
+        max_new = max(len(p.answer) for p in chunk) + 1  # answer plus <eos> (a token holds >= 1 digit)
+        # Prompts of one length decode together, unpadded: with the demo tokenizer that is the
+        # whole chunk; with multi-digit tokens (xtok.py) a few groups.
+        groups: dict[int, list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            groups.setdefault(len(prompt), []).append(row)
+        answers: list[str | None] = [None] * len(chunk)
+        for rows in groups.values():
+            ids = torch.tensor([prompts[row] for row in rows])
+            for _ in range(max_new):
+                # Sequences are at most ~15 tokens: a full forward per step beats cache bookkeeping.
+                next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
+                ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            for row, new in zip(rows, ids[:, -max_new:].tolist()):
+                answers[row] = tokenizer.decode(new[:new.index(eos)]) if eos in new else None
+        out += answers
     return out
 
 
@@ -214,8 +252,13 @@ class Recipe:
     min_accuracy: float | None = None  # fail loudly instead of caching a useless model
     max_accuracy: float | None = None  # (the student must stay weak to have room to learn)
 
+    tokenizer: str = "demo"  # a TOKENIZERS name
+
     def key(self) -> str:
-        blob = json.dumps({"task_version": TASK_VERSION, "vocab": VOCAB, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["tokenizer"] == "demo":
+            del fields["tokenizer"]  # the demo models keep the keys (and caches) they had before the field
+        blob = json.dumps({"task_version": TASK_VERSION, "vocab": VOCABULARIES[self.tokenizer], **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -229,6 +272,11 @@ TEACHER_RECIPE = Recipe(name="teacher", hidden=128, heads=4, intermediate=256, t
 # The bounds catch numerical drift (another torch build) moving it off the useful range.
 STUDENT_RECIPE = Recipe(name="student", hidden=64, heads=2, intermediate=128, train_problems=50_000,
                         steps=72, batch_size=128, lr=5e-3, seed=1, min_accuracy=0.05, max_accuracy=0.5)
+# The cross-tokenizer student (opd-study's *_xtok variants): the same model and training with
+# xtok.py's tokenizer. Its jump comes later (100 steps: 9%, 110: 11%, 116: 14%, 118: 17%,
+# 120: 69%; each a separate run, the schedule spans its steps); 118 is a start close to the
+# demo student's.
+XTOK_STUDENT_RECIPE = replace(STUDENT_RECIPE, name="student-xtok", steps=118, tokenizer="xtok")
 
 
 @dataclass(frozen=True)
@@ -259,7 +307,7 @@ EVAL_PROBLEMS = 1000
 
 
 def build_and_train(recipe: Recipe, tokenizer) -> tuple[transformers.LlamaForCausalLM, float]:
-    config = _config(len(VOCAB), recipe.hidden, recipe.heads, recipe.intermediate)
+    config = _config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
     model = build_model(config, recipe.seed)
     problems = make_problems(recipe.train_problems, recipe.seed, split="train")
     train_supervised(model, tokenizer, problems, steps=recipe.steps, batch_size=recipe.batch_size,
@@ -279,7 +327,7 @@ def prepare(cache_dir: Path, recipe: Recipe) -> Path:
     if (final / "demo_recipe.json").exists():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = TOKENIZERS[recipe.tokenizer]()
     model, acc = build_and_train(recipe, tokenizer)
     if recipe.min_accuracy is not None and acc < recipe.min_accuracy:
         raise RuntimeError(f"{recipe.name}: held-out accuracy {acc:.3f} < {recipe.min_accuracy}")

@@ -8,11 +8,14 @@ character over several tokens. A table is read from the tokenizer.json text alon
   bytes_to_unicode map;
 * SentencePiece (Metaspace, "\u2581" for a space; `<0xNN>` byte-fallback pieces
   are that one byte);
-* plain vocabularies whose strings are their own UTF-8 text.
+* plain vocabularies whose strings are their own UTF-8 text: BPE/Unigram without a
+  byte-level or Metaspace mapping, and WordLevel vocabularies whose decoder is Fuse
+  (the text is the token strings back to back, e.g. one token per character).
 
 Added tokens are their literal content; special (control) tokens and the unknown
-token carry no bytes and are flagged. WordPiece/WordLevel vocabularies drop
-whitespace, so their text cannot be rebuilt from the tokens: they are refused.
+token carry no bytes and are flagged. WordPiece vocabularies ("##" continuations) and
+WordLevel ones without a Fuse decoder (decoded with spaces between the words) drop
+or invent whitespace, so their text cannot be rebuilt from the tokens: they are refused.
 Tables are cached by the content hash of the tokenizer.json text (plus the extra
 special tokens), so every session with the same tokenizer shares one table.
 """
@@ -32,6 +35,7 @@ import numpy as np
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # A text that exercises the decoding rules (spaces, runs of whitespace, newlines, digits).
 PROBE = "Hello, world! 123 4567\n\n  indented\ttab x=y+1; end."
+PROBE_TOKENS = 512  # a vocabulary that cannot spell PROBE is probed with up to this many of its own tokens
 
 
 class UnsupportedTokenizer(ValueError):
@@ -99,13 +103,18 @@ def _components(node) -> list[dict]:
 def _kind(spec: dict) -> tuple[str, str]:
     model = spec.get("model") or {}
     model_type = model.get("type")
-    if model_type in ("WordPiece", "WordLevel"):
-        raise UnsupportedTokenizer(
-            f"{model_type} tokenizers drop whitespace, so their text cannot be rebuilt byte for byte; "
-            "cross-tokenizer scoring needs a byte-level BPE, SentencePiece/Metaspace or plain BPE/Unigram tokenizer"
-        )
-    if model_type not in ("BPE", "Unigram"):
+    supported = "cross-tokenizer scoring needs a byte-level BPE, SentencePiece/Metaspace, plain BPE/Unigram or WordLevel+Fuse tokenizer"
+    if model_type == "WordPiece":
+        raise UnsupportedTokenizer(f"WordPiece tokenizers drop whitespace, so their text cannot be rebuilt byte for byte; {supported}")
+    if model_type not in ("BPE", "Unigram", "WordLevel"):
         raise UnsupportedTokenizer(f"unknown tokenizer model type {model_type!r}")
+    decoder = {part["type"] for part in _components(spec.get("decoder"))}
+    if model_type == "WordLevel" and ("Fuse" not in decoder or decoder - {"Fuse", "Sequence"}):
+        # Without Fuse, decoding puts a space between the words: the text is not the tokens' bytes.
+        raise UnsupportedTokenizer(
+            f"WordLevel tokenizers are aligned only with a Fuse decoder (the text is the tokens back to back), "
+            f"this one decodes with {sorted(decoder) or 'spaces between the words'}; {supported}"
+        )
     parts = _components(spec.get("normalizer")) + _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder"))
     types = {part["type"] for part in parts}
     dropping = types & {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
@@ -216,15 +225,41 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
     return _checked(table, tokenizer_json)
 
 
+def probe_text(table: ByteTable) -> str:
+    """PROBE if the vocabulary can spell it, else what it can spell of PROBE and then its own tokens.
+
+    A small vocabulary (the digits of a synthetic task) cannot encode PROBE at all: a WordLevel
+    model without an unknown token raises, a BPE drops the characters it lacks. Its text can
+    only ever be made of its tokens, so those (one after another, up to PROBE_TOKENS of them,
+    spread over the ids) are what must come back.
+    """
+    spelled = {byte for token, special in zip(table.tokens, table.special.tolist()) if not special for byte in token}
+    if set(PROBE.encode()) <= spelled:
+        return PROBE
+    own = np.flatnonzero(table.preferred).tolist()
+    own = own[:: max(1, len(own) // PROBE_TOKENS)][:PROBE_TOKENS]
+    texts = []
+    for index in own:
+        try:
+            texts.append(table.tokens[index].decode("utf-8"))
+        except UnicodeDecodeError:  # a fragment of a character: it only comes with the rest
+            continue
+    return "".join(char for char in PROBE if set(char.encode()) <= spelled) + "".join(texts)
+
+
 def _checked(table: ByteTable, tokenizer_json: str) -> ByteTable:
     """Encode a probe text and require the table to give it back (learning the dummy prefix)."""
     try:
         tokenizer = parsed_tokenizer(tokenizer_json)
     except Exception as error:
         raise UnsupportedTokenizer(f"tokenizers cannot load it: {error}") from None
-    ids = tokenizer.encode(PROBE, add_special_tokens=False).ids
+    probe = probe_text(table)
+    try:
+        ids = tokenizer.encode(probe, add_special_tokens=False).ids
+    except Exception as error:  # e.g. WordLevel without an unknown token, on a word it lacks
+        raise UnsupportedTokenizer(f"it cannot encode text made of its own tokens ({probe[:40]!r}): {error}") from None
     rebuilt = table.token_bytes(ids)
-    text = PROBE.encode()
+    text = probe.encode()
     if rebuilt == text:
         return table
     if rebuilt == b" " + text:

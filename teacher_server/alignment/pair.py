@@ -65,11 +65,13 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
             except UnicodeDecodeError:
                 continue
             owners.append(index)
-    encodings = text._plain.encode_batch(strings, add_special_tokens=False) if strings else []
+    # None: the teacher cannot write that token's text at all, so no teacher path leads to it.
+    encodings = text.plain_ids(strings) if strings else []
     hashes: list[int] = []
     base, mask = int(HASH_BASE), (1 << 64) - 1
-    for encoding in encodings:  # path_hash in plain integers (same values, no numpy per token)
-        ids = encoding.ids
+    for ids in encodings:  # path_hash in plain integers (same values, no numpy per token)
+        if ids is None:
+            continue
         running = 0
         for token in ids[:-1]:
             running = (running * base + token + 1) & mask

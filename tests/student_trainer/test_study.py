@@ -18,12 +18,13 @@ from student_trainer.study_report import aggregate, claims, compare, markdown_ta
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def untrained(path: Path, seed: int) -> Path:
+def untrained(path: Path, seed: int, tokenizer: str = "demo") -> Path:
     """A random model of the demo's task: the quick study only checks the plumbing, so the test
     pays neither for the real demo teacher (40-80 s on first use) nor for any training."""
-    tokenizer = task.build_tokenizer()
-    task.build_model(task.student_config(len(task.VOCAB)), seed).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    built = task.TOKENIZERS[tokenizer]()
+    config = task.student_config(len(built), built if tokenizer != "demo" else None)
+    task.build_model(config, seed).save_pretrained(path)
+    built.save_pretrained(path)
     return path
 
 
@@ -36,12 +37,15 @@ def _restore_threads():
 
 def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restore_threads, monkeypatch) -> None:
     teacher, student = untrained(tmp_path / "teacher", seed=0), untrained(tmp_path / "student", seed=1)
+    xtok_student = untrained(tmp_path / "xtok", seed=2, tokenizer="xtok")  # another tokenizer than the teacher's
     output = tmp_path / "study"
-    study.main(["--output", str(output), "--quick", "--teacher-model", str(teacher), "--student-model", str(student)])
+    study.main(["--output", str(output), "--quick", "--teacher-model", str(teacher), "--student-model", str(student),
+                "--xtok-student-model", str(xtok_student)])  # fmt: skip
 
     settings = study.QUICK
     summary = json.loads((output / "summary.json").read_text())
-    assert list(summary["variants"]) == list(settings.variants)
+    assert list(summary["variants"]) == list(settings.variants) and "recipe_xtok" in settings.variants
+    assert summary["students"] == {"demo": str(student), "xtok": str(xtok_student)}
     assert summary["teacher_max_k"] == len(task.VOCAB)  # K=32 asked, the 14-token vocabulary caps it
     for name, variant in summary["variants"].items():
         assert variant["top_k_sent"] == min(study.VARIANT_BY_NAME[name].top_k, len(task.VOCAB))
@@ -56,9 +60,11 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
             assert [r["step"] for r in records] == list(range(settings.steps + 1))
             evaluated = [r["step"] for r in records if "accuracy" in r and "heldout_masked" in r]
             assert evaluated == list(range(0, settings.steps + 1, settings.eval_every))
-            assert json.loads((run_dir / "run.json").read_text())["config"]["loss"] == variant["loss"]
+            config = json.loads((run_dir / "run.json").read_text())["config"]
+            assert config["loss"] == variant["loss"]
+            assert config["student"] == summary["students"][variant["student"]]
     verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
-    assert len(verdicts) == 5 and set(verdicts.values()) <= {"held", "weakly held", "not held", "not evaluated"}
+    assert len(verdicts) == 6 and set(verdicts.values()) <= {"held", "weakly held", "not held", "not evaluated", "not tested"}
 
     table = (output / "summary.md").read_text()
     assert table.count("| `") == len(settings.variants) and "± " in table
@@ -152,10 +158,19 @@ def test_claims_on_synthetic_variants() -> None:
         "recipe_top_p1": variant("recipe_top_p1", [run(0.7), run(0.8)]),
     }
     verdicts = [c["verdict"] for c in claims(variants)]
-    # better; more stable; collapses in one seed of two; top-p 1.0 beats the baseline; gamma 1 only on average
-    assert verdicts == ["held", "held", "weakly held", "not held", "weakly held"]
+    # better; more stable; collapses in one seed of two; top-p 1.0 beats the baseline; gamma 1 only on average;
+    # no cross-tokenizer variants
+    assert verdicts == ["held", "held", "weakly held", "not held", "weakly held", "not evaluated"]
     assert "0.925 ± 0.035" in claims(variants)[0]["detail"]
-    assert [c["verdict"] for c in claims({"recipe": variants["recipe"]})] == ["not evaluated"] * 5
+    assert [c["verdict"] for c in claims({"recipe": variants["recipe"]})] == ["not evaluated"] * 6
+
+    masked = {"recipe_xtok": variant("recipe_xtok", [run(0.8) | {"masked": 0.02}, run(0.7) | {"masked": 0.02}])}
+    # Without the trainer's masking as many positions stay masked: the switch was inert, the runs are replicates.
+    inert = [run(0.81) | {"masked": 0.02}, run(0.7) | {"masked": 0.015}]
+    same = claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", inert)})[-1]
+    assert same["verdict"] == "not tested" and same["detail"].startswith("without the trainer's masking 0.0175")
+    unmasked = [run(0.5), run(0.6)]  # masked 0.0: the special positions carried a loss
+    assert claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", unmasked)})[-1]["verdict"] == "held"
 
     table = markdown_table(variants)
     assert table.count("\n") == 2 + len(variants) and "| `recipe` | 14 | 2 | 0.925 ± 0.035 |" in table
