@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
@@ -290,7 +291,9 @@ def parsed_tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-_cache: dict[str, ByteTable] = {}
+# Weak values: a table lives as long as a session uses it, so sessions opened and closed with
+# ever new tokenizers do not grow the server (a reopened tokenizer is built again).
+_cache: weakref.WeakValueDictionary[str, ByteTable] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 

@@ -18,6 +18,7 @@ membership is one vectorised `isin`.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +104,9 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
     )
 
 
-_tries: dict[str, ByteTrie] = {}
-_pairs: dict[tuple[str, str], PairTables] = {}
+# Weak values, as byte_tables._cache: tables live as long as a session uses them.
+_tries: weakref.WeakValueDictionary[str, ByteTrie] = weakref.WeakValueDictionary()
+_pairs: weakref.WeakValueDictionary[tuple[str, str], PairTables] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
