@@ -21,6 +21,8 @@ import torch
 
 __all__ = [
     "topk_reverse_kl",
+    "support_logits",
+    "support_reverse_kl",
     "sampled_token_loss",
     "support_metrics",
     "special_token_mask",
@@ -109,6 +111,90 @@ def topk_reverse_kl(
     # exp(0) = 1 at invalid entries, but their (log_q - log_p) is 0 and is selected away.
     terms = torch.where(valid, log_q.exp() * (log_q - log_p), zero)
     return terms.sum(dim=-1).to(dtype)
+
+
+class _SupportLogits(torch.autograd.Function):
+    """z[n, k] = hidden[n] . weight[ids[n, k]], `chunk` rows at a time, forward and backward.
+
+    Only hidden, weight and ids are kept for the backward pass; the gathered rows
+    [chunk, K, H] are rebuilt there, so the extra memory is bounded by the chunk, not by N.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        out = hidden.new_empty(ids.shape)
+        for start in range(0, ids.shape[0], chunk):
+            rows = weight[ids[start : start + chunk]]  # [c, K, H]
+            out[start : start + chunk] = torch.bmm(rows, hidden[start : start + chunk, :, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, ids = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad = grad.to(hidden.dtype)
+        for start in range(0, ids.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            g = grad[start:end]  # [c, K]
+            if grad_hidden is not None:
+                grad_hidden[start:end] = torch.bmm(g[:, None, :], weight[ids[start:end]]).squeeze(1)
+            if grad_weight is not None:
+                outer = g[:, :, None] * hidden[start:end, None, :]  # [c, K, H]
+                grad_weight.index_add_(0, ids[start:end].reshape(-1), outer.reshape(-1, hidden.shape[-1]))
+        return grad_hidden, grad_weight, None, None
+
+
+def support_logits(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    support_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """The student's logits on the teacher support only: z[..., k] = hidden . W[id_k] (+ b[id_k]).
+
+    hidden [..., H] (final hidden states, after the final norm), lm_head_weight [V, H],
+    support_ids [..., K] (pad = -1: gives the logit of id 0, which the losses ignore
+    through the padding convention). Returns [..., K] in hidden's dtype, differentiable in
+    hidden, weight and bias. Equal to ``(hidden @ W.T + b).gather(-1, ids)`` without the
+    [..., V] logits: at V = 152k this is what makes the truncated loss cheap in memory.
+    Rows go `chunk_size` at a time in both passes (see _SupportLogits).
+    """
+    shape = support_ids.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    ids = support_ids.reshape(-1, shape[-1]).clamp(min=0).long()
+    if flat_hidden.shape[0] != ids.shape[0]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and support_ids {tuple(shape)} disagree on positions")
+    logits = _SupportLogits.apply(flat_hidden, lm_head_weight, ids, max(1, chunk_size))
+    if bias is not None:
+        logits = logits + bias[ids]
+    return logits.reshape(shape)
+
+
+def support_reverse_kl(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """``topk_reverse_kl(hidden @ W.T + b, ...)`` with renormalize=True, from hidden states.
+
+    The renormalised truncated KL needs the student's logits on the support only
+    (topk_reverse_kl's docstring), so they are computed for the K support ids alone
+    (support_logits) and never for the whole vocabulary. Same shapes and conventions as
+    topk_reverse_kl, with hidden [..., H] in place of student_logits [..., V].
+    """
+    z = support_logits(hidden, lm_head_weight, teacher_ids, bias, chunk_size)
+    # The support logits sit at positions 0..K-1 of z; padding keeps its -1.
+    local = torch.arange(teacher_ids.shape[-1], device=teacher_ids.device).expand_as(teacher_ids)
+    local = torch.where(teacher_ids >= 0, local, teacher_ids)
+    return topk_reverse_kl(z, local, teacher_logprobs, mask, renormalize=True)
 
 
 def _discounted_return_to_go(adv: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -10,6 +10,11 @@ the main pass keeps its cache and one more pass runs all branch tokens of the
 batch at once, each attending to its job's prefix token_ids[:attach] and to the
 earlier tokens of its own branch (a 4D mask, positions attach + i), so a branch
 costs its own tokens, not its prefix. Batches without branches run as before.
+
+Rollout groups (several rollouts of one prompt in a batch without branches): jobs that
+share a prefix of at least SHARED_PREFIX_MIN tokens run that prefix once; each job's own
+tokens then run on the prefix's KV cache, SUFFIX_SEGMENT tokens per pass, and the cache is
+cut back to the prefix for the next job of the group (`share_prefixes` turns it off).
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from teacher_server.engines.base import Branch, EngineConfig, ScoringJob, Teache
 log = logging.getLogger(__name__)
 
 BRANCH_CHUNK = 512  # branch tokens per job in one pass (bounds the [chunk, sequence] mask)
+SHARED_PREFIX_MIN = 32  # tokens a group of jobs must share before the prefix runs once for all
+SUFFIX_SEGMENT = 2048  # tokens of a job's own part per pass on the shared prefix (bounds the mask)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine:
     name = "hf"
     supports_branches = True  # ScoringJob.branches, on the KV cache of the main pass
+    share_prefixes = True  # rollout groups: a shared prompt prefix runs once (module docstring)
 
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoModelForCausalLM
@@ -50,6 +58,7 @@ class HFEngine:
         if getattr(model.config, "final_logit_softcapping", None):
             raise ValueError("models with final logit soft-capping are not supported by the hf engine yet")
         self.vocab_size = int(self.lm_head.weight.shape[0])
+        self._buffer: torch.Tensor | None = None  # float32 [chunk_size, vocab] logits, reused (_logits)
         # transformers is renaming the cache argument of forward (past_key_values -> cache).
         parameters = inspect.signature(self.backbone.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -58,6 +67,44 @@ class HFEngine:
 
     @torch.inference_mode()
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
+        groups = _shared_prefixes(jobs) if self.share_prefixes and not any(job.branches for job in jobs) else []
+        if not groups:
+            return self._score_batch(jobs)
+        results: list[TeacherScores | None] = [None] * len(jobs)
+        grouped = {index for _, members in groups for index in members}
+        rest = [index for index in range(len(jobs)) if index not in grouped]
+        if rest:
+            for index, scores in zip(rest, self._score_batch([jobs[i] for i in rest])):
+                results[index] = scores
+        for prefix, members in groups:
+            for index, scores in zip(members, self._score_group([jobs[i] for i in members], prefix)):
+                results[index] = scores
+        return results
+
+    def _score_group(self, jobs: Sequence[ScoringJob], prefix: int) -> list[TeacherScores]:
+        """Jobs whose first `prefix` tokens are the same (prefix < every job's length):
+        the prefix runs once with a KV cache, each job's remaining tokens run on it."""
+        shared = torch.from_numpy(np.asarray(jobs[0].token_ids[:prefix], dtype=np.int64))[None].to(self.device)
+        output = self.backbone(input_ids=shared, use_cache=True)
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = output.past_key_values
+        prefix_hidden = output.last_hidden_state[0]
+        results = []
+        for job in jobs:
+            suffix = torch.from_numpy(np.asarray(job.token_ids[prefix:], dtype=np.int64)).to(self.device)
+            parts = [prefix_hidden]
+            for start in range(0, len(suffix), SUFFIX_SEGMENT):
+                segment = suffix[start : start + SUFFIX_SEGMENT][None]
+                state = self.backbone(input_ids=segment, use_cache=True, **{self._cache_argument: cache})
+                parts.append(state.last_hidden_state[0])
+            cache.crop(-len(suffix))  # back to the shared prefix for the next job
+            hidden = torch.cat(parts)
+            results.append(self._score_rows(hidden[job.score_from - 1 : len(job.token_ids) - 1], job,
+                                            job.token_ids[job.score_from :]))  # fmt: skip
+        return results
+
+    def _score_batch(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         with_branches = any(job.branches for job in jobs)
         hidden, cache = self._final_hidden_states(jobs, keep_cache=with_branches)
         results = [
@@ -155,28 +202,87 @@ class HFEngine:
         return [states[row, :size] for row, size in enumerate(sizes)]
 
     def _score_rows(self, hidden: torch.Tensor, job: ScoringJob, targets: np.ndarray, top_k: int | None = None) -> TeacherScores:
-        """Top-K and target log-probabilities for hidden states [P, H] of one job."""
+        """Top-K and target log-probabilities for hidden states [P, H] of one job.
+
+        Per chunk of rows, on the float32 logits [chunk, V] (in a reused buffer, see
+        _logits): the targets' logits, the row maximum m, the excluded ids' logits
+        (kept aside, then set to -inf), top-K on the logits themselves (log-softmax is
+        monotone, so the same ids), and last the normaliser m + log(sum exp(logits - m)),
+        exponentiating the buffer in place. Nothing [chunk, V]-sized is allocated and
+        the full log-softmax is never written. Results go straight into the output arrays.
+        """
         top_k = job.top_k if top_k is None else top_k
-        targets = torch.from_numpy(targets.astype(np.int64)).to(self.device)
-        exclude = torch.from_numpy(job.exclude_ids.astype(np.int64)).to(self.device)
-        k = min(top_k, self.vocab_size - len(exclude))
-        ids, logprobs, token_logprobs = [], [], []
-        for start in range(0, hidden.shape[0], self.chunk_size):
-            logits = self.lm_head(hidden[start : start + self.chunk_size]).float()
+        rows = hidden.shape[0]
+        exclude_np = np.unique(np.asarray(job.exclude_ids, dtype=np.int64))
+        k = min(top_k, self.vocab_size - len(exclude_np))
+        ids = np.full((rows, top_k), -1, dtype=np.int32)
+        logprobs = np.full((rows, top_k), -np.inf, dtype=np.float32)
+        token_logprobs = np.empty(rows, dtype=np.float32)
+        ids_out, logprobs_out, token_out = torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(token_logprobs)
+        targets = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(self.device)
+        exclude = torch.from_numpy(exclude_np).to(self.device) if len(exclude_np) else None
+        for start in range(0, rows, self.chunk_size):
+            end = min(start + self.chunk_size, rows)
+            logits = self._logits(hidden[start:end])  # float32 [n, V]; ours to overwrite
             if job.temperature != 1.0:
-                logits /= job.temperature
-            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-            chunk_targets = targets[start : start + self.chunk_size, None]
-            token_logprobs.append(logits.gather(-1, chunk_targets) - normaliser)
-            logits.index_fill_(-1, exclude, float("-inf"))
+                logits.div_(job.temperature)
+            target_logits = logits.gather(-1, targets[start:end, None])
+            peak = logits.amax(dim=-1, keepdim=True)
+            if exclude is not None:
+                # Out of the support, still in the normaliser.
+                excluded = logits.index_select(-1, exclude)
+                logits.index_fill_(-1, exclude, float("-inf"))
             top_logits, top_ids = logits.topk(k, dim=-1)
-            ids.append(top_ids)
-            logprobs.append(top_logits - normaliser)
-        return TeacherScores(
-            ids=_pad_columns(torch.cat(ids).to(torch.int32).cpu().numpy(), top_k, -1),
-            logprobs=_pad_columns(torch.cat(logprobs).cpu().numpy(), top_k, -np.inf),
-            token_logprobs=torch.cat(token_logprobs).squeeze(-1).cpu().numpy(),
-        )
+            total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            if exclude is not None:
+                total += excluded.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            normaliser = total.log_().add_(peak)
+            ids_out[start:end, :k].copy_(top_ids)
+            logprobs_out[start:end, :k].copy_(top_logits.sub_(normaliser))
+            token_out[start:end].copy_(target_logits.sub_(normaliser).squeeze(-1))
+        return TeacherScores(ids=ids, logprobs=logprobs, token_logprobs=token_logprobs)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, V] of hidden states [n, H], n <= chunk_size, in a buffer reused
+        across chunks and calls: a fresh [chunk, V] tensor per chunk (50 MB at V=49k and 256
+        rows, above glibc's mmap threshold) costs page faults comparable to the top-K itself.
+        A plain float32 nn.Linear head is applied with torch.mm into the buffer; any other head
+        (bias, another dtype, a wrapper) is called as a module and its output copied in."""
+        rows = hidden.shape[0]
+        buffer = self._buffer
+        if buffer is None or buffer.shape[0] < rows or buffer.device != hidden.device:
+            buffer = self._buffer = torch.empty((max(rows, self.chunk_size), self.vocab_size), device=hidden.device)
+        out = buffer[:rows]
+        head = self.lm_head
+        if type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32:
+            return torch.mm(hidden, head.weight.t(), out=out)
+        logits = head(hidden)
+        if logits.dtype == torch.float32:
+            return logits  # a fresh tensor of the module's: as good as the buffer
+        return out.copy_(logits)
+
+
+def _shared_prefixes(jobs: Sequence[ScoringJob], minimum: int = SHARED_PREFIX_MIN) -> list[tuple[int, list[int]]]:
+    """(prefix length, job indices) of every group of >= 2 jobs whose first `minimum` tokens agree,
+    with the length of what all of them share (< each one's length); groups sharing less are left out."""
+    by_head: dict[bytes, list[int]] = {}
+    for index, job in enumerate(jobs):
+        if len(job.token_ids) > minimum:
+            head = np.ascontiguousarray(job.token_ids[:minimum], dtype=np.int64).tobytes()
+            by_head.setdefault(head, []).append(index)
+    groups = []
+    for members in by_head.values():
+        if len(members) < 2:
+            continue
+        first = np.asarray(jobs[members[0]].token_ids)
+        prefix = min(len(jobs[i].token_ids) for i in members) - 1
+        for index in members[1:]:
+            differ = np.flatnonzero(first[:prefix] != np.asarray(jobs[index].token_ids[:prefix]))
+            if differ.size:
+                prefix = int(differ[0])
+        if prefix >= minimum:
+            groups.append((prefix, members))
+    return groups
 
 
 def _chunks(branches: Sequence[Branch]) -> list[tuple[Branch, ...]]:
@@ -194,11 +300,3 @@ def _chunks(branches: Sequence[Branch]) -> list[tuple[Branch, ...]]:
         groups.append(tuple(current))
     return groups
 
-
-def _pad_columns(array: np.ndarray, width: int, fill: float) -> np.ndarray:
-    """Pad [P, k] to [P, width] when the vocabulary left fewer than K candidates."""
-    if array.shape[1] == width:
-        return array
-    padded = np.full((array.shape[0], width), fill, dtype=array.dtype)
-    padded[:, : array.shape[1]] = array
-    return padded
