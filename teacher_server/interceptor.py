@@ -87,20 +87,25 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            code = grpc.StatusCode.OK
+
+            def count(code: grpc.StatusCode) -> None:
+                # Before the status leaves: a client that scrapes right after its call sees it counted.
+                if metrics is not None:
+                    metrics.request(current_tenant(), method, code.name, time.perf_counter() - started)
+
             try:
                 _refuse_malformed(request)
-                return await behaviour(request, context)
+                response = await behaviour(request, context)
             except grpc.aio.AbortError:
-                code = grpc.StatusCode.UNKNOWN  # aborted by the handler itself; not ours to name
+                count(grpc.StatusCode.UNKNOWN)  # aborted by the handler itself; not ours to name
                 raise
             except Exception as error:
                 code, message = status_of(error)
+                count(code)
                 trailers = error.trailing_metadata() if isinstance(error, TeacherError) else ()
                 await context.abort(code, message, trailing_metadata=trailers)
-            finally:
-                if metrics is not None:
-                    metrics.request(current_tenant(), method, code.name, time.perf_counter() - started)
+            count(grpc.StatusCode.OK)
+            return response
 
         return grpc.unary_unary_rpc_method_handler(guarded, **options)
 
