@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shlex
 import socket
@@ -190,7 +189,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | dict
         if value is None:
             return "-"
         if isinstance(value, float):
-            if math.isnan(value):
+            if value != value:
                 return "-"
             return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
         return str(value)
@@ -247,7 +246,7 @@ class Worker:
         return answer
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        _ = self.ready  # the first line first
+        self.ready
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return self.receive()
