@@ -129,25 +129,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         def check() -> None:
             if refusal is not None:
-                raise refusal
+                # A new exception per call: raising one kept in this closure would tie it, its
+                # traceback and this frame into a cycle that lingers until a full collection.
+                raise Unauthenticated(refusal)
             set_current_tenant(tenant)
 
         return checked_handler(handler, check)
 
-    def _authenticate(self, details: grpc.HandlerCallDetails) -> tuple[str, Unauthenticated | None]:
+    def _authenticate(self, details: grpc.HandlerCallDetails) -> tuple[str, str | None]:
+        """The caller's tenant, or why the call is refused."""
         if self.keys is None:
             return OPEN_TENANT, None
         key = bearer_key(details.invocation_metadata)
         if key is None:
             self._failed(details.method, "missing")
-            return "", Unauthenticated(
+            return "", (
                 "no API key: send the metadata 'authorization: Bearer <key>' with every call "
                 "(the trainer's --teacher-api-key-file)"
             )
         tenant = self.keys.tenant_for(key)
         if tenant is None:
             self._failed(details.method, "invalid")
-            return "", Unauthenticated("invalid API key; ask the teacher's operator for a key of your tenant")
+            return "", "invalid API key; ask the teacher's operator for a key of your tenant"
         return tenant, None
 
     def _failed(self, method: str, why: str) -> None:

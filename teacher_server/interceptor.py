@@ -31,6 +31,22 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); see the teacher's log"
 
 
+def end_with_status(context: grpc.aio.ServicerContext, error: Exception) -> grpc.StatusCode:
+    """Give the call `error`'s status; the handler then returns (no response message).
+
+    Not context.abort(): its AbortError ties the call's state, the context and the
+    handler's frames into a reference cycle, so every refused request (a server under a
+    scan or a buggy client refuses thousands) stayed in memory until a full garbage
+    collection, and the process grew with the rate of errors.
+    """
+    code, message = status_of(error)
+    context.set_code(code)
+    context.set_details(message)
+    if isinstance(error, TeacherError) and error.trailing_metadata():
+        context.set_trailing_metadata(error.trailing_metadata())
+    return code
+
+
 class MalformedRequest:
     """Stands in for a request message that did not parse; handlers turn it into INVALID_ARGUMENT."""
 
@@ -100,10 +116,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 count(grpc.StatusCode.UNKNOWN)  # aborted by the handler itself; not ours to name
                 raise
             except Exception as error:
-                code, message = status_of(error)
+                code = end_with_status(context, error)
                 count(code)
-                trailers = error.trailing_metadata() if isinstance(error, TeacherError) else ()
-                await context.abort(code, message, trailing_metadata=trailers)
+                return None
             count(grpc.StatusCode.OK)
             return response
 
@@ -123,7 +138,7 @@ def _guarded_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await context.abort(*status_of(error))
+            end_with_status(context, error)
 
     return guarded
 
@@ -137,44 +152,43 @@ def checked_handler(handler: grpc.RpcMethodHandler, check: Callable[[], None]) -
     unary and streaming calls alike.
     """
 
-    async def refuse(context: grpc.aio.ServicerContext) -> bool:
+    def refused(context: grpc.aio.ServicerContext) -> bool:
         try:
             check()
         except TeacherError as error:
-            await context.abort(error.code, str(error))
-        return True
+            end_with_status(context, error)
+            return True
+        return False
 
     options = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         unary_unary = handler.unary_unary
 
         async def checked_unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await refuse(context)
-            return await unary_unary(request, context)
+            return None if refused(context) else await unary_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(checked_unary_unary, **options)
     if handler.stream_stream is not None:
         stream_stream = handler.stream_stream
 
         async def checked_stream_stream(requests: Any, context: grpc.aio.ServicerContext):
-            await refuse(context)
-            async for reply in stream_stream(requests, context):
-                yield reply
+            if not refused(context):
+                async for reply in stream_stream(requests, context):
+                    yield reply
 
         return grpc.stream_stream_rpc_method_handler(checked_stream_stream, **options)
     if handler.unary_stream is not None:
         unary_stream = handler.unary_stream
 
         async def checked_unary_stream(request: Any, context: grpc.aio.ServicerContext):
-            await refuse(context)
-            async for reply in unary_stream(request, context):
-                yield reply
+            if not refused(context):
+                async for reply in unary_stream(request, context):
+                    yield reply
 
         return grpc.unary_stream_rpc_method_handler(checked_unary_stream, **options)
     stream_unary = handler.stream_unary
 
     async def checked_stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        await refuse(context)
-        return await stream_unary(requests, context)
+        return None if refused(context) else await stream_unary(requests, context)
 
     return grpc.stream_unary_rpc_method_handler(checked_stream_unary, **options)

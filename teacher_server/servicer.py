@@ -152,6 +152,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+            # A failure re-raised above holds this frame in its traceback, and the task holds
+            # the failure: without this the pair lingers until a full garbage collection.
+            del reader
 
     async def _score(self, request: teacher_pb2.ScoreRequest) -> teacher_pb2.ScoreResponse:
         tokens = from_tensor(request.tokens, name="tokens", dtype="int32", ndim=1)

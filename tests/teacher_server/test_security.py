@@ -359,3 +359,49 @@ def test_a_pinned_client_refuses_a_swapped_teacher(tiny_model, tmp_path_factory)
     finally:
         client.close()
         server.stop()
+
+
+def test_refused_requests_leave_no_reference_cycles(keyed_server, stub):
+    """A refused call must be freed when it ends, not at the next full garbage collection.
+
+    context.abort() and re-raised stream failures used to tie each refused call's state,
+    exception and frames into a cycle: a server under a scan grew with its error rate
+    (the fuzz test's RSS bound caught it). The server runs in this process, so its
+    leftovers show up in a collection here.
+    """
+    import gc
+    from pathlib import Path
+
+    import teacher_server
+    from teacher_server.errors import TeacherError
+
+    package = str(Path(teacher_server.__file__).parent)
+
+    session_id = open_session(stub, ALICE_KEY)
+    bad_tokens = teacher_pb2.ScoreRequest(session_id=session_id, tokens=teacher_pb2.Tensor(dtype="int32", shape=[3]))
+    raw_stream = keyed_server_raw_stream(keyed_server.target)
+    gc.collect()
+    for _ in range(20):
+        for call in (lambda: stub.GetInfo(teacher_pb2.GetInfoRequest(), metadata=auth(WRONG_KEY), timeout=30),
+                     lambda: stub.Score(bad_tokens, metadata=auth(ALICE_KEY), timeout=30),
+                     lambda: list(stub.ScoreStream(iter([bad_tokens]), metadata=auth(WRONG_KEY), timeout=30)),
+                     lambda: raw_stream(b"\xff\xff not a protobuf message")):  # fmt: skip
+            with pytest.raises(grpc.RpcError):
+                call()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        server_frames = [f"{g.f_code.co_filename}:{g.f_code.co_name}" for g in gc.garbage
+                         if type(g).__name__ == "frame" and g.f_code.co_filename.startswith(package)]  # fmt: skip
+        errors = [type(g).__name__ for g in gc.garbage if isinstance(g, (TeacherError, grpc.aio.AbortError))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert server_frames == [] and errors == [], (server_frames[:5], errors[:5])
+
+
+def keyed_server_raw_stream(target: str):
+    """A ScoreStream call that sends raw bytes as its one request (the server cannot parse it)."""
+    channel = grpc.insecure_channel(target)
+    call = channel.stream_stream("/opd.v1.Teacher/ScoreStream", request_serializer=None, response_deserializer=None)
+    return lambda data: list(call(iter([data]), metadata=auth(ALICE_KEY), timeout=30))
