@@ -10,7 +10,8 @@ packages); GSM8K comes from ../shared/data/gsm8k/test.jsonl.
 
 throughput: `align` (student bytes, teacher tokenization of the same bytes, the
 position -> teacher row/offset maps) on long rollouts made of GSM8K answers, in student
-tokens per second; also the index maps alone (teacher ids given), and the projection
+tokens per second, with the teacher's encoder (its tiktoken twin for byte-level BPE
+teachers, teacher_server/alignment/fast_bpe.py, else Hugging Face `tokenizers`); also the index maps alone (teacher ids given), and the projection
 of 64 teacher candidates per row (bigram teacher rows) in positions per second. One
 JSON line per tokenizer pair (default: every ordered pair of different tokenizers),
 then a markdown table (target of issue 6: align >= 1M student tokens/s per core).
@@ -47,7 +48,7 @@ def throughput(args) -> None:
         row = pair_throughput(pair, args)
         rows.append(row)
         common.emit({"bench": "alignment", **row, "load_average": common.load_average()})
-    common.print_table(rows, {"student": "student", "teacher": "teacher", "teacher_tokens": "teacher tokens",
+    common.print_table(rows, {"student": "student", "teacher": "teacher", "encoder": "teacher encoder", "teacher_tokens": "teacher tokens",
                               "align_m_per_s": "align M student tok/s", "maps_m_per_s": "maps alone M tok/s",
                               "projection_k_per_s": "projection k pos/s", "coverage": "coverage"},
                        f"Rollouts of {args.rollout} student tokens made of GSM8K answers, {args.tokens} tokens per "
@@ -107,7 +108,7 @@ def pair_throughput(pair: str, args) -> dict:
     projection = cross.start(plan, scores)
     result = cross.finish(projection, 32)
     projected = args.rollout / (time.perf_counter() - started)
-    return {"student": student_name, "teacher": teacher_name, "rollout": args.rollout, "repeats": repeats,
+    return {"student": student_name, "teacher": teacher_name, "encoder": text.encoder, "rollout": args.rollout, "repeats": repeats,
             "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from, "align_m_per_s": full / 1e6,
             "maps_m_per_s": maps / 1e6, "candidates": cross.options.candidates,
             "projection_k_per_s": projected / 1e3, "coverage": result.coverage.coverage}  # fmt: skip

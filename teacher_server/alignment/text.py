@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable, parsed_tokenizer
+from teacher_server.alignment.fast_bpe import TiktokenTwin, tiktoken_twin
 
 
 def _without_dummy_prefix(spec: dict) -> dict:
@@ -61,13 +63,14 @@ class TeacherText:
     _plain: object = field(default=None, repr=False)
     _default: object = field(default=None, repr=False)
     _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
+    _twin: TiktokenTwin | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
 
-        spec = json.loads(self.tokenizer_json)
+        spec = _without_dummy_prefix(json.loads(self.tokenizer_json))
         self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
-        self._plain = Tokenizer.from_str(json.dumps(_without_dummy_prefix(spec)))
+        self._plain = Tokenizer.from_str(json.dumps(spec))
         # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what
         # the post-processor adds around a text.
         sample = next((t.decode() for t, p in zip(self.table.tokens, self.table.preferred.tolist()) if p and len(t) == 1), "a")
@@ -76,6 +79,7 @@ class TeacherText:
         cut = len(with_special) - len(without)
         self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
         self._plain.encode_special_tokens = True
+        self._twin = tiktoken_twin(spec, self._plain)
         for index, token in enumerate(self.table.tokens):
             if len(token) == 1 and self.table.preferred[index]:
                 self._single_byte.setdefault(token[0], index)
@@ -91,12 +95,20 @@ class TeacherText:
                     inside.update(token)
             self._separators = "".join(chr(b) for b in (10, 13, 9) if b not in inside and b in self._single_byte)
 
-    def _encode_text(self, text: str) -> list[int]:
+    @property
+    def encoder(self) -> str:
+        """What re-tokenizes completions: "tiktoken" (the twin of fast_bpe.py) or "tokenizers"."""
+        return "tiktoken" if self._twin is not None else "tokenizers"
+
+    def _encode_text(self, text: str, use_twin: bool) -> list[int]:
+        if use_twin:
+            return self._twin.encode(text)
         try:
             if not self._separators or len(text) < 256:
                 return self._plain.encode(text, add_special_tokens=False).ids
-            pieces = re.split(f"([{re.escape(self._separators)}])", text)
-            return [i for encoding in self._plain.encode_batch([p for p in pieces if p], add_special_tokens=False) for i in encoding.ids]
+            pieces = [piece for piece in re.split(f"([{re.escape(self._separators)}])", text) if piece]
+            # encode_batch_fast: no offsets, which this does not read (a third faster)
+            return list(chain.from_iterable(encoding.ids for encoding in self._plain.encode_batch_fast(pieces, add_special_tokens=False)))
         except Exception:  # a WordLevel vocabulary without an unknown token refuses a word it lacks
             return self._encodable_prefix(text)
 
@@ -130,11 +142,12 @@ class TeacherText:
     def encode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Teacher ids for `data` and how many leading bytes they reproduce exactly."""
         text = data.decode("utf-8", errors="surrogateescape")
+        use_twin = self._twin is not None and self._twin.covers(data)
         ids: list[int] = []
         run_start = 0
         for index, char in enumerate(text) if _has_surrogates(text) else ():
             if "\udc80" <= char <= "\udcff":  # an invalid byte: its own single-byte token
-                ids += self._encode_text(text[run_start:index]) if index > run_start else []
+                ids += self._encode_text(text[run_start:index], use_twin) if index > run_start else []
                 byte_id = self._single_byte.get(ord(char) - 0xDC00)
                 if byte_id is None:
                     run_start = len(text) + 1
@@ -142,7 +155,7 @@ class TeacherText:
                 ids.append(byte_id)
                 run_start = index + 1
         if run_start < len(text):
-            ids += self._encode_text(text[run_start:])
+            ids += self._encode_text(text[run_start:], use_twin)
         array = np.asarray(ids, dtype=np.int64)
         return array, _common_prefix(self.table.token_bytes(array), data)
 
