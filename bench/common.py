@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shlex
 import socket
@@ -189,7 +190,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | dict
         if value is None:
             return "-"
         if isinstance(value, float):
-            if value != value:
+            if math.isnan(value):
                 return "-"
             return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
         return str(value)
@@ -246,7 +247,7 @@ class Worker:
         return answer
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.ready
+        _ = self.ready  # the first line first
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return self.receive()

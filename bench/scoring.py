@@ -198,6 +198,9 @@ def main() -> None:
                         help="skip configurations whose clients x length exceeds this (the 2-core budget)")
     parser.add_argument("--repeats", type=int, default=2, help="passes per configuration; the best of each engine counts")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of every engine")
+    parser.add_argument("--vllm-threads", type=int,
+                        help="OMP_NUM_THREADS of the vllm engines only (default: --threads; vLLM itself drops to 1 "
+                             "thread on a 2-core machine when OMP_NUM_THREADS is unset)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny model, 256/1024 tokens, 1 and 4 clients, 1 pass")
     parser.add_argument("--logs", type=Path, default=Path("outputs/bench"), help="worker and server logs")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
@@ -207,7 +210,9 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.lengths, args.clients, args.repeats = ["tiny"], [256, 1024], [1, 4], 1
-    common.header(f"(a) teacher scoring throughput, K={K}: {', '.join(args.engines)}; {args.threads} threads each")
+    vllm_threads = args.vllm_threads or args.threads
+    common.header(f"(a) teacher scoring throughput, K={K}: {', '.join(args.engines)}; {args.threads} threads each"
+                  + (f" (vllm: {vllm_threads})" if vllm_threads != args.threads else ""))
     args.logs.mkdir(parents=True, exist_ok=True)
     env = common.engine_env(args.threads)
     rows = []
@@ -233,8 +238,10 @@ class Engines:
         try:
             for engine in args.engines:  # vLLM compiles for minutes: start it first, wait for all at the end
                 python = str(common.VLLM_PYTHON) if engine.startswith("vllm") else sys.executable
+                threads = (args.vllm_threads or args.threads) if engine.startswith("vllm") else args.threads
                 if engine != "grpc":
-                    self.workers[engine] = common.Worker([python, script, "--worker", engine, model], env=env,
+                    self.workers[engine] = common.Worker([python, script, "--worker", engine, model],
+                                                         env={**env, "OMP_NUM_THREADS": str(threads)},
                                                          log=args.logs / f"{name}-{engine}.log")  # fmt: skip
             if "grpc" in args.engines:
                 self.server = common.TeacherProcess(Path(model), extra=["--engine", "hf", "--max-k", str(K)], env=env,

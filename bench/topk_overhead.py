@@ -165,8 +165,7 @@ def memory_child(variant: str, model: str, length: int) -> None:
         if variant == "engine":
             engine.score([ScoringJob(ids, 1, K)])
         else:
-            logits = plain_logits(engine, torch.from_numpy(ids.astype(np.int64))[None], [1])
-            del logits
+            plain_logits(engine, torch.from_numpy(ids.astype(np.int64))[None], [1])
     seconds = time.perf_counter() - started
     print(json.dumps({"idle_rss_mib": idle, "peak_rss_mib": common.peak_rss_mib(), "seconds": seconds}))
 

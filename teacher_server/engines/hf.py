@@ -31,7 +31,7 @@ from teacher_server.engines.base import Branch, EngineConfig, ScoringJob, Teache
 log = logging.getLogger(__name__)
 
 BRANCH_CHUNK = 512  # branch tokens per job in one pass (bounds the [chunk, sequence] mask)
-SHARED_PREFIX_MIN = 32  # tokens a group of jobs must share before the prefix runs once for all
+SHARED_PREFIX_MIN = 128  # tokens a group must share before its prefix runs once (shorter: rarely a gain, bench/groups.py)
 SUFFIX_SEGMENT = 2048  # tokens of a job's own part per pass on the shared prefix (bounds the mask)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,6 +89,9 @@ class HFEngine:
         cache = getattr(output, "cache", None)
         if cache is None:
             cache = output.past_key_values
+        if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+            # Sliding-window (or other) cache layers do not crop back to the prefix exactly.
+            return self._score_batch(jobs)
         prefix_hidden = output.last_hidden_state[0]
         results = []
         for job in jobs:
