@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Generator
 
 import numpy as np
 
 from opd.v1 import teacher_pb2
 from teacher_server import __version__
 from teacher_server.alignment.session import Coverage, CrossResult
-from teacher_server.engines import Engine, ScoringJob
+from teacher_server.engines import Engine, ScoringJob, TeacherScores
 from teacher_server.errors import FailedPrecondition, InvalidArgument
 from teacher_server.scheduler import Scheduler
 from teacher_server.sessions import Session, SessionRegistry, SessionSettings, StudentTokenizerSpec, TeacherVocabulary
@@ -158,17 +159,12 @@ class TeacherService:
             plan = await asyncio.to_thread(cross.align, request.tokens, request.score_from, request.messages)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context
             raise InvalidArgument(str(error)) from None
-        scores = await self.scheduler.submit(session.session_id, cross.main_job(plan, session.temperature), tenant)
-        projection = await asyncio.to_thread(cross.start, plan, scores)
-        rounds = max(cross.options.rounds, 0) if getattr(self.engine, "supports_branches", True) else 0
-        for _ in range(rounds):
-            requests = cross.branch_requests(projection)
-            if not requests:
-                break
-            job = cross.branch_job(plan, requests, session.temperature)
-            branch_scores = await self.scheduler.submit(session.session_id, job, tenant)
-            await asyncio.to_thread(cross.absorb, projection, requests, branch_scores)
-        result: CrossResult = await asyncio.to_thread(cross.finish, projection, request.top_k)
+        steps = cross.steps(plan, request.top_k, session.temperature, cross.rounds_for(self.engine))
+        step: ScoringJob | CrossResult = next(steps)
+        while isinstance(step, ScoringJob):
+            scores = await self.scheduler.submit(session.session_id, step, tenant)
+            step = await asyncio.to_thread(_advance, steps, scores)
+        result = step
         counts = result.coverage
         return ScoreOutput(
             ids=result.ids,
@@ -207,3 +203,14 @@ class TeacherService:
             )
         if not 1 <= request.top_k <= self.max_k:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_k} (GetInfo.max_k), got {request.top_k}")
+
+
+def _advance(steps: Generator[ScoringJob, TeacherScores, CrossResult], scores: TeacherScores) -> ScoringJob | CrossResult:
+    """The next teacher pass of a cross-tokenizer request, or its result when none is left.
+
+    (StopIteration cannot travel through asyncio.to_thread: a future refuses it.)
+    """
+    try:
+        return steps.send(scores)
+    except StopIteration as done:
+        return done.value

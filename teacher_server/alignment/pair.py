@@ -44,9 +44,8 @@ class PairTables:
     teacher_trie: ByteTrie  # to count the teacher tokens that begin with given bytes
     ambiguous: np.ndarray  # uint64, sorted hashes of ambiguous teacher paths
     # per student prefix: the longest student token that is a prefix of token t's
-    # first d bytes (index trie.token_starts[t] + d) and its length
+    # first d bytes (index trie.token_starts[t] + d)
     prefix_best: np.ndarray
-    prefix_best_len: np.ndarray
 
     def is_ambiguous(self, hashes: np.ndarray) -> np.ndarray:
         if len(self.ambiguous) == 0:
@@ -82,9 +81,7 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
     # Longest student token along each student token's own prefixes.
     nodes = trie.prefix_nodes
     here = trie.token_at[nodes]
-    depth = trie.depth[nodes]
     best = np.where(here >= 0, here, -1)
-    best_len = np.where(here >= 0, depth, 0)
     # Running maximum within each token's segment: depth grows along the segment,
     # so the last hit so far is the longest.
     index = np.where(here >= 0, np.arange(len(nodes)), -1)
@@ -92,7 +89,6 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
     index = np.maximum.accumulate(np.maximum(index, segment_start - 1))
     valid = index >= segment_start
     prefix_best = np.where(valid, best[np.maximum(index, 0)], -1)
-    prefix_best_len = np.where(valid, best_len[np.maximum(index, 0)], 0)
     return PairTables(
         student=student,
         teacher=text.table,
@@ -100,7 +96,6 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
         teacher_trie=teacher_trie,
         ambiguous=ambiguous,
         prefix_best=prefix_best,
-        prefix_best_len=prefix_best_len,
     )
 
 

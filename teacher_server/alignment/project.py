@@ -86,7 +86,6 @@ class Paths:
 class ProjectionStats:
     branch_sequences: int = 0
     branch_tokens: int = 0
-    rounds: int = 0
     fallback_paths: int = 0  # paths still open at the end, landed on their longest student token
 
 
@@ -160,7 +159,6 @@ class Projection:
 
     def absorb(self, requests: list[tuple[int, tuple[int, ...]]], ids: np.ndarray, logprobs: np.ndarray) -> None:
         """Extend the open paths whose branch was scored; ids/logprobs: the row after each branch."""
-        self.stats.rounds += 1
         self.stats.branch_sequences += len(requests)
         self.stats.branch_tokens += sum(len(tokens) for _, tokens in requests)
         asked = np.full((len(requests), 1 + MAX_EXTRA), -1, dtype=np.int64)

@@ -1,24 +1,21 @@
 """One student tokenizer against the teacher's: the tables a session shares, and the steps of a request.
 
-The steps are plain functions of arrays so that the service (which awaits the
-scheduler between them) and the tests/benchmarks (which call an engine directly)
-run the same code:
+A request is `align`, then `steps`: a generator that yields the teacher passes it
+needs (one over the teacher sequence, then bounded rounds of branch passes) and is
+sent their scores back, and returns the result. The service (which awaits the
+scheduler between passes and runs each stretch of array work in a worker thread) and
+the tests/benchmarks (`score`, which call an engine directly) drive the same steps:
 
     plan = cross.align(tokens, score_from, messages)
-    scores = engine(cross.main_job(plan, k))                        # one pass over the teacher sequence
-    projection = cross.start(plan, scores)
-    for _ in range(cross.options.rounds):                           # bounded extra rounds
-        requests = cross.branch_requests(projection, plan)
-        if not requests: break
-        scores = engine(cross.branch_job(plan, k, requests))
-        cross.absorb(projection, requests, scores)
-    result = cross.finish(projection, top_k)
+    steps = cross.steps(plan, top_k, temperature, rounds)
+    job = next(steps)
+    while True: job = steps.send(engine.score([job])[0])   # until StopIteration(result)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 
@@ -193,15 +190,31 @@ class CrossTokenizer:
         )
         return CrossResult(ids, logprobs, token_logprobs, mask, reason, coverage)
 
+    def steps(
+        self, plan: Alignment, top_k: int, temperature: float, rounds: int
+    ) -> Generator[ScoringJob, TeacherScores, CrossResult]:
+        """Yields each teacher pass of the request, is sent its scores; returns the result."""
+        projection = self.start(plan, (yield self.main_job(plan, temperature)))
+        for _ in range(max(rounds, 0)):
+            requests = self.branch_requests(projection)
+            if not requests:
+                break
+            self.absorb(projection, requests, (yield self.branch_job(plan, requests, temperature)))
+        return self.finish(projection, top_k)
+
+    def rounds_for(self, engine) -> int:
+        """Branch rounds this session runs on `engine` (none where it cannot score branches)."""
+        return self.options.rounds if getattr(engine, "supports_branches", True) else 0
+
     # ------------------------------------------------------------------ synchronous driver
 
     def score(self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0) -> CrossResult:
         """The whole request against an engine called directly (tests, benchmarks)."""
         plan = self.align(np.asarray(tokens), score_from, messages)
-        projection = self.start(plan, engine.score([self.main_job(plan, temperature)])[0])
-        for _ in range(self.options.rounds if getattr(engine, "supports_branches", True) else 0):
-            requests = self.branch_requests(projection)
-            if not requests:
-                break
-            self.absorb(projection, requests, engine.score([self.branch_job(plan, requests, temperature)])[0])
-        return self.finish(projection, top_k)
+        steps = self.steps(plan, top_k, temperature, self.rounds_for(engine))
+        job = next(steps)
+        while True:
+            try:
+                job = steps.send(engine.score([job])[0])
+            except StopIteration as done:
+                return done.value

@@ -29,10 +29,6 @@ class ByteTrie:
     prefix_nodes: np.ndarray
     token_starts: np.ndarray
 
-    @property
-    def num_nodes(self) -> int:
-        return len(self.token_at)
-
     def step(self, nodes: np.ndarray, units: np.ndarray) -> np.ndarray:
         """The child of each node along each unit (a byte; anything >= 256 has no edge), -1 if none."""
         keys = nodes.astype(np.int64) * 256 + units.astype(np.int64)

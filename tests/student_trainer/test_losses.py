@@ -11,7 +11,9 @@ from student_trainer.losses import (
     drop_special_support,
     sampled_token_loss,
     special_token_mask,
+    support_logits,
     support_metrics,
+    support_reverse_kl,
     topk_reverse_kl,
 )
 
@@ -339,6 +341,46 @@ def test_sampled_token_loss_rejects_bad_gamma():
     for gamma in (-0.1, 1.5):
         with pytest.raises(ValueError):
             sampled_token_loss(logits, tokens, teacher, mask, gamma=gamma)
+
+
+# ---------------------------------------------------------------------------
+# support_reverse_kl: the same loss from hidden states, the K support rows of the lm head only
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 256])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_support_reverse_kl_equals_topk_rkl_on_full_logits(chunk_size, with_bias):
+    g = torch.Generator().manual_seed(7)
+    vocab, hidden_size, k = 50, 8, 6
+    _, ids, lps, mask = make_inputs((3, 4), vocab, k, seed=3, dtype=torch.float64)
+    hidden = torch.randn(3, 4, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+
+    loss = support_reverse_kl(hidden, weight, ids, lps, mask, bias=bias, chunk_size=chunk_size)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    grads = torch.autograd.grad(loss.sum(), inputs)
+    full_logits = hidden @ weight.T + (bias if with_bias else 0.0)
+    expected = topk_reverse_kl(full_logits, ids, lps, mask, renormalize=True)
+    expected_grads = torch.autograd.grad(expected.sum(), inputs)
+
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert loss[mask].gt(0).any() and loss[~mask].eq(0).all()
+
+
+def test_support_logits_gather_the_support_rows_and_pass_gradcheck():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 2, -1], [8, 0, 3], [4, 4, 5], [7, -1, -1], [6, 1, 2]])
+    z = support_logits(hidden, weight, ids, chunk_size=2)
+    torch.testing.assert_close(z, (hidden @ weight.T).gather(-1, ids.clamp(min=0)))
+    assert torch.autograd.gradcheck(lambda h, w: support_logits(h, w, ids, chunk_size=2), (hidden, weight))
+    with pytest.raises(ValueError, match="disagree on positions"):
+        support_logits(hidden[:4], weight, ids)
 
 
 # ---------------------------------------------------------------------------
