@@ -12,18 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
 from student_trainer.client import TeacherScores
 from student_trainer.losses import drop_special_support, special_token_mask
 from student_trainer.rollouts import Rollout
-
-MASK_REASONS = {
-    teacher_pb2.MASK_REASON_SPECIAL: "special",
-    teacher_pb2.MASK_REASON_UNALIGNED: "unaligned",
-    teacher_pb2.MASK_REASON_LOW_MASS: "low_mass",
-    teacher_pb2.MASK_REASON_BEYOND_CONTEXT: "beyond_context",
-}
-
 
 @dataclass
 class ScoredBatch:
@@ -166,5 +159,5 @@ def mask_fractions(batch: ScoredBatch) -> dict[str, float]:
     real = max(int(batch.valid.sum()), 1)
     masked = batch.valid & ~batch.mask
     return {
-        f"masked_{name}": float((masked & (batch.reason == code)).sum()) / real for code, name in MASK_REASONS.items()
+        f"masked_{name}": float((masked & (batch.reason == code)).sum()) / real for name, code in MASK_REASONS.items()
     } | {"masked": float(masked.sum()) / real}

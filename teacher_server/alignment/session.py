@@ -19,6 +19,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
+from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.align import Alignment, align
 from teacher_server.alignment.byte_tables import ByteTable
@@ -28,12 +29,6 @@ from teacher_server.alignment.specials import SpecialMap, excluded_support
 from teacher_server.alignment.text import TeacherText
 from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
 
-REASONS = {
-    "special": teacher_pb2.MASK_REASON_SPECIAL,
-    "unaligned": teacher_pb2.MASK_REASON_UNALIGNED,
-    "low_mass": teacher_pb2.MASK_REASON_LOW_MASS,
-    "beyond_context": teacher_pb2.MASK_REASON_BEYOND_CONTEXT,
-}
 
 
 @dataclass(frozen=True)
@@ -186,7 +181,7 @@ class CrossTokenizer:
             branch_sequences=stats.branch_sequences,
             branch_tokens=stats.branch_tokens,
             fallback_paths=stats.fallback_paths,
-            **{name: int((reason == code).sum()) for name, code in REASONS.items()},
+            **{name: int((reason == code).sum()) for name, code in MASK_REASONS.items()},
         )
         return CrossResult(ids, logprobs, token_logprobs, mask, reason, coverage)
 
