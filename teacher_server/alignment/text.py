@@ -22,6 +22,9 @@ import numpy as np
 from teacher_server.alignment.byte_tables import ByteTable, parsed_tokenizer
 from teacher_server.alignment.fast_bpe import TiktokenTwin, tiktoken_twin
 
+# How surrogateescape decoding shows a byte that is not valid UTF-8 (U+DC80..U+DCFF).
+INVALID_BYTE = re.compile("[\udc80-\udcff]")
+
 
 def _without_dummy_prefix(spec: dict) -> dict:
     """The same tokenizer, except that it never adds a space at the start of a text."""
@@ -145,15 +148,15 @@ class TeacherText:
         use_twin = self._twin is not None and self._twin.covers(data)
         ids: list[int] = []
         run_start = 0
-        for index, char in enumerate(text) if _has_surrogates(text) else ():
-            if "\udc80" <= char <= "\udcff":  # an invalid byte: its own single-byte token
-                ids += self._encode_text(text[run_start:index], use_twin) if index > run_start else []
-                byte_id = self._single_byte.get(ord(char) - 0xDC00)
-                if byte_id is None:
-                    run_start = len(text) + 1
-                    break
-                ids.append(byte_id)
-                run_start = index + 1
+        for invalid in INVALID_BYTE.finditer(text):  # an invalid byte: its own single-byte token
+            index = invalid.start()
+            ids += self._encode_text(text[run_start:index], use_twin) if index > run_start else []
+            byte_id = self._single_byte.get(ord(text[index]) - 0xDC00)
+            if byte_id is None:
+                run_start = len(text) + 1
+                break
+            ids.append(byte_id)
+            run_start = index + 1
         if run_start < len(text):
             ids += self._encode_text(text[run_start:], use_twin)
         array = np.asarray(ids, dtype=np.int64)
@@ -185,14 +188,6 @@ class TeacherText:
         except TemplateError as error:  # e.g. the template's raise_exception on a role it does not know
             raise ValueError(f"the teacher's chat template refused these messages: {error}") from None
         return rendered[0]
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _common_prefix(left: bytes, right: bytes) -> int:
