@@ -120,18 +120,16 @@ def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def behaviour_gaps(logits: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
+def behaviour_gaps(token_logprobs: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
     """|log-prob the rollout engine recorded - the trained model's log-prob| of each target that has one.
 
+    `token_logprobs` [B, P]: the trained model's log q of the targets (losses.student_token_logprobs).
     About 0 when the engine sampled with the weights being trained (float rounding only); a
     weight push that failed, or policy lag, shows up here.
     """
-    recorded = batch.behaviour_logprobs.to(logits.device)
-    seen = batch.valid.to(logits.device) & ~recorded.isnan()
-    targets = batch.targets.to(logits.device)[seen]
-    rows = logits[seen]
-    log_q = rows.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
-    return (recorded[seen] - log_q).abs()
+    recorded = batch.behaviour_logprobs.to(token_logprobs.device)
+    seen = batch.valid.to(token_logprobs.device) & ~recorded.isnan()
+    return (recorded[seen] - token_logprobs[seen]).abs()
 
 
 def summed_teacher_counts(batches: list[ScoredBatch]) -> dict[str, float]:

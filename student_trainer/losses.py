@@ -24,6 +24,8 @@ __all__ = [
     "support_logits",
     "support_reverse_kl",
     "sampled_token_loss",
+    "log_normalizer",
+    "student_token_logprobs",
     "support_metrics",
     "special_token_mask",
     "drop_special_support",
@@ -219,6 +221,23 @@ def _discounted_return_to_go(adv: torch.Tensor, gamma: float) -> torch.Tensor:
     return ret.to(adv.dtype)
 
 
+@torch.no_grad()
+def log_normalizer(student_logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of the logits over the vocabulary [...]: the one full-vocabulary reduction
+    the trainer's metrics need, computed once per batch and shared (no gradient)."""
+    return torch.logsumexp(student_logits.detach().to(_compute_dtype(student_logits.dtype)), dim=-1)
+
+
+@torch.no_grad()
+def student_token_logprobs(student_logits: torch.Tensor, tokens: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """log q(tokens) [...] from the logits and their log_normalizer (no gradient).
+
+    Ids < 0 (padding) read token 0; callers mask those positions.
+    """
+    picked = student_logits.detach().gather(-1, tokens.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    return picked.to(log_norm.dtype) - log_norm
+
+
 def sampled_token_loss(
     student_logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -262,13 +281,15 @@ def support_metrics(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
+    log_norm: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Logging metrics, averaged over positions that carry a top-K loss.
 
     Those are the masked-in positions with at least one support entry (an all-padding
     row has no loss, no support mass to speak of and an undefined overlap).
     "num_positions" is that count, so callers can weight averages across batches.
-    Everything is 0.0 when no position qualifies.
+    Everything is 0.0 when no position qualifies. `log_norm`: the logits' log_normalizer
+    if the caller has it already (else it is computed here).
     """
     valid = _support_valid(teacher_ids, teacher_logprobs, mask)
     rows = valid.any(dim=-1)
@@ -281,11 +302,12 @@ def support_metrics(
     logits = student_logits[rows].to(_compute_dtype(student_logits.dtype))
     ids, lps, valid = teacher_ids[rows], teacher_logprobs[rows], valid[rows]
     ones = torch.ones(n, dtype=torch.bool, device=logits.device)
+    log_norm = log_normalizer(logits) if log_norm is None else log_norm[rows].to(logits.dtype)
 
     rkl = topk_reverse_kl(logits, ids, lps, ones, renormalize=True)
     safe_ids = torch.where(valid, ids, torch.zeros_like(ids)).long()
     teacher_mass = torch.where(valid, lps.to(logits.dtype).exp(), 0.0).sum(-1)
-    student_probs = torch.softmax(logits, dim=-1).gather(-1, safe_ids)
+    student_probs = (logits.gather(-1, safe_ids) - log_norm.unsqueeze(-1)).exp()
     student_mass = torch.where(valid, student_probs, 0.0).sum(-1)
 
     # Overlap: teacher id counts if it is among the student's top-k_row logits,

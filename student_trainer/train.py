@@ -60,7 +60,13 @@ from student_trainer.distributed import (
     wrap_model,
 )
 from student_trainer.lora import add_lora, is_lora, load_lora, merged_weights
-from student_trainer.losses import sampled_token_loss, support_metrics, topk_reverse_kl
+from student_trainer.losses import (
+    log_normalizer,
+    sampled_token_loss,
+    student_token_logprobs,
+    support_metrics,
+    topk_reverse_kl,
+)
 from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
 
 log = logging.getLogger(__name__)
@@ -81,17 +87,19 @@ class StudentTokens:
         self.special_ids = list(tokenizer.all_special_ids)
 
 
-def per_position_loss(config: TrainConfig, logits: torch.Tensor, batch: ScoredBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The configured loss per position [B, P], and the sampled-token advantages [B, P]."""
+def per_position_loss(
+    config: TrainConfig, logits: torch.Tensor, batch: ScoredBatch, token_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured loss per position [B, P], and the sampled-token advantages [B, P].
+
+    `token_logprobs`: the student's log q of the targets (no gradient), shared with the metrics.
+    """
     mask = batch.mask.to(logits.device)
+    teacher_token_logprobs = batch.teacher_token_logprobs.to(logits.device)
     if config.loss == "sampled_token":
-        return sampled_token_loss(
-            logits, batch.targets.to(logits.device), batch.teacher_token_logprobs.to(logits.device), mask, config.gamma
-        )
-    with torch.no_grad():  # advantages are logged for every loss: they show the baseline's imbalance
-        _, advantages = sampled_token_loss(
-            logits, batch.targets.to(logits.device), batch.teacher_token_logprobs.to(logits.device), mask
-        )
+        return sampled_token_loss(logits, batch.targets.to(logits.device), teacher_token_logprobs, mask, config.gamma)
+    # Advantages are logged for every loss (they show the baseline's imbalance): a_t = log p_T - log q.
+    advantages = torch.where(mask.bool(), teacher_token_logprobs.to(token_logprobs.dtype) - token_logprobs, 0.0)
     loss = topk_reverse_kl(
         logits,
         batch.teacher_ids.to(logits.device),
@@ -163,8 +171,11 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
     gap_max = 0.0
     for batch in micro_batches:
         logits = scored_logits(model, batch)
-        loss, advantages = per_position_loss(config, logits, batch)
-        gaps = behaviour_gaps(logits.detach(), batch)
+        # The one full-vocabulary reduction of the step outside the loss; the metrics share it.
+        log_norm = log_normalizer(logits)
+        token_logprobs = student_token_logprobs(logits, batch.targets.to(logits.device), log_norm)
+        loss, advantages = per_position_loss(config, logits, batch, token_logprobs)
+        gaps = behaviour_gaps(token_logprobs, batch)
         gap["behaviour_gap_sum"] += float(gaps.sum())
         gap["behaviour_gap_count"] += gaps.numel()
         gap_max = max(gap_max, float(gaps.max())) if gaps.numel() else gap_max
@@ -173,7 +184,7 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
         (loss.sum() * world.size / positions).backward()
         mask = batch.mask.to(advantages.device)
         used = max(int(mask.sum()), 1)
-        position_metrics = support_metrics(logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask)
+        position_metrics = support_metrics(logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask, log_norm)
         position_metrics.pop("num_positions")
         position_metrics |= {
             "loss": float(loss.detach().sum()) / used,

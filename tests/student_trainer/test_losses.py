@@ -9,8 +9,10 @@ import torch
 
 from student_trainer.losses import (
     drop_special_support,
+    log_normalizer,
     sampled_token_loss,
     special_token_mask,
+    student_token_logprobs,
     support_logits,
     support_metrics,
     support_reverse_kl,
@@ -403,6 +405,17 @@ def test_support_metrics_hand_computed():
     assert m["student_support_mass"] == pytest.approx(0.6, rel=1e-6)
     assert m["topk_overlap"] == pytest.approx(0.5)  # student top-2 = {0, 1}; teacher {0, 2}
     assert m["num_positions"] == 1.0
+
+
+def test_shared_log_normalizer_gives_the_same_metrics_and_token_logprobs():
+    logits, ids, lps, mask = make_inputs((3, 4), 40, 5, seed=5)
+    log_norm = log_normalizer(logits)
+    assert support_metrics(logits, ids, lps, mask, log_norm) == pytest.approx(support_metrics(logits, ids, lps, mask), rel=1e-6)
+    tokens = torch.randint(0, 40, (3, 4), generator=torch.Generator().manual_seed(1))
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(student_token_logprobs(logits, tokens, log_norm), expected)
+    _, advantages = sampled_token_loss(logits, tokens, torch.full((3, 4), -1.0), mask)
+    torch.testing.assert_close(advantages, torch.where(mask, -1.0 - expected, 0.0))
 
 
 def test_support_metrics_agree_with_loss_and_handle_empty():
