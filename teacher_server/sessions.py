@@ -213,8 +213,9 @@ class SessionRegistry:
             if student_vocab != teacher.vocab:
                 return self._build_cross(session_id, student, settings, student_vocab)
         # Identity alignment: the student's ids are the teacher's ids.
+        kept = _identity_pairs(teacher, settings)
         masked = np.zeros(teacher.model_vocab_size, dtype=bool)
-        masked[sorted(teacher.special_ids - teacher.eos_ids)] = True
+        masked[sorted((teacher.special_ids | teacher.eos_ids) - set(kept.values()))] = True
         padding_rows = np.arange(len(teacher.vocab), teacher.model_vocab_size)
         excluded = np.union1d(np.flatnonzero(masked), padding_rows).astype(np.int64)
         return Session(
@@ -224,7 +225,30 @@ class SessionRegistry:
             temperature=temperature,
             masked_targets=masked,
             excluded_support=excluded,
+            special_token_pairs=tuple((token, token) for token in sorted(kept, key=kept.get)),
         )
+
+
+def _identity_pairs(teacher: TeacherVocabulary, settings: SessionSettings) -> dict[str, int]:
+    """The special tokens a same-tokenizer session keeps in the loss and the support, by string:
+    the teacher's EOS (unless no_eos_pairing) and each token of special_token_pairs, which
+    with one tokenizer can only be paired with itself."""
+    by_id = {index: token for token, index in teacher.vocab.items()}
+    kept = {by_id.get(index, f"<id {index}>"): index for index in sorted(teacher.eos_ids)} if settings.pair_eos else {}
+    for student_token, teacher_token in settings.special_token_pairs:
+        if student_token != teacher_token:
+            raise InvalidArgument(
+                f"special-token pair ({student_token!r}, {teacher_token!r}): the student has the teacher's own "
+                "tokenizer, so a special token can only be paired with itself"
+            )
+        index = teacher.vocab.get(student_token)
+        if index is None or index not in teacher.special_ids | teacher.eos_ids:
+            raise InvalidArgument(
+                f"special-token pair: {student_token!r} is not a special token of the teacher's tokenizer "
+                "(plain tokens are always scored)"
+            )
+        kept[student_token] = index
+    return kept
 
 
 def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:

@@ -282,6 +282,40 @@ def test_service_results_match_engine_and_reference(stub, session_id, engine, re
     assert got.mean_support_mass == pytest.approx(mass, abs=1e-6)
 
 
+def test_same_tokenizer_sessions_honour_eos_and_special_token_pairing(stub):
+    """no_eos_pairing masks EOS; a special token paired with itself stays in the loss and the support."""
+    tokens = np.array([1, 10, 11, THINK, 12, 13, EOS, 14, THINK, 15, EOS], dtype=np.int32)
+    targets = tokens[2:]
+    same = teacher_pb2.StudentTokenizer(same_as_teacher=True)
+
+    def scores(**settings) -> tuple[teacher_pb2.OpenSessionResponse, TeacherScores]:
+        opened = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=same, **settings), timeout=30)
+        reply = stub.Score(score_request(opened.session_id, tokens, 2, MAX_K), timeout=30)
+        return opened, TeacherScores.from_proto(reply)
+
+    opened, default = scores()
+    assert [(p.student_token, p.teacher_token) for p in opened.special_token_pairs] == [("<eos>", "<eos>")]
+    np.testing.assert_array_equal(default.mask, (targets != THINK).astype(np.uint8))
+
+    opened, no_eos = scores(no_eos_pairing=True)
+    assert list(opened.special_token_pairs) == []
+    np.testing.assert_array_equal(no_eos.mask, ~np.isin(targets, [THINK, EOS]))
+    assert (no_eos.reason[targets == EOS] == teacher_pb2.MASK_REASON_SPECIAL).all()
+    assert not np.isin(no_eos.ids, [EOS, THINK]).any()
+
+    pair = teacher_pb2.SpecialTokenPair(student_token=SPECIAL_TOKEN, teacher_token=SPECIAL_TOKEN)
+    opened, think = scores(special_token_pairs=[pair])
+    assert (think.mask == 1).all()
+    assert np.isin(think.ids, [THINK]).any()  # offered as support again
+    np.testing.assert_allclose(think.token_logprobs, default.token_logprobs, atol=1e-6)
+
+    for bad in (teacher_pb2.SpecialTokenPair(student_token=SPECIAL_TOKEN, teacher_token="<eos>"),
+                teacher_pb2.SpecialTokenPair(student_token="w5", teacher_token="w5")):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=same, special_token_pairs=[bad]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_special_targets_are_masked_and_never_in_the_support(stub, session_id, reference_model):
     tokens = np.array([1, 10, 11, THINK, 12, 13, EOS, 14, THINK, THINK, 15, 0, 16, EOS, 1, 17, EOS], dtype=np.int32)
     score_from = 2
