@@ -3,7 +3,7 @@
 Layout: OUTPUT/checkpoints/step-000050/
     model/              full weights in save_pretrained form (a LoRA run: the adapter), written by rank 0
     optimizer/          optimizer state, torch.distributed.checkpoint: one shard file per rank
-    trainer_state.pt    step, data position, LR schedule, RNG, world size (rank 0)
+    trainer_state.pt    step, data position, LR schedule, RNG, world size, teacher pin (rank 0)
 
 A checkpoint is written under a temporary name and renamed into place by rank 0
 after every rank has written its part, so a crash mid-write leaves the previous
@@ -44,6 +44,9 @@ class TrainerState:
     scheduler: dict
     rng: dict
     world_size: int = 1
+    # "model@weights_sha256" of the teacher a --pin-teacher run was pinned to: a resumed run
+    # keeps that pin, so it refuses a teacher that was swapped while it was stopped.
+    teacher_pin: str | None = None
 
 
 def capture_rng() -> dict:

@@ -358,8 +358,11 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
     prompts = PromptStream(load_prompts(config.prompts, tokenizer), config.seed)
     eval_prompts = load_prompts(config.eval_prompts, tokenizer)[: config.eval_size] if config.eval_prompts else []
     start = 0
+    client_options = teacher_client_options(config)
     if checkpoint:
         state = load_trainer_state(checkpoint)
+        if config.pin_teacher and state.teacher_pin:
+            client_options["pin_teacher"] = state.teacher_pin  # the teacher this run trained against
         load_optimizer_state(checkpoint, model, optimizer, world)
         scheduler.load_state_dict(state.scheduler)
         restore_rng(state.rng)
@@ -402,7 +405,7 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
         scores = teacher.submit_score_many(teacher_requests(rollouts), config.top_k)
         return PendingBatch(rollouts, scores, time.perf_counter() - started, policy_lag=step - version)
 
-    with TeacherClient(config.teacher, **teacher_client_options(config)) as teacher:
+    with TeacherClient(config.teacher, **client_options) as teacher:
         teacher.open_session(tokenizer_message(tokenizer))
         if start == 0 and (eval_prompts or evaluate_task):
             record_and_log({"step": 0, **evaluation()})
@@ -437,6 +440,7 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
                     scheduler=scheduler.state_dict(),
                     rng=capture_rng(),
                     world_size=world.size,
+                    teacher_pin=teacher.pin,
                 )
                 save_checkpoint(output, model, optimizer, tokenizer, state, config.keep_checkpoints, world)
     if hasattr(engine, "close"):

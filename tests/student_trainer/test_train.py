@@ -76,6 +76,28 @@ def test_resume_continues_exactly(deterministic_server, student, prompts, tmp_pa
     assert read_metrics(tmp_path / "straight")[-1]["loss"] == read_metrics(tmp_path / "resumed")[-1]["loss"]
 
 
+def test_resumed_run_keeps_its_teacher_pin(live_server, tiny_model, student, prompts, tmp_path):
+    """A --pin-teacher run saves the pin; resumed against other teacher weights, it refuses to train."""
+    from student_trainer.client import TeacherRequestError
+    from teacher_server.identity import weights_sha256
+    from tests.conftest import LiveServer, build_tiny_model, server_config
+
+    settings = dict(student=str(student), prompts=str(prompts), output=str(tmp_path / "run"), top_k=8, batch_size=2,
+                    micro_batch_size=2, max_new_tokens=4, save_every=1, pin_teacher=True)  # fmt: skip
+    train(load_config(None, **settings, teacher=live_server.target, steps=1))
+    state = checkpoint_module.load_trainer_state(checkpoint_module.latest_checkpoint(tmp_path / "run"))
+    assert state.teacher_pin == f"{tiny_model}@{weights_sha256(str(tiny_model))}"
+
+    swapped = LiveServer(server_config(build_tiny_model(tmp_path / "other-teacher", seed=5)))
+    try:
+        with pytest.raises(TeacherRequestError) as caught:
+            train(load_config(None, **settings, teacher=swapped.target, steps=2), resume=True)
+        assert "FAILED_PRECONDITION" in str(caught.value.code) and "pin" in caught.value.message.lower()
+    finally:
+        swapped.stop()
+    assert checkpoint_module.latest_checkpoint(tmp_path / "run").name == "step-000001"  # nothing trained on it
+
+
 def test_failed_checkpoint_write_leaves_previous_intact(live_server, student, prompts, tmp_path, monkeypatch):
     config = load_config(
         None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
