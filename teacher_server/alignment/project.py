@@ -166,11 +166,12 @@ class Projection:
             asked[i, 0] = at
             asked[i, 1 : 1 + len(extra)] = extra
         mine = np.column_stack([self.open.attach, self.open.extra])
-        _, inverse = np.unique(np.concatenate([asked, mine]), axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        slot_of = np.full(int(inverse.max()) + 1, -1, dtype=np.int64)
-        slot_of[inverse[: len(asked)]] = np.arange(len(asked))
-        slot = slot_of[inverse[len(asked) :]]
+        # The request each open path matches, if any: the few requests sorted, the many open
+        # paths looked up in them (sorting them all, as np.unique(axis=0) did, took 5-10x longer).
+        asked_rows, mine_rows = _row_view(asked), _row_view(mine)
+        order = np.argsort(asked_rows)
+        at = np.minimum(np.searchsorted(asked_rows[order], mine_rows), len(order) - 1)
+        slot = np.where(asked_rows[order][at] == mine_rows, order[at], -1)
         scored = np.flatnonzero(slot >= 0)
         paths = self.open.take(scored)
         self.open = self.open.take(np.flatnonzero(slot < 0))
@@ -392,3 +393,9 @@ class Projection:
         logprobs[reason != 0] = -np.inf
         token_logprobs[reason != 0] = 0.0
         return ids, logprobs, token_logprobs, reason, mass
+
+
+def _row_view(rows: np.ndarray) -> np.ndarray:
+    """Each row of a 2-D array as one opaque value, so that rows sort and compare as wholes."""
+    rows = np.ascontiguousarray(rows)
+    return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
