@@ -232,7 +232,7 @@ def evaluate_heldout(model, teacher, prompts: list[list[int]], config: TrainConf
     sampled from the live weights; each rank evaluates its share, the means are over all of them."""
     share = len(prompts) // world.size
     first = world.rank * share
-    engine = hf_rollouts(model, tokens, synced_processes=world.distributed)
+    engine = hf_rollouts(model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp")  # see make_rollout_engine
     rollouts = engine.generate(
         prompts[first : first + share], evaluation_seeds(config, share, first),
         top_p=config.top_p, temperature=config.temperature, max_new_tokens=config.max_new_tokens,

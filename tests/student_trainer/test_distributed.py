@@ -7,7 +7,8 @@ One single-process run is the reference. With the same seed and global batch:
 * an FSDP run resumed from its step-2 checkpoint by 2 processes ends bitwise equal to
   the uninterrupted one;
 * its checkpoints load as plain Hugging Face models in one process, and a
-  single-process run resumes from them (a different world size).
+  single-process run resumes from them (a different world size);
+* the held-out evaluation of either equals the single process's.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def run_trainer(student: Path, prompts: Path, teacher: str, output: Path, *extra
     command = (launcher if nproc > 1 else [sys.executable]) + [
         "-m", "student_trainer", "--student", str(student), "--prompts", str(prompts), "--teacher", teacher,
         "--output", str(output), "--steps", str(STEPS), "--top-k", "8", "--batch-size", "4",
-        "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--save-every", "1", *extra,
+        "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--save-every", "1",
+        "--eval-prompts", str(prompts), "--eval-every", "2", *extra,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 def losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]  # step 0: the evaluation alone
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -68,10 +71,16 @@ def test_two_processes_match_the_single_process_loss_curve(runs, parallelism):
     assert single[0] != single[-1]  # the weights moved: later steps compare trained models
     # Metrics are reduced over the ranks and logged once.
     records = [json.loads(line) for line in (runs[parallelism] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert {r["world_size"] for r in records} == {2}
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert {r["world_size"] for r in records if r["step"]} == {2}
     single_records = [json.loads(line) for line in (runs["single"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["scored_positions"] for r in records] == [r["scored_positions"] for r in single_records]
+    assert [r.get("scored_positions") for r in records] == [r.get("scored_positions") for r in single_records]
+    # Held-out evaluation (before training, at step 2 and at the end): each rank decodes its share
+    # (FSDP in lock step, DDP on its own) and the means over all ranks equal one process's.
+    evaluated = [(r["step"], r["eval_topk_rkl"]) for r in records if "eval_topk_rkl" in r]
+    single_evaluated = [(r["step"], r["eval_topk_rkl"]) for r in single_records if "eval_topk_rkl" in r]
+    assert [step for step, _ in evaluated] == [step for step, _ in single_evaluated] == [0, 2, 3]
+    assert [value for _, value in evaluated] == pytest.approx([value for _, value in single_evaluated], rel=TOL, abs=TOL)
 
 
 def test_fsdp_checkpoint_resumes_exactly_with_two_processes(runs, deterministic_server, student, prompts, tmp_path):
