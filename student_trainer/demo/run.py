@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     def task_accuracy(model: torch.nn.Module) -> dict[str, float]:
         return {"accuracy": task.accuracy(model, tokenizer, heldout)}
 
-    with teacher_service(teacher_path, free_port(), args.output / "teacher.log") as target:
+    # One thread for the teacher, as in the study: with the trainer on the other core, two made
+    # every teacher call many times slower on a 2-core machine.
+    with teacher_service(teacher_path, free_port(), args.output / "teacher.log", threads=1) as target:
         print(f"teacher serving at {target}; training the student for {args.steps} steps ...", flush=True)
         config = demo_config(student_path, target, args.output, args.steps)
         records = train(config, evaluate_task=task_accuracy)
