@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -292,17 +291,14 @@ def serve_worker(setup: Callable[[], dict[str, Any]], handle: Callable[[dict[str
 # ---------------------------------------------------------------------------- teacher server
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class TeacherProcess:
     """`opd-teacher serve` in a subprocess on 127.0.0.1, SERVING when the constructor returns."""
 
     def __init__(self, model: Path, *, extra: Iterable[str] = (), python: str = sys.executable,
                  env: dict[str, str] | None = None, log: Path | None = None, timeout_s: float = 600.0) -> None:  # fmt: skip
+        # Imported here: it loads torch, which must not happen before the OpenMP settings above.
+        from student_trainer.demo.run import free_port, wait_until_serving
+
         self.target = f"127.0.0.1:{free_port()}"
         command = [python, "-m", "teacher_server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                    "--port", self.target.rsplit(":", 1)[1], *extra]  # fmt: skip
@@ -311,7 +307,7 @@ class TeacherProcess:
         self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
                                         env={**os.environ, **(env or {})})  # fmt: skip
         try:
-            self._wait(timeout_s)
+            wait_until_serving(self.target, self.process, timeout_s, self.log_path)
         except BaseException:
             self.close()
             raise

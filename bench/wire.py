@@ -137,7 +137,9 @@ async def fetch_once(target: str, chunk_rows: int) -> dict:
 
 def chunks(args) -> None:
     common.header(f"(c) one response of {args.positions} positions (K={args.k}) over loopback gRPC, chunked")
-    port = common.free_port()
+    from student_trainer.demo.run import free_port
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "serve", str(port), str(args.positions), str(args.k)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -18,6 +18,7 @@ from student_trainer.client import TeacherScores
 from student_trainer.losses import drop_special_support, special_token_mask
 from student_trainer.rollouts import Rollout
 
+
 @dataclass
 class ScoredBatch:
     input_ids: torch.Tensor  # long [B, L], right-padded rollouts

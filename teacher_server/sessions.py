@@ -233,8 +233,7 @@ def _identity_pairs(teacher: TeacherVocabulary, settings: SessionSettings) -> di
     """The special tokens a same-tokenizer session keeps in the loss and the support, by string:
     the teacher's EOS (unless no_eos_pairing) and each token of special_token_pairs, which
     with one tokenizer can only be paired with itself."""
-    by_id = {index: token for token, index in teacher.vocab.items()}
-    kept = {by_id.get(index, f"<id {index}>"): index for index in sorted(teacher.eos_ids)} if settings.pair_eos else {}
+    kept = {token: index for token, index in teacher.vocab.items() if index in teacher.eos_ids} if settings.pair_eos else {}
     for student_token, teacher_token in settings.special_token_pairs:
         if student_token != teacher_token:
             raise InvalidArgument(

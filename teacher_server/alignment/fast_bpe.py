@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teacher_server.alignment.byte_tables import _unicode_to_byte
+from teacher_server.alignment.byte_tables import ByteTable
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,15 @@ class TiktokenTwin:
         return self.encoding.encode_ordinary(text)
 
 
-def tiktoken_twin(spec: dict, backend) -> TiktokenTwin | None:
+def tiktoken_twin(spec: dict, backend, table: ByteTable) -> TiktokenTwin | None:
     """A tiktoken encoder that gives `backend`'s ids for the texts it covers, or None.
 
     `spec` is the parsed tokenizer.json of `backend` (a `tokenizers.Tokenizer` that adds no
-    dummy prefix and reads special-token strings as plain text).
+    dummy prefix and reads special-token strings as plain text); `table` is its byte table.
     """
     pattern = _split_pattern(spec)
     model = spec.get("model") or {}
-    if pattern is None or spec.get("normalizer") is not None or model.get("type") != "BPE":
+    if table.kind != "byte-level" or pattern is None or spec.get("normalizer") is not None or model.get("type") != "BPE":
         return None
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback"):
         return None
@@ -67,24 +67,17 @@ def tiktoken_twin(spec: dict, backend) -> TiktokenTwin | None:
         import tiktoken
     except ImportError:
         return None
-    to_byte = _unicode_to_byte()
-    added = {token["content"] for token in spec.get("added_tokens") or []}
-    ranks: dict[bytes, int] = {}
-    for string, token_id in model["vocab"].items():
-        if string in added:
-            continue
-        if any(char not in to_byte for char in string):
-            return None
-        ranks[bytes(to_byte[char] for char in string)] = token_id
-    if len(set(ranks.values())) != len(ranks) or not _merges_follow_ids(model):
-        return None
+    plain = np.flatnonzero(~table.special).tolist()  # specials carry no bytes and are no ranks
+    ranks = {table.tokens[index]: index for index in plain}
+    if len(ranks) != len(plain) or not _merges_follow_ids(model):
+        return None  # two ids with the same bytes: no rank order can stand for both
     spelled = np.asarray([bytes([b]) in ranks for b in range(256)])
     try:
         twin = tiktoken.Encoding("opd-teacher-twin", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     except Exception as error:  # a pattern tiktoken's regex engine does not accept
         log.info("no tiktoken twin for the teacher tokenizer: %s", error)
         return None
-    if not _same_encodings(twin, backend, model["vocab"], added):
+    if not _same_encodings(twin, backend, table, plain):
         log.info("no tiktoken twin for the teacher tokenizer: its merges do not follow its ids")
         return None
     return TiktokenTwin(twin, spelled)
@@ -118,19 +111,18 @@ def _merges_follow_ids(model: dict) -> bool:
     return True
 
 
-def _same_encodings(twin, backend, vocab: dict[str, int], added: set[str]) -> bool:
+def _same_encodings(twin, backend, table: ByteTable, plain: list[int]) -> bool:
     """Both encode every vocabulary token (as one pre-token) and PROBE the same way."""
     single_piece = getattr(twin, "_encode_single_piece", None)
     if single_piece is None:
         return False
-    to_byte = _unicode_to_byte()
     try:
-        for string in vocab:
-            if string in added or len(string) == 1:
-                continue
-            # Byte-pair merges of the token's bytes, as one pre-token, must agree.
-            if single_piece(bytes(to_byte[char] for char in string)) != [token.id for token in backend.model.tokenize(string)]:
-                return False
+        for index in plain:
+            if len(table.tokens[index]) > 1:
+                # Byte-pair merges of the token's bytes, as one pre-token, must agree.
+                pieces = backend.model.tokenize(table.strings[index])
+                if single_piece(table.tokens[index]) != [piece.id for piece in pieces]:
+                    return False
         return twin.encode_ordinary(PROBE) == backend.encode(PROBE, add_special_tokens=False).ids
     except BaseException as error:  # tiktoken panics (PanicException) on a byte it has no rank for
         if isinstance(error, (KeyboardInterrupt, SystemExit)):

@@ -30,7 +30,6 @@ from teacher_server.alignment.text import TeacherText
 from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
 
 
-
 @dataclass(frozen=True)
 class CrossOptions:
     # Teacher candidates read at every teacher row (several teacher tokens can land on

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -82,7 +82,7 @@ class TeacherText:
         cut = len(with_special) - len(without)
         self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
         self._plain.encode_special_tokens = True
-        self._twin = tiktoken_twin(spec, self._plain)
+        self._twin = tiktoken_twin(spec, self._plain, self.table)
         for index, token in enumerate(self.table.tokens):
             if len(token) == 1 and self.table.preferred[index]:
                 self._single_byte.setdefault(token[0], index)

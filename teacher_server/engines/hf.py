@@ -90,7 +90,11 @@ class HFEngine:
         if cache is None:
             cache = output.past_key_values
         if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
-            # Sliding-window (or other) cache layers do not crop back to the prefix exactly.
+            # Sliding-window (or other) cache layers do not crop back to the prefix exactly. The
+            # model's cache is the same every time: stop sharing, so this prefix pass is the only one wasted.
+            log.info("the model's KV cache has %s layers: rollout groups are scored as plain batches",
+                     sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}))  # fmt: skip
+            self.share_prefixes = False
             return self._score_batch(jobs)
         prefix_hidden = output.last_hidden_state[0]
         results = []

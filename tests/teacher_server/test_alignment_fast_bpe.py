@@ -7,8 +7,9 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from teacher_server.alignment.byte_tables import build_byte_table, byte_table
 from teacher_server.alignment.fast_bpe import tiktoken_twin
 from teacher_server.alignment.text import _without_dummy_prefix
 from tests import tokenizers as T
@@ -23,21 +24,23 @@ texts = st.lists(
 ).map("".join)  # fmt: skip
 
 
-def plain_tokenizer(name: str) -> tuple[dict, Tokenizer]:
-    """The teacher's tokenizer as TeacherText uses it: no dummy prefix, special strings as text."""
+def plain_tokenizer(name: str):
+    """The teacher's tokenizer as TeacherText uses it (no dummy prefix, special strings as
+    text), and its byte table: the arguments of tiktoken_twin."""
     reason = T.missing_reason(name)
     if reason:
         pytest.skip(f"tokenizer {name} unavailable: {reason}")
-    spec = _without_dummy_prefix(json.loads(T.load(name).backend_tokenizer.to_str()))
+    tokenizer = T.load(name)
+    spec = _without_dummy_prefix(json.loads(tokenizer.backend_tokenizer.to_str()))
     backend = Tokenizer.from_str(json.dumps(spec))
     backend.encode_special_tokens = True
-    return spec, backend
+    return spec, backend, byte_table(tokenizer.backend_tokenizer.to_str(), tokenizer.all_special_tokens)
 
 
 @pytest.fixture(scope="module", params=BYTE_LEVEL)
 def twin_and_backend(request):
-    spec, backend = plain_tokenizer(request.param)
-    twin = tiktoken_twin(spec, backend)
+    spec, backend, table = plain_tokenizer(request.param)
+    twin = tiktoken_twin(spec, backend, table)
     assert twin is not None, f"{request.param} should have a tiktoken twin"
     return twin, backend
 
@@ -61,32 +64,31 @@ def test_twin_encodes_gsm8k_like_hugging_face(twin_and_backend):
 
 
 def test_bytes_without_a_token_are_left_to_hugging_face():
-    spec, backend = plain_tokenizer("smollm2")
-    twin = tiktoken_twin(spec, backend)
+    twin = tiktoken_twin(*plain_tokenizer("smollm2"))
     assert twin.covers("plain text 123".encode())
     assert not twin.covers("a \x04 control byte".encode())  # SmolLM2 has no token for byte 4
 
 
 def test_sentencepiece_has_no_twin():
-    spec, backend = plain_tokenizer("mistral-sp-v1")
-    assert tiktoken_twin(spec, backend) is None
+    assert tiktoken_twin(*plain_tokenizer("mistral-sp-v1")) is None
 
 
-def _byte_level_bpe(extra: dict[str, int], merges: list[tuple[str, str]]) -> tuple[dict, Tokenizer]:
+def _byte_level_bpe(extra: dict[str, int], merges: list[tuple[str, str]]):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {char: byte for byte, char in bytes_to_unicode().items()} | extra
     backend = Tokenizer(models.BPE(vocab, merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return json.loads(backend.to_str()), backend
+    backend.decoder = decoders.ByteLevel()
+    return json.loads(backend.to_str()), backend, build_byte_table(backend.to_str())
 
 
 def test_merges_out_of_id_order_get_no_twin():
     # `tokenizers` merges "a b" first (listed first), so "abc" is [ab, c]; ids as ranks would
     # merge "b c" first ([a, bc]). Every vocabulary token alone encodes the same in both.
-    spec, backend = _byte_level_bpe({"bc": 256, "ab": 257}, [("a", "b"), ("b", "c")])
+    spec, backend, table = _byte_level_bpe({"bc": 256, "ab": 257}, [("a", "b"), ("b", "c")])
     assert backend.encode("abc").ids == [257, ord("c")]
-    assert tiktoken_twin(spec, backend) is None
-    spec, backend = _byte_level_bpe({"ab": 256, "bc": 257}, [("a", "b"), ("b", "c")])
-    twin = tiktoken_twin(spec, backend)
+    assert tiktoken_twin(spec, backend, table) is None
+    spec, backend, table = _byte_level_bpe({"ab": 256, "bc": 257}, [("a", "b"), ("b", "c")])
+    twin = tiktoken_twin(spec, backend, table)
     assert twin is not None and twin.encode("abc") == backend.encode("abc").ids == [256, ord("c")]
