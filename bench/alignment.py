@@ -12,7 +12,8 @@ throughput: `align` (student bytes, teacher tokenization of the same bytes, the
 position -> teacher row/offset maps) on long rollouts made of GSM8K answers, in student
 tokens per second, with the teacher's encoder (its tiktoken twin for byte-level BPE
 teachers, teacher_server/alignment/fast_bpe.py, else Hugging Face `tokenizers`); also the index maps alone (teacher ids given), and the projection
-of 64 teacher candidates per row (bigram teacher rows) in positions per second. One
+of the teacher candidates (bigram teacher rows; 64 per row, 128 at rows with a student position inside
+the teacher token) in positions per second. One
 JSON line per tokenizer pair (default: every ordered pair of different tokenizers),
 then a markdown table (target of issue 6: align >= 1M student tokens/s per core).
 coverage: every ordered pair of the four tokenizers; a bigram teacher of each teacher
@@ -111,6 +112,7 @@ def pair_throughput(pair: str, args) -> dict:
     return {"student": student_name, "teacher": teacher_name, "encoder": text.encoder, "rollout": args.rollout, "repeats": repeats,
             "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from, "align_m_per_s": full / 1e6,
             "maps_m_per_s": maps / 1e6, "candidates": cross.options.candidates,
+            "inside_candidates": cross.options.inside_candidates,
             "projection_k_per_s": projected / 1e3, "coverage": result.coverage.coverage}  # fmt: skip
 
 

@@ -225,9 +225,9 @@ class AsyncTeacherClient:
     ) -> str:
         """Open the session used by later score calls (None = the teacher's own tokenizer).
 
-        `session_options`: further OpenSessionRequest fields of a cross-tokenizer session,
-        e.g. special_token_pairs=[teacher_pb2.SpecialTokenPair(...)], no_eos_pairing=True,
-        alignment=teacher_pb2.AlignmentOptions(...).
+        `session_options`: further OpenSessionRequest fields, e.g.
+        special_token_pairs=[teacher_pb2.SpecialTokenPair(...)], no_eos_pairing=True,
+        no_special_token_masking=True, alignment=teacher_pb2.AlignmentOptions(...).
         """
         student = (
             teacher_pb2.StudentTokenizer(same_as_teacher=True)

@@ -32,7 +32,9 @@ class TrainConfig:
     loss: str = "topk_rkl"
     top_k: int = 32
     gamma: float = 0.0  # sampled_token only: discount of the return-to-go (0 = per token)
-    mask_special_tokens: bool = True  # special targets carry no loss and leave the support (EOS stays)
+    # Special targets carry no loss and leave the support (EOS stays); false turns masking off
+    # in the trainer and in the teacher's session (OpenSession no_special_token_masking).
+    mask_special_tokens: bool = True
     # Rollouts.
     top_p: float = 0.9
     temperature: float = 1.0

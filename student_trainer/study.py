@@ -67,22 +67,25 @@ VARIANTS = (
     Variant("sampled_g0", "sampled-token, gamma 0", "sampled_token", gamma=0.0),
     Variant("sampled_g0.5", "sampled-token, gamma 0.5", "sampled_token", gamma=0.5),
     Variant("sampled_g1", "sampled-token, gamma 1", "sampled_token", gamma=1.0),
+    Variant("sampled_g0_nomask", "sampled-token, gamma 0, no special-token masking", "sampled_token",
+            mask_special_tokens=False),  # fmt: skip
     Variant("topk_k4", "top-K rKL, K=4", "topk_rkl", top_k=4),
     Variant("recipe", "recipe: top-K rKL, K=32", "topk_rkl"),
     Variant("recipe_no_renorm", "recipe, no renormalisation", "topk_rkl_unnormalized"),
     Variant("recipe_top_p1", "recipe, top-p 1.0", "topk_rkl", top_p=1.0),
     Variant("recipe_xtok", "recipe, other student tokenizer", "topk_rkl", student="xtok"),
-    Variant("recipe_xtok_nomask", "recipe, other tokenizer, mask_special_tokens off", "topk_rkl", student="xtok",
+    Variant("recipe_xtok_nomask", "recipe, other tokenizer, no special-token masking", "topk_rkl", student="xtok",
             mask_special_tokens=False),  # fmt: skip
 )
 VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS}
-# What `mask_special_tokens: false` does here (TrainConfig only reaches the trainer's collate):
+# What `mask_special_tokens: false` does (the trainer's masking and its session's no_special_token_masking):
 CROSS_TOKENIZER_NOTE = (
     "the student tokenizer (demo/xtok.py) differs from the teacher's in its vocabulary (doubled digits are one "
-    "token) and its special tokens (<s>, </s>, <|pad|>, <think>); the service pairs </s> with the teacher's <eos> "
-    "and masks the other student specials itself, whatever the trainer's mask_special_tokens says: that setting "
-    "only adds the trainer's own masking (collate) and is not sent in OpenSession, so recipe_xtok_nomask turns "
-    "off the trainer's masking, not the service's"
+    "token) and its special tokens (<s>, </s>, <|pad|>, <think>); the service pairs </s> with the teacher's <eos>, "
+    "leaves the other student specials out of the teacher's text and masks their positions and the one after each. "
+    "mask_special_tokens: false turns masking off in the trainer and in the session (no_special_token_masking): a "
+    "special's position then takes the teacher's distribution at that point of the text and the position after it "
+    "is scored on the text run together"
 )
 
 

@@ -406,7 +406,8 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
         return PendingBatch(rollouts, scores, time.perf_counter() - started, policy_lag=step - version)
 
     with TeacherClient(config.teacher, **client_options) as teacher:
-        teacher.open_session(tokenizer_message(tokenizer))
+        # mask_special_tokens: false is an ablation of the whole masking: the teacher's too.
+        teacher.open_session(tokenizer_message(tokenizer), no_special_token_masking=not config.mask_special_tokens)
         if start == 0 and (eval_prompts or evaluate_task):
             record_and_log({"step": 0, **evaluation()})
         progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="opd", unit="step",

@@ -62,6 +62,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             temperature=request.temperature or 1.0,
             special_token_pairs=tuple((p.student_token, p.teacher_token) for p in request.special_token_pairs),
             pair_eos=not request.no_eos_pairing,
+            mask_specials=not request.no_special_token_masking,
             options=_alignment_options(request.alignment) if request.HasField("alignment") else CrossOptions(),
         )
         # A new student tokenizer builds its alignment tables (seconds): off the event loop.
@@ -205,6 +206,8 @@ def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
     problems = []
     if not 0 <= message.candidates <= MAX_CANDIDATES:
         problems.append(f"candidates must be in [0, {MAX_CANDIDATES}], got {message.candidates}")
+    if not 0 <= message.inside_candidates <= MAX_CANDIDATES:
+        problems.append(f"inside_candidates must be in [0, {MAX_CANDIDATES}], got {message.inside_candidates}")
     if message.expansion_rounds > MAX_EXPANSION_ROUNDS:  # negative: no rounds (the proto says so)
         problems.append(f"expansion_rounds must be at most {MAX_EXPANSION_ROUNDS}, got {message.expansion_rounds}")
     if not 0 <= message.branch_token_factor <= MAX_BRANCH_TOKEN_FACTOR:
@@ -217,6 +220,7 @@ def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
         raise InvalidArgument("alignment options: " + "; ".join(problems) + " (0 = the server's default)")
     return CrossOptions(
         candidates=message.candidates or defaults.candidates,
+        inside_candidates=message.inside_candidates or defaults.inside_candidates,
         rounds=max(message.expansion_rounds, 0) if message.expansion_rounds else defaults.rounds,
         branch_token_factor=message.branch_token_factor or defaults.branch_token_factor,
         min_branch_prob=message.min_branch_prob or defaults.min_branch_prob,

@@ -77,6 +77,8 @@ class SessionSettings:
     temperature: float = 1.0
     special_token_pairs: tuple[tuple[str, str], ...] = ()
     pair_eos: bool = True
+    # False (an ablation): special targets stay in the loss and special tokens in the support
+    mask_specials: bool = True
     options: CrossOptions = CrossOptions()
 
 
@@ -196,7 +198,8 @@ class SessionRegistry:
         teacher = self.teacher
         try:
             specials = special_map(
-                table, text.table, student.eos_tokens, sorted(teacher.eos_ids), settings.special_token_pairs, settings.pair_eos
+                table, text.table, student.eos_tokens, sorted(teacher.eos_ids), settings.special_token_pairs,
+                settings.pair_eos, settings.mask_specials,
             )
         except PairError as reason:
             raise InvalidArgument(str(reason)) from None
@@ -215,7 +218,8 @@ class SessionRegistry:
         # Identity alignment: the student's ids are the teacher's ids.
         kept = _identity_pairs(teacher, settings)
         masked = np.zeros(teacher.model_vocab_size, dtype=bool)
-        masked[sorted((teacher.special_ids | teacher.eos_ids) - set(kept.values()))] = True
+        if settings.mask_specials:
+            masked[sorted((teacher.special_ids | teacher.eos_ids) - set(kept.values()))] = True
         padding_rows = np.arange(len(teacher.vocab), teacher.model_vocab_size)
         excluded = np.union1d(np.flatnonzero(masked), padding_rows).astype(np.int64)
         return Session(
@@ -256,6 +260,8 @@ def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings)
         described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
         described["pair_eos"] = settings.pair_eos
         described["options"] = settings.options.__dict__
+        if not settings.mask_specials:
+            described["mask_specials"] = False
     content = json.dumps(described, sort_keys=True)
     return "s-" + hashlib.sha256(content.encode()).hexdigest()[:24]
 

@@ -162,7 +162,8 @@ def align(
     after_dropped = np.zeros(len(targets), dtype=bool)
     after_dropped[1:] = dropped[:-1]
     reason[(row < 0) | (ends > trusted)] = UNALIGNED
-    reason[is_special | after_dropped] = SPECIAL
+    # Without masking these are only set aside from the projection (session.py fills them in).
+    reason[is_special | (after_dropped & specials.mask)] = SPECIAL
     stream = np.concatenate([completion, np.full(TAIL, END_UNIT, dtype=np.uint16)])
     return Alignment(
         teacher_ids=np.concatenate([prompt_ids, completion_ids]).astype(np.int32),

@@ -96,10 +96,14 @@ class Projection:
     alignment: Alignment
     tables: PairTables
     specials: SpecialMap
-    main_ids: np.ndarray  # int64 [Mc, C]: candidates at each completion teacher row (-1 pad)
-    main_logp: np.ndarray  # float64 [Mc, C]
+    main_ids: np.ndarray  # int64 [Mc, C + 1]: candidates at each completion teacher row (-1 pad)
+    main_logp: np.ndarray  # float64 [Mc, C + 1]
     main_token_logp: np.ndarray  # float64 [Mc]: log-probability of the rollout's own teacher token
-    unseen: np.ndarray  # float64 [Mc]: teacher mass outside the candidates read at each row
+    unseen: np.ndarray  # float64 [Mc]: teacher mass outside the wide candidates read at each row
+    # Positions inside a teacher token read its boundary row wider (all the engine returned): only
+    # the candidates that begin with the partial bytes r count there, a small share of any top C.
+    wide_ids: np.ndarray = None  # int64 [Mc, W + 1]
+    wide_logp: np.ndarray = None  # float64 [Mc, W + 1]
     open: Paths = field(default_factory=Paths.empty)
     landed_pos: list = field(default_factory=list)
     landed_id: list = field(default_factory=list)
@@ -109,18 +113,25 @@ class Projection:
     # ------------------------------------------------------------------ start
 
     @classmethod
-    def start(cls, alignment: Alignment, tables: PairTables, specials: SpecialMap, ids, logprobs, token_logprobs) -> "Projection":
-        """Project the rows of the rollout's own teacher sequence; rows are completion teacher tokens."""
+    def start(
+        cls, alignment: Alignment, tables: PairTables, specials: SpecialMap, ids, logprobs, token_logprobs,
+        candidates: int | None = None,
+    ) -> "Projection":  # fmt: skip
+        """Project the rows of the rollout's own teacher sequence; rows are completion teacher tokens.
+
+        `candidates`: the columns of `ids` read at a teacher boundary (None: all); positions
+        inside a teacher token read every column.
+        """
         a = alignment
         actual = a.teacher_ids[a.teacher_from :].astype(np.int64)
         ids = np.asarray(ids, dtype=np.int64)
-        # The rollout's own teacher token joins the candidates of its row with its exact
-        # log-probability, so the chain rule along the rollout always exists.
-        seen = (ids == actual[:, None]).any(axis=1)
-        main_ids = np.concatenate([ids, np.where(seen, -1, actual)[:, None]], axis=1)
-        main_logp = np.concatenate([np.asarray(logprobs, np.float64), np.asarray(token_logprobs, np.float64)[:, None]], axis=1)
-        unseen = np.clip(1.0 - np.exp(np.asarray(logprobs, np.float64)).sum(axis=1), 0.0, 1.0)
-        projection = cls(a, tables, specials, main_ids, main_logp, np.asarray(token_logprobs, np.float64), unseen)
+        logprobs = np.asarray(logprobs, np.float64)
+        token_logprobs = np.asarray(token_logprobs, np.float64)
+        wide_ids, wide_logp = _with_actual_token(ids, logprobs, actual, token_logprobs)
+        narrow = ids.shape[1] if candidates is None else min(candidates, ids.shape[1])
+        main_ids, main_logp = _with_actual_token(ids[:, :narrow], logprobs[:, :narrow], actual, token_logprobs)
+        unseen = np.clip(1.0 - np.exp(logprobs).sum(axis=1), 0.0, 1.0)
+        projection = cls(a, tables, specials, main_ids, main_logp, token_logprobs, unseen, wide_ids, wide_logp)
         todo = np.flatnonzero(a.reason == 0)
         n = len(todo)
         zeros = np.zeros(n, dtype=np.int64)
@@ -135,8 +146,13 @@ class Projection:
     def _follow_rollout(self, paths: Paths) -> None:
         """Extend paths along the rollout's own teacher rows until none is left on it."""
         while len(paths):
-            rows = paths.main_row
-            children = self._extend(paths, self.main_ids[rows], self.main_logp[rows])
+            wide = (paths.blen == 0) & (self.alignment.rho[paths.pos] > 0)  # first step from inside a token
+            parts = []
+            for group, ids, logp in ((~wide, self.main_ids, self.main_logp), (wide, self.wide_ids, self.wide_logp)):
+                chosen = paths.take(np.flatnonzero(group))
+                if len(chosen):
+                    parts.append(self._extend(chosen, ids[chosen.main_row], logp[chosen.main_row]))
+            children = Paths.concat(parts)
             on_rollout = children.main_row >= 0
             self.open = Paths.concat([self.open, children.take(np.flatnonzero(~on_rollout))])
             paths = children.take(np.flatnonzero(on_rollout))
@@ -393,6 +409,16 @@ class Projection:
         logprobs[reason != 0] = -np.inf
         token_logprobs[reason != 0] = 0.0
         return ids, logprobs, token_logprobs, reason, mass
+
+
+def _with_actual_token(ids: np.ndarray, logp: np.ndarray, actual: np.ndarray, actual_logp: np.ndarray):
+    """Candidates plus one column: the rollout's own teacher token where the row lacks it (else -1),
+    with its exact log-probability, so that the chain rule along the rollout always exists."""
+    seen = (ids == actual[:, None]).any(axis=1)
+    return (
+        np.concatenate([ids, np.where(seen, -1, actual)[:, None]], axis=1),
+        np.concatenate([logp, actual_logp[:, None]], axis=1),
+    )
 
 
 def _row_view(rows: np.ndarray) -> np.ndarray:

@@ -35,6 +35,9 @@ class CrossOptions:
     # Teacher candidates read at every teacher row (several teacher tokens can land on
     # one student token, and some are inconsistent with the partial bytes r).
     candidates: int = 64
+    # ... and at rows where a student position falls inside the teacher token: only candidates
+    # beginning with its partial bytes count there (the engine's pass returns this many for all rows).
+    inside_candidates: int = 128
     # Extra rounds of branches for off-rollout paths (0 = land them on their longest token).
     rounds: int = 1
     # Branches are scored for open paths at least this probable ...
@@ -85,6 +88,30 @@ class CrossResult:
     coverage: Coverage = field(default_factory=Coverage)
 
 
+# The log-probability of a student token the teacher never writes (a dropped control token):
+# the log of the smallest normal float32, finite so that losses and metrics stay finite.
+NEVER_WRITTEN_LOGPROB = float(np.log(np.finfo(np.float32).tiny))
+
+
+def fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass) -> None:
+    """Without special-token masking: a dropped student special (reason SPECIAL here) takes the
+    distribution of the next position with a text target, since the same teacher text precedes
+    both; its own token gets NEVER_WRITTEN_LOGPROB. With no such position after it: UNALIGNED."""
+    dropped = np.flatnonzero(reason == teacher_pb2.MASK_REASON_SPECIAL)
+    if not len(dropped):
+        return
+    count = len(reason)
+    index = np.where(reason == teacher_pb2.MASK_REASON_SPECIAL, count, np.arange(count))
+    following = np.minimum.accumulate(index[::-1])[::-1][dropped]  # next non-dropped position, count if none
+    usable = following < count
+    usable[usable] = reason[following[usable]] == 0
+    to, source = dropped[usable], following[usable]
+    ids[to], logprobs[to], mass[to] = ids[source], logprobs[source], mass[source]
+    token_logprobs[to] = NEVER_WRITTEN_LOGPROB
+    reason[to] = teacher_pb2.MASK_REASON_OK
+    reason[dropped[~usable]] = teacher_pb2.MASK_REASON_UNALIGNED
+
+
 @dataclass(eq=False)
 class CrossTokenizer:
     student: ByteTable
@@ -132,7 +159,7 @@ class CrossTokenizer:
         return ScoringJob(
             token_ids=plan.teacher_ids,
             score_from=plan.teacher_from,
-            top_k=self.options.candidates,
+            top_k=max(self.options.candidates, self.options.inside_candidates),
             temperature=temperature,
             exclude_ids=self.excluded,
         )
@@ -140,7 +167,8 @@ class CrossTokenizer:
     def start(self, plan: Alignment, scores: TeacherScores) -> Projection:
         rows = len(plan.t_start)
         return Projection.start(
-            plan, self.tables, self.specials, scores.ids[:rows], scores.logprobs[:rows], scores.token_logprobs[:rows]
+            plan, self.tables, self.specials, scores.ids[:rows], scores.logprobs[:rows], scores.token_logprobs[:rows],
+            candidates=self.options.candidates,
         )
 
     def branch_requests(self, projection: Projection) -> list[tuple[int, tuple[int, ...]]]:
@@ -170,6 +198,8 @@ class CrossTokenizer:
 
     def finish(self, projection: Projection, top_k: int) -> CrossResult:
         ids, logprobs, token_logprobs, reason, mass = projection.finish(top_k, self.options.min_consistent_mass)
+        if not self.specials.mask:
+            fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass)
         mask = (reason == 0).astype(np.uint8)
         used = mask.astype(bool)
         stats = projection.stats

@@ -14,6 +14,11 @@ keeps an equivalence map student special -> teacher token:
   positions are masked (reason SPECIAL); teacher specials not paired never appear
   in the support.
 
+Without special-token masking (a session setting, for ablations) context-only twins
+pair up too, and a dropped special's position stays in the loss: it takes the
+teacher's distribution at that point of the text (session.py), and its own token,
+which the teacher never writes, gets the floor log-probability.
+
 A pair may also name text that is plain for the teacher (its `<think>` is not a
 special token): the student's special then stands for those bytes, and the
 teacher reads and predicts them as text.
@@ -45,6 +50,8 @@ class SpecialMap:
     student_bytes: dict[int, bytes]
     # the pairs kept in the loss, (student token, teacher token or text)
     pairs: tuple[tuple[str, str], ...] = ()
+    # False: positions of dropped student specials stay in the loss (no SPECIAL mask)
+    mask: bool = True
 
     def unit_of_student(self, student_id: int) -> int | None:
         teacher = self.to_teacher.get(student_id)
@@ -62,6 +69,7 @@ def special_map(
     teacher_eos_ids: Sequence[int],
     pairs: Sequence[tuple[str, str]] = (),
     pair_eos: bool = True,
+    mask: bool = True,
 ) -> SpecialMap:
     to_teacher: dict[int, int] = {}
     kept: set[int] = set()
@@ -95,6 +103,8 @@ def special_map(
             wanted.append((student.ids[student_token], -1))
             text_twins[student.ids[student_token]] = teacher_token.encode("utf-8")
     chosen: dict[int, int] = {}
+    if not mask:  # no masking: context-only twins stay in the loss as pairs
+        chosen.update(to_teacher)
     for student_id, teacher_id in wanted:  # a later (explicit) pair overrides the EOS default
         chosen[student_id] = teacher_id
     for student_id, teacher_id in chosen.items():
@@ -121,6 +131,7 @@ def special_map(
             (student.strings[sid], teacher.strings[tid] if tid >= 0 else student_bytes[sid].decode("utf-8"))
             for sid, tid in sorted(chosen.items())
         ),
+        mask=mask,
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from student_trainer.demo import task, xtok
 from teacher_server.alignment.byte_tables import UnsupportedTokenizer, build_byte_table
-from teacher_server.alignment.session import CrossTokenizer
+from teacher_server.alignment.session import NEVER_WRITTEN_LOGPROB, CrossTokenizer
 from teacher_server.alignment.specials import special_map
 from teacher_server.alignment.text import TeacherText
 from tests import tokenizers as T
@@ -91,10 +91,10 @@ def test_teacher_text_stops_where_its_vocabulary_ends():
     assert text.plain_ids(["77", "x7"]) == [DEMO("77", add_special_tokens=False)["input_ids"], None]
 
 
-def xtok_against_demo(script: dict[str, dict[str, float]], completion: list[str], top_k: int = 8):
+def xtok_against_demo(script: dict[str, dict[str, float]], completion: list[str], top_k: int = 8, mask: bool = True):
     """Score a student completion (xtok tokens) of the prompt "12>" against a scripted demo teacher."""
     student, text = table_of(XTOK), demo_teacher_text()
-    specials = special_map(student, text.table, [XTOK.eos_token], [DEMO.eos_token_id])
+    specials = special_map(student, text.table, [XTOK.eos_token], [DEMO.eos_token_id], mask=mask)
     engine = T.ScriptedTeacher(text.table, None, None)
     cross = CrossTokenizer.build(student, text, specials, engine.vocab_size, engine.max_sequence_length)
     prompt = XTOK("12>")["input_ids"]
@@ -134,3 +134,58 @@ def test_an_unpaired_student_control_token_is_dropped_and_masked():
     # The teacher never sees <think>; its position and the one right after it carry no loss.
     assert plan.teacher_ids.tolist() == DEMO("12>73")["input_ids"] + [DEMO.eos_token_id]
     assert result.mask.tolist() == [1, 0, 0, 1] and (result.reason[1:3] == 1).all()  # 1 = SPECIAL
+
+
+def test_without_masking_an_unpaired_control_token_stays_in_the_loss():
+    """no_special_token_masking: the <think> position takes the teacher's distribution at that point
+    of the text (the next position's: no teacher text lies between them), its own token the floor
+    log-probability; the position after it is scored on the text run together."""
+    script = {"": {"7": 1.0}, "7": {"3": 0.8, "7": 0.2}, "73": {"<eos>": 1.0}}
+    plan, masked = xtok_against_demo(script, ["7", "<think>", "3", "</s>"])
+    plan, unmasked = xtok_against_demo(script, ["7", "<think>", "3", "</s>"], mask=False)
+    assert plan.teacher_ids.tolist() == DEMO("12>73")["input_ids"] + [DEMO.eos_token_id]  # still left out
+    assert unmasked.mask.tolist() == [1, 1, 1, 1] and (unmasked.reason == 0).all()
+    assert unmasked.coverage.with_distribution == 4 and unmasked.coverage.special == 0
+    np.testing.assert_array_equal(unmasked.ids[1], unmasked.ids[2])
+    np.testing.assert_array_equal(unmasked.logprobs[1], unmasked.logprobs[2])
+    got = support(unmasked, 1)  # the teacher's next token after "7": "3" (0.8) or "7" (the student's "7" or "77")
+    assert got["3"] == pytest.approx(0.8, rel=1e-4) and set(got) == {"3", "7", "77"}
+    assert unmasked.token_logprobs[1] == NEVER_WRITTEN_LOGPROB < -80
+    assert unmasked.token_logprobs[2] == pytest.approx(np.log(0.8), abs=1e-4)
+    # Everything else is what the masked session answers.
+    np.testing.assert_array_equal(unmasked.ids[[0, 3]], masked.ids[[0, 3]])
+    np.testing.assert_array_equal(unmasked.token_logprobs[[0, 3]], masked.token_logprobs[[0, 3]])
+    # A control token with no text after it has no distribution: UNALIGNED, not SPECIAL.
+    _, trailing = xtok_against_demo(script, ["7", "3", "<think>"], mask=False)
+    assert trailing.mask.tolist() == [1, 1, 0] and trailing.reason[2] == 2  # 2 = UNALIGNED
+
+
+@pytest.mark.parametrize("inside, low_mass", [(2, True), (3, False)])
+def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass):
+    """The demo student writes "7", "7" where a teacher with the xtok vocabulary writes "77": the
+    second "7" is predicted inside the teacher token, from the candidates at its start that begin
+    with "7". With 2 candidates read there, "7" (ranked third) is missed, the rollout's own "77" alone
+    is too little to condition on (LOW_MASS); `inside_candidates` = 3 reads it."""
+    from teacher_server.alignment.session import CrossOptions
+
+    teacher, student = table_of(XTOK), table_of(DEMO)
+    text = TeacherText(teacher, XTOK.backend_tokenizer.to_str(), "", XTOK.bos_token, XTOK.eos_token)
+    specials = special_map(student, teacher, [DEMO.eos_token], [XTOK.eos_token_id])
+    engine = T.ScriptedTeacher(teacher, None, None)
+    options = CrossOptions(candidates=2, inside_candidates=inside)
+    cross = CrossTokenizer.build(student, text, specials, engine.vocab_size, engine.max_sequence_length, options)
+    prompt = DEMO("12>")["input_ids"]
+    tokens = np.asarray(prompt + DEMO.convert_tokens_to_ids(["7", "7", "<eos>"]))
+    plan = cross.align(tokens, len(prompt))
+    assert XTOK.convert_ids_to_tokens(plan.teacher_ids[plan.teacher_from :].tolist()) == ["77", "</s>"]
+    ids = {t: XTOK.convert_tokens_to_ids(t) for t in ("3", "5", "7", "77", "</s>")}
+    script = {b"": {ids["3"]: 0.5, ids["5"]: 0.3, ids["7"]: 0.1, ids["77"]: 0.001}, b"7": {ids["7"]: 0.9},
+              b"77": {ids["</s>"]: 1.0}}  # fmt: skip
+    engine.prompt_length_of = lambda job: plan.teacher_from
+    engine.script = lambda context: script.get(context, {})
+    result = cross.score(engine, tokens, len(prompt), 4)
+    assert result.reason[1] == (3 if low_mass else 0)  # 3 = LOW_MASS
+    if not low_mass:  # after "7" the teacher writes "7" again: "77" (0.001) or "7", "7" (0.1 x 0.9)
+        assert DEMO.convert_ids_to_tokens(int(result.ids[1, 0])) == "7"
+        assert np.exp(result.logprobs[1, 0]) > 0.9
+    assert result.reason[0] == 0 and result.reason[2] == 0

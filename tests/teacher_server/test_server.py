@@ -241,11 +241,12 @@ def test_bad_temperature_is_invalid_argument(stub, temperature):
     [
         (teacher_pb2.AlignmentOptions(candidates=5000), "candidates must be in [0, 1024], got 5000"),
         (teacher_pb2.AlignmentOptions(candidates=-1), "candidates"),
+        (teacher_pb2.AlignmentOptions(inside_candidates=2000), "inside_candidates must be in [0, 1024], got 2000"),
         (teacher_pb2.AlignmentOptions(expansion_rounds=100), "expansion_rounds must be at most 8, got 100"),
         (teacher_pb2.AlignmentOptions(branch_token_factor=1e6), "branch_token_factor must be in [0, 8.0]"),
         (teacher_pb2.AlignmentOptions(min_branch_prob=2.0), "min_branch_prob must be in [0, 1], got 2.0"),
     ],
-    ids=["candidates-huge", "candidates-negative", "rounds-huge", "factor-huge", "prob-above-1"],
+    ids=["candidates-huge", "candidates-negative", "inside-huge", "rounds-huge", "factor-huge", "prob-above-1"],
 )
 def test_alignment_options_beyond_their_bounds_are_invalid_argument(stub, options, needle):
     # Each multiplies the work of every request of the session: refused when the session opens.
@@ -314,6 +315,25 @@ def test_same_tokenizer_sessions_honour_eos_and_special_token_pairing(stub):
         with pytest.raises(grpc.RpcError) as refused:
             stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=same, special_token_pairs=[bad]), timeout=30)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_without_special_token_masking_special_targets_are_scored_and_offered(stub, reference_model):
+    """no_special_token_masking (an ablation): every target is in the loss with the teacher's own
+    log-probability, and special tokens are part of the top-K like any other token."""
+    same = teacher_pb2.StudentTokenizer(same_as_teacher=True)
+    request = teacher_pb2.OpenSessionRequest(tokenizer=same, no_special_token_masking=True)
+    session = stub.OpenSession(request, timeout=30).session_id
+    assert session != stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=same), timeout=30).session_id
+    tokens = np.array([1, 10, 11, THINK, 12, 13, EOS, 14, THINK, THINK, 15, 0, 16, EOS, 1, 17, EOS], dtype=np.int32)
+    got = TeacherScores.from_proto(stub.Score(score_request(session, tokens, 2, MAX_K), timeout=30))
+    targets = tokens[2:]
+    assert (got.mask == 1).all() and (got.reason == teacher_pb2.MASK_REASON_OK).all()
+    ref = reference(reference_model, tokens, 2)
+    np.testing.assert_allclose(got.token_logprobs, ref[np.arange(len(targets)), targets], atol=1e-4)
+    check_against_reference(got, ScoringJob(token_ids=tokens, score_from=2, top_k=MAX_K), ref)
+    # Where the teacher ranks <|think|> within its top K, it is offered.
+    rank_of_think = (ref > ref[:, [THINK]]).sum(axis=1)
+    assert (got.ids[rank_of_think < MAX_K] == THINK).any(axis=1).all()
 
 
 def test_special_targets_are_masked_and_never_in_the_support(stub, session_id, reference_model):

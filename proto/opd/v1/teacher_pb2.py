@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opd/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xe1\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11special_token_ids\x18\x07 \x03(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\t\"L\n\x10StudentTokenizer\x12\x17\n\x0fsame_as_teacher\x18\x01 \x01(\x08\x12\x1f\n\x02hf\x18\x02 \x01(\x0b\x32\x13.opd.v1.HFTokenizer\"h\n\x0bHFTokenizer\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x16\n\x0especial_tokens\x18\x02 \x03(\t\x12\x12\n\neos_tokens\x18\x03 \x03(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\"@\n\x10SpecialTokenPair\x12\x15\n\rstudent_token\x18\x01 \x01(\t\x12\x15\n\rteacher_token\x18\x02 \x01(\t\"v\n\x10\x41lignmentOptions\x12\x12\n\ncandidates\x18\x01 \x01(\x05\x12\x18\n\x10\x65xpansion_rounds\x18\x02 \x01(\x05\x12\x1b\n\x13\x62ranch_token_factor\x18\x03 \x01(\x02\x12\x17\n\x0fmin_branch_prob\x18\x04 \x01(\x02\"\xd2\x01\n\x12OpenSessionRequest\x12+\n\ttokenizer\x18\x01 \x01(\x0b\x32\x18.opd.v1.StudentTokenizer\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x35\n\x13special_token_pairs\x18\x03 \x03(\x0b\x32\x18.opd.v1.SpecialTokenPair\x12\x16\n\x0eno_eos_pairing\x18\x04 \x01(\x08\x12+\n\talignment\x18\x05 \x01(\x0b\x32\x18.opd.v1.AlignmentOptions\"\x95\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fsame_as_teacher\x18\x02 \x01(\x08\x12\x1a\n\x12student_vocab_size\x18\x03 \x01(\x05\x12\x35\n\x13special_token_pairs\x18\x04 \x03(\x0b\x32\x18.opd.v1.SpecialTokenPair\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1e\n\x06tokens\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x12\n\nscore_from\x18\x04 \x01(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12%\n\x08messages\x18\x06 \x03(\x0b\x32\x13.opd.v1.ChatMessage\"\xea\x01\n\x08\x43overage\x12\x11\n\tpositions\x18\x01 \x01(\x03\x12\x19\n\x11with_distribution\x18\x02 \x01(\x03\x12\x0f\n\x07special\x18\x03 \x01(\x03\x12\x11\n\tunaligned\x18\x04 \x01(\x03\x12\x10\n\x08low_mass\x18\x05 \x01(\x03\x12\x16\n\x0e\x62\x65yond_context\x18\x06 \x01(\x03\x12\x19\n\x11retained_mass_sum\x18\x07 \x01(\x01\x12\x18\n\x10\x62ranch_sequences\x18\x08 \x01(\x03\x12\x15\n\rbranch_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x66\x61llback_paths\x18\n \x01(\x03\"\x97\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1b\n\x03ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12 \n\x08logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0etoken_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1c\n\x04mask\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1e\n\x06reason\x18\x06 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x10\n\x08\x63overage\x18\x07 \x01(\x02\x12\x19\n\x11mean_support_mass\x18\x08 \x01(\x02\x12 \n\x06\x63ounts\x18\t \x01(\x0b\x32\x10.opd.v1.Coverage\"~\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\x08\n\x06result\">\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\",\n\x16GetSessionStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x84\x01\n\x0cSessionStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12 \n\x06totals\x18\x03 \x01(\x0b\x32\x10.opd.v1.Coverage\x12\x10\n\x08\x63overage\x18\x04 \x01(\x02\x12\x1a\n\x12mean_retained_mass\x18\x05 \x01(\x02\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*\x8e\x01\n\nMaskReason\x12\x12\n\x0eMASK_REASON_OK\x10\x00\x12\x17\n\x13MASK_REASON_SPECIAL\x10\x01\x12\x19\n\x15MASK_REASON_UNALIGNED\x10\x02\x12\x18\n\x14MASK_REASON_LOW_MASS\x10\x03\x12\x1e\n\x1aMASK_REASON_BEYOND_CONTEXT\x10\x04\x32\x9d\x03\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x46\n\x0bOpenSession\x12\x1a.opd.v1.OpenSessionRequest\x1a\x1b.opd.v1.OpenSessionResponse\x12I\n\x0c\x43loseSession\x12\x1b.opd.v1.CloseSessionRequest\x1a\x1c.opd.v1.CloseSessionResponse\x12G\n\x0fGetSessionStats\x12\x1e.opd.v1.GetSessionStatsRequest\x1a\x14.opd.v1.SessionStats\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x14.opd.v1.ScoreRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opd/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xe1\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11special_token_ids\x18\x07 \x03(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\t\"L\n\x10StudentTokenizer\x12\x17\n\x0fsame_as_teacher\x18\x01 \x01(\x08\x12\x1f\n\x02hf\x18\x02 \x01(\x0b\x32\x13.opd.v1.HFTokenizer\"h\n\x0bHFTokenizer\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x16\n\x0especial_tokens\x18\x02 \x03(\t\x12\x12\n\neos_tokens\x18\x03 \x03(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\"@\n\x10SpecialTokenPair\x12\x15\n\rstudent_token\x18\x01 \x01(\t\x12\x15\n\rteacher_token\x18\x02 \x01(\t\"\x91\x01\n\x10\x41lignmentOptions\x12\x12\n\ncandidates\x18\x01 \x01(\x05\x12\x18\n\x10\x65xpansion_rounds\x18\x02 \x01(\x05\x12\x1b\n\x13\x62ranch_token_factor\x18\x03 \x01(\x02\x12\x17\n\x0fmin_branch_prob\x18\x04 \x01(\x02\x12\x19\n\x11inside_candidates\x18\x05 \x01(\x05\"\xf4\x01\n\x12OpenSessionRequest\x12+\n\ttokenizer\x18\x01 \x01(\x0b\x32\x18.opd.v1.StudentTokenizer\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x35\n\x13special_token_pairs\x18\x03 \x03(\x0b\x32\x18.opd.v1.SpecialTokenPair\x12\x16\n\x0eno_eos_pairing\x18\x04 \x01(\x08\x12+\n\talignment\x18\x05 \x01(\x0b\x32\x18.opd.v1.AlignmentOptions\x12 \n\x18no_special_token_masking\x18\x06 \x01(\x08\"\x95\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fsame_as_teacher\x18\x02 \x01(\x08\x12\x1a\n\x12student_vocab_size\x18\x03 \x01(\x05\x12\x35\n\x13special_token_pairs\x18\x04 \x03(\x0b\x32\x18.opd.v1.SpecialTokenPair\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1e\n\x06tokens\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x12\n\nscore_from\x18\x04 \x01(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12%\n\x08messages\x18\x06 \x03(\x0b\x32\x13.opd.v1.ChatMessage\"\xea\x01\n\x08\x43overage\x12\x11\n\tpositions\x18\x01 \x01(\x03\x12\x19\n\x11with_distribution\x18\x02 \x01(\x03\x12\x0f\n\x07special\x18\x03 \x01(\x03\x12\x11\n\tunaligned\x18\x04 \x01(\x03\x12\x10\n\x08low_mass\x18\x05 \x01(\x03\x12\x16\n\x0e\x62\x65yond_context\x18\x06 \x01(\x03\x12\x19\n\x11retained_mass_sum\x18\x07 \x01(\x01\x12\x18\n\x10\x62ranch_sequences\x18\x08 \x01(\x03\x12\x15\n\rbranch_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x66\x61llback_paths\x18\n \x01(\x03\"\x97\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1b\n\x03ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12 \n\x08logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0etoken_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1c\n\x04mask\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1e\n\x06reason\x18\x06 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x10\n\x08\x63overage\x18\x07 \x01(\x02\x12\x19\n\x11mean_support_mass\x18\x08 \x01(\x02\x12 \n\x06\x63ounts\x18\t \x01(\x0b\x32\x10.opd.v1.Coverage\"~\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\x08\n\x06result\">\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\",\n\x16GetSessionStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x84\x01\n\x0cSessionStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12 \n\x06totals\x18\x03 \x01(\x0b\x32\x10.opd.v1.Coverage\x12\x10\n\x08\x63overage\x18\x04 \x01(\x02\x12\x1a\n\x12mean_retained_mass\x18\x05 \x01(\x02\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*\x8e\x01\n\nMaskReason\x12\x12\n\x0eMASK_REASON_OK\x10\x00\x12\x17\n\x13MASK_REASON_SPECIAL\x10\x01\x12\x19\n\x15MASK_REASON_UNALIGNED\x10\x02\x12\x18\n\x14MASK_REASON_LOW_MASS\x10\x03\x12\x1e\n\x1aMASK_REASON_BEYOND_CONTEXT\x10\x04\x32\x9d\x03\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x46\n\x0bOpenSession\x12\x1a.opd.v1.OpenSessionRequest\x1a\x1b.opd.v1.OpenSessionResponse\x12I\n\x0c\x43loseSession\x12\x1b.opd.v1.CloseSessionRequest\x1a\x1c.opd.v1.CloseSessionResponse\x12G\n\x0fGetSessionStats\x12\x1e.opd.v1.GetSessionStatsRequest\x1a\x14.opd.v1.SessionStats\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x14.opd.v1.ScoreRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opd.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MASKREASON']._serialized_start=2236
-  _globals['_MASKREASON']._serialized_end=2378
+  _globals['_MASKREASON']._serialized_start=2298
+  _globals['_MASKREASON']._serialized_end=2440
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=84
   _globals['_GETINFOREQUEST']._serialized_start=86
@@ -45,32 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HFTOKENIZER']._serialized_end=514
   _globals['_SPECIALTOKENPAIR']._serialized_start=516
   _globals['_SPECIALTOKENPAIR']._serialized_end=580
-  _globals['_ALIGNMENTOPTIONS']._serialized_start=582
-  _globals['_ALIGNMENTOPTIONS']._serialized_end=700
-  _globals['_OPENSESSIONREQUEST']._serialized_start=703
-  _globals['_OPENSESSIONREQUEST']._serialized_end=913
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=916
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1065
-  _globals['_CHATMESSAGE']._serialized_start=1067
-  _globals['_CHATMESSAGE']._serialized_end=1111
-  _globals['_SCOREREQUEST']._serialized_start=1114
-  _globals['_SCOREREQUEST']._serialized_end=1274
-  _globals['_COVERAGE']._serialized_start=1277
-  _globals['_COVERAGE']._serialized_end=1511
-  _globals['_SCORERESPONSE']._serialized_start=1514
-  _globals['_SCORERESPONSE']._serialized_end=1793
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1795
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1921
-  _globals['_ERROR']._serialized_start=1923
-  _globals['_ERROR']._serialized_end=1985
-  _globals['_GETSESSIONSTATSREQUEST']._serialized_start=1987
-  _globals['_GETSESSIONSTATSREQUEST']._serialized_end=2031
-  _globals['_SESSIONSTATS']._serialized_start=2034
-  _globals['_SESSIONSTATS']._serialized_end=2166
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2168
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2209
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2211
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2233
-  _globals['_TEACHER']._serialized_start=2381
-  _globals['_TEACHER']._serialized_end=2794
+  _globals['_ALIGNMENTOPTIONS']._serialized_start=583
+  _globals['_ALIGNMENTOPTIONS']._serialized_end=728
+  _globals['_OPENSESSIONREQUEST']._serialized_start=731
+  _globals['_OPENSESSIONREQUEST']._serialized_end=975
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=978
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1127
+  _globals['_CHATMESSAGE']._serialized_start=1129
+  _globals['_CHATMESSAGE']._serialized_end=1173
+  _globals['_SCOREREQUEST']._serialized_start=1176
+  _globals['_SCOREREQUEST']._serialized_end=1336
+  _globals['_COVERAGE']._serialized_start=1339
+  _globals['_COVERAGE']._serialized_end=1573
+  _globals['_SCORERESPONSE']._serialized_start=1576
+  _globals['_SCORERESPONSE']._serialized_end=1855
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1857
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1983
+  _globals['_ERROR']._serialized_start=1985
+  _globals['_ERROR']._serialized_end=2047
+  _globals['_GETSESSIONSTATSREQUEST']._serialized_start=2049
+  _globals['_GETSESSIONSTATSREQUEST']._serialized_end=2093
+  _globals['_SESSIONSTATS']._serialized_start=2096
+  _globals['_SESSIONSTATS']._serialized_end=2228
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2230
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2271
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2273
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2295
+  _globals['_TEACHER']._serialized_start=2443
+  _globals['_TEACHER']._serialized_end=2856
 # @@protoc_insertion_point(module_scope)

@@ -87,30 +87,34 @@ class SpecialTokenPair(_message.Message):
     def __init__(self, student_token: _Optional[str] = ..., teacher_token: _Optional[str] = ...) -> None: ...
 
 class AlignmentOptions(_message.Message):
-    __slots__ = ("candidates", "expansion_rounds", "branch_token_factor", "min_branch_prob")
+    __slots__ = ("candidates", "expansion_rounds", "branch_token_factor", "min_branch_prob", "inside_candidates")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EXPANSION_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_TOKEN_FACTOR_FIELD_NUMBER: _ClassVar[int]
     MIN_BRANCH_PROB_FIELD_NUMBER: _ClassVar[int]
+    INSIDE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     candidates: int
     expansion_rounds: int
     branch_token_factor: float
     min_branch_prob: float
-    def __init__(self, candidates: _Optional[int] = ..., expansion_rounds: _Optional[int] = ..., branch_token_factor: _Optional[float] = ..., min_branch_prob: _Optional[float] = ...) -> None: ...
+    inside_candidates: int
+    def __init__(self, candidates: _Optional[int] = ..., expansion_rounds: _Optional[int] = ..., branch_token_factor: _Optional[float] = ..., min_branch_prob: _Optional[float] = ..., inside_candidates: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("tokenizer", "temperature", "special_token_pairs", "no_eos_pairing", "alignment")
+    __slots__ = ("tokenizer", "temperature", "special_token_pairs", "no_eos_pairing", "alignment", "no_special_token_masking")
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKEN_PAIRS_FIELD_NUMBER: _ClassVar[int]
     NO_EOS_PAIRING_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    NO_SPECIAL_TOKEN_MASKING_FIELD_NUMBER: _ClassVar[int]
     tokenizer: StudentTokenizer
     temperature: float
     special_token_pairs: _containers.RepeatedCompositeFieldContainer[SpecialTokenPair]
     no_eos_pairing: bool
     alignment: AlignmentOptions
-    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., no_eos_pairing: _Optional[bool] = ..., alignment: _Optional[_Union[AlignmentOptions, _Mapping]] = ...) -> None: ...
+    no_special_token_masking: bool
+    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., no_eos_pairing: _Optional[bool] = ..., alignment: _Optional[_Union[AlignmentOptions, _Mapping]] = ..., no_special_token_masking: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "same_as_teacher", "student_vocab_size", "special_token_pairs")
