@@ -259,7 +259,10 @@ def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings)
     if settings != SessionSettings(temperature=settings.temperature):  # ids of default sessions stay as they were
         described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
         described["pair_eos"] = settings.pair_eos
-        described["options"] = settings.options.__dict__
+        options = dict(settings.options.__dict__)
+        if options["inside_candidates"] == CrossOptions.inside_candidates:
+            del options["inside_candidates"]  # added later: ids of sessions that leave it alone stay as they were
+        described["options"] = options
         if not settings.mask_specials:
             described["mask_specials"] = False
     content = json.dumps(described, sort_keys=True)

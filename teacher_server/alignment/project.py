@@ -100,8 +100,9 @@ class Projection:
     main_logp: np.ndarray  # float64 [Mc, C + 1]
     main_token_logp: np.ndarray  # float64 [Mc]: log-probability of the rollout's own teacher token
     unseen: np.ndarray  # float64 [Mc]: teacher mass outside the wide candidates read at each row
-    # Positions inside a teacher token read its boundary row wider (all the engine returned): only
-    # the candidates that begin with the partial bytes r count there, a small share of any top C.
+    # A position inside a teacher token reads that token's boundary row wider (all the engine
+    # returned): only the candidates that begin with the partial bytes r count there, a small share
+    # of any top C. Later steps of its paths (rollout rows, branches) read the narrow view.
     wide_ids: np.ndarray = None  # int64 [Mc, W + 1]
     wide_logp: np.ndarray = None  # float64 [Mc, W + 1]
     open: Paths = field(default_factory=Paths.empty)
@@ -119,8 +120,8 @@ class Projection:
     ) -> "Projection":  # fmt: skip
         """Project the rows of the rollout's own teacher sequence; rows are completion teacher tokens.
 
-        `candidates`: the columns of `ids` read at a teacher boundary (None: all); positions
-        inside a teacher token read every column.
+        `candidates`: the columns of `ids` read at a teacher boundary (None: all); the first
+        step of a position inside a teacher token reads every column.
         """
         a = alignment
         actual = a.teacher_ids[a.teacher_from :].astype(np.int64)

@@ -95,21 +95,23 @@ NEVER_WRITTEN_LOGPROB = float(np.log(np.finfo(np.float32).tiny))
 
 def fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass) -> None:
     """Without special-token masking: a dropped student special (reason SPECIAL here) takes the
-    distribution of the next position with a text target, since the same teacher text precedes
-    both; its own token gets NEVER_WRITTEN_LOGPROB. With no such position after it: UNALIGNED."""
+    row of the next position that is not a dropped special, since the same teacher text precedes
+    both; its own token gets NEVER_WRITTEN_LOGPROB. Where that position is masked, the special
+    takes its reason too (BEYOND_CONTEXT, ...); with no position after it, UNALIGNED."""
     dropped = np.flatnonzero(reason == teacher_pb2.MASK_REASON_SPECIAL)
     if not len(dropped):
         return
     count = len(reason)
     index = np.where(reason == teacher_pb2.MASK_REASON_SPECIAL, count, np.arange(count))
     following = np.minimum.accumulate(index[::-1])[::-1][dropped]  # next non-dropped position, count if none
-    usable = following < count
-    usable[usable] = reason[following[usable]] == 0
-    to, source = dropped[usable], following[usable]
+    has_next = following < count
+    reason[dropped[~has_next]] = teacher_pb2.MASK_REASON_UNALIGNED
+    to, source = dropped[has_next], following[has_next]
+    reason[to] = reason[source]
+    usable = reason[to] == teacher_pb2.MASK_REASON_OK
+    to, source = to[usable], source[usable]
     ids[to], logprobs[to], mass[to] = ids[source], logprobs[source], mass[source]
     token_logprobs[to] = NEVER_WRITTEN_LOGPROB
-    reason[to] = teacher_pb2.MASK_REASON_OK
-    reason[dropped[~usable]] = teacher_pb2.MASK_REASON_UNALIGNED
 
 
 @dataclass(eq=False)

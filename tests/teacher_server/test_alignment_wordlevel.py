@@ -152,6 +152,11 @@ def test_without_masking_an_unpaired_control_token_stays_in_the_loss():
     assert got["3"] == pytest.approx(0.8, rel=1e-4) and set(got) == {"3", "7", "77"}
     assert unmasked.token_logprobs[1] == NEVER_WRITTEN_LOGPROB < -80
     assert unmasked.token_logprobs[2] == pytest.approx(np.log(0.8), abs=1e-4)
+    # Two in a row share it too.
+    _, twice = xtok_against_demo(script, ["7", "<think>", "<think>", "3", "</s>"], mask=False)
+    assert twice.mask.tolist() == [1] * 5 and (twice.token_logprobs[1:3] == NEVER_WRITTEN_LOGPROB).all()
+    np.testing.assert_array_equal(twice.ids[1], twice.ids[3])
+    np.testing.assert_array_equal(twice.ids[2], twice.ids[3])
     # Everything else is what the masked session answers.
     np.testing.assert_array_equal(unmasked.ids[[0, 3]], masked.ids[[0, 3]])
     np.testing.assert_array_equal(unmasked.token_logprobs[[0, 3]], masked.token_logprobs[[0, 3]])
@@ -189,3 +194,7 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
         assert DEMO.convert_ids_to_tokens(int(result.ids[1, 0])) == "7"
         assert np.exp(result.logprobs[1, 0]) > 0.9
     assert result.reason[0] == 0 and result.reason[2] == 0
+    # The first "7" starts on the boundary: it reads 2 candidates whatever `inside` is, so of the
+    # teacher's "7" and "77" only the rollout's own "77" (always read) reaches it.
+    first = {DEMO.convert_ids_to_tokens(int(i)): float(np.exp(lp)) for i, lp in zip(result.ids[0], result.logprobs[0]) if i >= 0}
+    assert first["7"] == pytest.approx(0.001, rel=1e-3)
