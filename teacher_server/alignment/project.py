@@ -99,12 +99,7 @@ class Projection:
     main_ids: np.ndarray  # int64 [Mc, C + 1]: candidates at each completion teacher row (-1 pad)
     main_logp: np.ndarray  # float64 [Mc, C + 1]
     main_token_logp: np.ndarray  # float64 [Mc]: log-probability of the rollout's own teacher token
-    unseen: np.ndarray  # float64 [Mc]: teacher mass outside the wide candidates read at each row
-    # A position inside a teacher token reads that token's boundary row wider (all the engine
-    # returned): only the candidates that begin with the partial bytes r count there, a small share
-    # of any top C. Later steps of its paths (rollout rows, branches) read the narrow view.
-    wide_ids: np.ndarray = None  # int64 [Mc, W + 1]
-    wide_logp: np.ndarray = None  # float64 [Mc, W + 1]
+    unseen: np.ndarray  # float64 [Mc]: teacher mass outside all the candidates the engine returned
     open: Paths = field(default_factory=Paths.empty)
     landed_pos: list = field(default_factory=list)
     landed_id: list = field(default_factory=list)
@@ -120,8 +115,10 @@ class Projection:
     ) -> "Projection":  # fmt: skip
         """Project the rows of the rollout's own teacher sequence; rows are completion teacher tokens.
 
-        `candidates`: the columns of `ids` read at a teacher boundary (None: all); the first
-        step of a position inside a teacher token reads every column.
+        `candidates`: the columns of `ids` read at a teacher boundary (None: all). A position
+        inside a teacher token reads every column at that token's start: only the candidates that
+        begin with the partial bytes r count there, a small share of any top C. Later steps of its
+        paths (rollout rows, branches) read `candidates` again.
         """
         a = alignment
         actual = a.teacher_ids[a.teacher_from :].astype(np.int64)
@@ -132,7 +129,7 @@ class Projection:
         narrow = ids.shape[1] if candidates is None else min(candidates, ids.shape[1])
         main_ids, main_logp = _with_actual_token(ids[:, :narrow], logprobs[:, :narrow], actual, token_logprobs)
         unseen = np.clip(1.0 - np.exp(logprobs).sum(axis=1), 0.0, 1.0)
-        projection = cls(a, tables, specials, main_ids, main_logp, token_logprobs, unseen, wide_ids, wide_logp)
+        projection = cls(a, tables, specials, main_ids, main_logp, token_logprobs, unseen)
         todo = np.flatnonzero(a.reason == 0)
         n = len(todo)
         zeros = np.zeros(n, dtype=np.int64)
@@ -141,19 +138,18 @@ class Projection:
             main_row=a.row[todo], attach=zeros - 1, extra=np.full((n, MAX_EXTRA), -1, np.int64), extra_len=zeros.copy(),
             hash=np.zeros(n, np.uint64),
         )  # fmt: skip
-        projection._follow_rollout(roots)
+        inside = a.rho[todo] > 0
+        projection._follow_rollout(roots.take(np.flatnonzero(~inside)), main_ids, main_logp)
+        projection._follow_rollout(roots.take(np.flatnonzero(inside)), wide_ids, wide_logp)
         return projection
 
-    def _follow_rollout(self, paths: Paths) -> None:
-        """Extend paths along the rollout's own teacher rows until none is left on it."""
+    def _follow_rollout(self, paths: Paths, first_ids: np.ndarray, first_logp: np.ndarray) -> None:
+        """Extend paths along the rollout's own teacher rows until none is left on it; the first step
+        reads the rows `first_ids`/`first_logp`, later ones main_ids/main_logp."""
+        ids, logp = first_ids, first_logp
         while len(paths):
-            wide = (paths.blen == 0) & (self.alignment.rho[paths.pos] > 0)  # first step from inside a token
-            parts = []
-            for group, ids, logp in ((~wide, self.main_ids, self.main_logp), (wide, self.wide_ids, self.wide_logp)):
-                chosen = paths.take(np.flatnonzero(group))
-                if len(chosen):
-                    parts.append(self._extend(chosen, ids[chosen.main_row], logp[chosen.main_row]))
-            children = Paths.concat(parts)
+            children = self._extend(paths, ids[paths.main_row], logp[paths.main_row])
+            ids, logp = self.main_ids, self.main_logp
             on_rollout = children.main_row >= 0
             self.open = Paths.concat([self.open, children.take(np.flatnonzero(~on_rollout))])
             paths = children.take(np.flatnonzero(on_rollout))

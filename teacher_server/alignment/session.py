@@ -36,7 +36,7 @@ class CrossOptions:
     # one student token, and some are inconsistent with the partial bytes r).
     candidates: int = 64
     # ... and at rows where a student position falls inside the teacher token: only candidates
-    # beginning with its partial bytes count there (the engine's pass returns this many for all rows).
+    # beginning with its partial bytes count there (the engine's pass then returns this many per row).
     inside_candidates: int = 128
     # Extra rounds of branches for off-rollout paths (0 = land them on their longest token).
     rounds: int = 1
@@ -158,10 +158,13 @@ class CrossTokenizer:
         return plan
 
     def main_job(self, plan: Alignment, temperature: float = 1.0) -> ScoringJob:
+        options = self.options
+        # Wider rows are read only where a position falls inside a teacher token (project.py).
+        inside = bool((plan.rho > 0).any())
         return ScoringJob(
             token_ids=plan.teacher_ids,
             score_from=plan.teacher_from,
-            top_k=max(self.options.candidates, self.options.inside_candidates),
+            top_k=max(options.candidates, options.inside_candidates) if inside else options.candidates,
             temperature=temperature,
             exclude_ids=self.excluded,
         )
