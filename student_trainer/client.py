@@ -13,7 +13,8 @@ others. An entry may itself be load-balanced by gRPC, e.g.
 Failures that cost time, never a step (retried with jittered exponential backoff,
 up to `RetryPolicy.attempts` tries and `max_elapsed_s`): UNAVAILABLE (teacher down,
 restarting or draining: the endpoint rests for the backoff while others work;
-also CANCELLED, which a call racing a teacher's shutdown can get);
+also CANCELLED, which a call racing a teacher's shutdown can get, and the INTERNAL that
+grpc's own client reports for a connection broken mid-call, LOCAL_CORE_INTERNAL);
 RESOURCE_EXHAUSTED that carries the server's retry hint (a tenant limit: wait that
 long); DEADLINE_EXCEEDED (`timeout_s` bounds one call or stream: a stream that timed
 out on a busy teacher resends only its unanswered requests); NOT_FOUND for the session (the teacher restarted and forgot it: re-open it
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_AFTER_KEY = "retry-after-ms"  # teacher_server/errors.py
+# The status grpc's aio client sets itself when an operation of a call fails in its own core, e.g.
+# a stream write to a teacher that was killed mid-call (grpc _AioCall.set_internal_error). The
+# teacher never sent it (its INTERNAL names an exception), so it is a broken connection: retried.
+LOCAL_CORE_INTERNAL = "Internal error from Core"
 PIN_KEY = "opd-teacher-pin"  # teacher_server/identity.py
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # round_robin over every address a target resolves to (a DNS name of several replicas);
@@ -373,8 +378,10 @@ class AsyncTeacherClient:
             log.warning("teacher %s lost the session (restart?); re-opening it", endpoint.target)
             endpoint.session_open = False
             endpoint.open_calls = min(endpoint.open_calls + 1, 16)
-        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED) or (
-            code == grpc.StatusCode.RESOURCE_EXHAUSTED and failure.retry_after_s is not None
+        elif (
+            code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+            or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and failure.retry_after_s is not None)
+            or (code == grpc.StatusCode.INTERNAL and message == LOCAL_CORE_INTERNAL)
         ):
             # The endpoint rests for the backoff below; a restarted teacher answers NOT_FOUND next.
             # CANCELLED: this client never cancels its own calls, so it is a teacher closing its port.
