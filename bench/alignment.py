@@ -2,7 +2,7 @@
 
     python bench/alignment.py throughput [--pairs gpt2:mistral-sp-v1 ...] [--tokens 1000000]   # (e) of issue 6
     python bench/alignment.py coverage [--answers 200] [--real 20]
-    python bench/alignment.py fidelity [--examples 6] [--positions 4]
+    python bench/alignment.py fidelity [--pairs gpt2:smollm2 ...] [--examples 300] [--tv-positions 500]
 
 Run on one core (the script pins torch, numpy and tokenizers to one thread). The
 tokenizers are the real ones of tests/tokenizers.py (built offline from PyPI
@@ -19,7 +19,10 @@ then a markdown table (target of issue 6: align >= 1M student tokens/s per core)
 coverage: every ordered pair of the four tokenizers; a bigram teacher of each teacher
 tokenizer (fitted on the even answers, scored on the odd ones), and with --real N the
 pairs whose teacher is SmolLM2-135M with the real model and its chat template.
-fidelity: tests/teacher_server/test_cross_tokenizer_fidelity.py on more positions.
+fidelity: tests/fidelity.py on every ordered pair: the returned token log-probabilities against
+the teacher's chain rule at every position whose student token starts and ends on teacher
+boundaries, and the returned supports against brute-force teacher probabilities at every
+position of the first answers (SmolLM2-135M for its own tokenizer, bigram stand-ins for the others).
 """
 
 from __future__ import annotations
@@ -153,19 +156,41 @@ def coverage(args) -> None:
 
 
 def fidelity(args) -> None:
-    from tests.teacher_server.test_cross_tokenizer_fidelity import fidelity as measure
+    from tests import fidelity as F
 
-    examples = T.gsm8k()[1 : 2 * args.examples : 2]
-    for rounds in args.rounds:
-        for student in ("mistral-sp-v1", "tekken", "gpt2"):
-            started = time.perf_counter()
-            distances, across, cover = measure(student, examples, args.positions, rounds=rounds)
-            print(f"{student:>14} -> smollm2  expansion rounds {rounds}: mean TV {distances.mean():.4f} over {len(distances)} "
-                  f"positions (across/inside teacher tokens {distances[across].mean():.4f} n={across.sum()}, one-to-one "
-                  f"{distances[~across].mean():.4f} n={(~across).sum()}), max {distances.max():.4f}; coverage "
-                  f"{cover.coverage:.4f}, retained {cover.mean_retained_mass:.3f}, branch seq/tok "
-                  f"{cover.branch_sequences}/{cover.branch_tokens} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    examples = T.gsm8k()
+    fit, held_out = [e["answer"] for e in examples[::2]], examples[1::2]
+    common.header("cross-tokenizer fidelity against exact references (tests/fidelity.py), every position")
+    pairs = args.pairs or [f"{s}:{t}" for t in T.available() for s in T.available() if s != t]
+    rows = []
+    for pair in pairs:
+        student, teacher = pair.split(":")
+        if teacher == "smollm2":
+            engine, rows_of, chat = T.smollm2_engine(), F.ModelRows, True
+        else:
+            engine, rows_of, chat = T.BigramTeacher(T.load(teacher), fit), F.BigramRows, False
+        cross = T.cross(student, teacher, engine)
+        started = time.perf_counter()
+        found = F.measure(cross, engine, rows_of, T.load(student), held_out[: args.examples], args.top_k,
+                          args.tv_positions, chat)  # fmt: skip
+        row = {"student": student, "teacher": teacher, "teacher_model": "SmolLM2-135M" if teacher == "smollm2" else "bigram",
+               **found.summary(), "seconds": round(time.perf_counter() - started)}  # fmt: skip
+        rows.append(row)
+        common.emit({"bench": "alignment-fidelity", **row})
+    for row in rows:
+        for name in F.KINDS:
+            n, mean, p99 = row.pop(f"tv_{name}", (0, float("nan"), float("nan")))
+            row[f"tv_{name}"] = f"{mean:.4f} / {p99:.3f} (n={n})"
+    common.print_table(rows, {"student": "student", "teacher": "teacher", "teacher_model": "teacher model",
+                              "boundary_positions": "boundary positions", "chain_mean": "chain rule mean |diff|",
+                              "chain_p99": "p99", "chain_share_over_0.05": "share > 0.05",
+                              "tv_positions": "TV positions", "tv_mean": "TV mean", "tv_p99": "TV p99",
+                              "covered_mean": "covered"},
+                       f"GSM8K answers {args.examples} per pair (chain rule at every boundary position), brute force at "
+                       f"every position of the first answers until {args.tv_positions} positions, K = {args.top_k}:")  # fmt: skip
+    common.print_table(rows, {"student": "student", "teacher": "teacher", **{f"tv_{name}": f"TV {name}: mean / p99" for name in F.KINDS}},
+                       "Total variation by position kind:")  # fmt: skip
+    common.footer()
 
 
 def main() -> None:
@@ -182,9 +207,10 @@ def main() -> None:
     cover.add_argument("--answers", type=int, default=200)
     cover.add_argument("--real", type=int, default=0, help="answers for the SmolLM2-teacher pairs (0 = skip)")
     fid = commands.add_parser("fidelity")
-    fid.add_argument("--examples", type=int, default=6)
-    fid.add_argument("--positions", type=int, default=4, help="sampled positions per answer")
-    fid.add_argument("--rounds", type=int, nargs="+", default=[1])
+    fid.add_argument("--pairs", nargs="+", help="student:teacher ... (default: every ordered pair available)")
+    fid.add_argument("--examples", type=int, default=300, help="GSM8K answers per pair")
+    fid.add_argument("--tv-positions", type=int, default=500, help="positions compared with brute force per pair")
+    fid.add_argument("--top-k", type=int, default=32)
     args = parser.parse_args()
     {"throughput": throughput, "coverage": coverage, "fidelity": fidelity}[args.command](args)
 

@@ -27,7 +27,7 @@ import json
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
 
@@ -72,6 +72,7 @@ class ByteTable:
     ids: dict[str, int]  # vocabulary string -> id, added tokens included
     dummy_prefix: bool  # the tokenizer puts a space before the text it encodes
     padded: np.ndarray  # uint16 [V, WINDOW]: first bytes of each token, padded with PAD_UNIT
+    tokenizer_json: str = field(default="", repr=False)  # the source, for encoding text with this tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -227,6 +228,7 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
         ids=vocab,
         dummy_prefix=False,
         padded=padded,
+        tokenizer_json=tokenizer_json,
     )
     return _checked(table, tokenizer_json)
 

@@ -17,6 +17,7 @@ membership is one vectorised `isin`.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable
-from teacher_server.alignment.text import TeacherText
+from teacher_server.alignment.text import TeacherText, _without_dummy_prefix
 from teacher_server.alignment.trie import ByteTrie, build_trie
 
 HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -46,6 +47,8 @@ class PairTables:
     # per student prefix: the longest student token that is a prefix of token t's
     # first d bytes (index trie.token_starts[t] + d)
     prefix_best: np.ndarray
+    # per teacher token: the first token of the student's own tokenization of its bytes (-1 unknown)
+    first_student: np.ndarray
 
     def is_ambiguous(self, hashes: np.ndarray) -> np.ndarray:
         if len(self.ambiguous) == 0:
@@ -96,7 +99,51 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
         teacher_trie=teacher_trie,
         ambiguous=ambiguous,
         prefix_best=prefix_best,
+        first_student=first_student_tokens(student, trie, text.table),
     )
+
+
+def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable) -> np.ndarray:
+    """For every teacher token, the first token of the student tokenizer's own encoding of its bytes
+    (as text that continues a text: no dummy prefix), as the preferred id of those bytes; -1 where
+    the bytes are not text, the student's tokens do not give them back, or the table has no tokenizer.
+
+    BPE does not take the longest match: SentencePiece writes " bolts" as " bol", "ts" although
+    " bolt" is a token, and pre-tokenizers cut before digits or runs of spaces. A teacher token
+    that leaves the rollout's text lands where the student's tokenizer would start, not on the
+    longest student token its bytes begin with.
+    """
+    first = np.full(teacher.vocab_size, -1, dtype=np.int64)
+    if not student.tokenizer_json:
+        return first
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(json.dumps(_without_dummy_prefix(json.loads(student.tokenizer_json))))
+    texts, owners = [], []
+    for index, token in enumerate(teacher.tokens):
+        if token and not teacher.special[index]:
+            try:
+                texts.append(token.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            owners.append(index)
+    try:
+        encodings = encoder.encode_batch(texts, add_special_tokens=False)
+    except Exception:  # a WordLevel vocabulary that cannot spell one of the texts fails the whole batch
+        return first
+    tokens, lengths = student.tokens, student.lengths.tolist()
+    known, leading = [], []
+    for index, text, encoding in zip(owners, texts, encodings):
+        ids = encoding.ids
+        raw = teacher.tokens[index]
+        # Tokens that give the text back exactly (no normalizer rewrote it, no unknown token).
+        if ids and raw.startswith(tokens[ids[0]]) and sum(lengths[i] for i in ids) == len(raw):
+            known.append(index)
+            leading.append(ids[0])
+    if known:
+        leading = np.asarray(leading, dtype=np.int64)
+        first[known] = trie.token_at[trie.prefix_nodes[trie.token_starts[leading] + student.lengths[leading]]]
+    return first
 
 
 # Weak values, as byte_tables._cache: tables live as long as a session uses them.

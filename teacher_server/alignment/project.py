@@ -233,13 +233,16 @@ class Projection:
         consistent = text & (~follows | (agree >= np.minimum(length, need_r)))
         short = consistent & follows & (new_blen <= rho)
         past_r = consistent & ~short
-        covered = blen + agree - rho  # units of the target the path has written (following paths)
-        hit = past_r & follows & (covered >= ylen)
+        covered = blen + agree - rho  # units after r the path has written on the rollout's text
+        on_text = past_r & follows & (agree == length)  # the whole token is the rollout's text
+        hit = on_text & (covered >= ylen)
         self._land(pos[hit], y[hit], lp[hit])
-        along = past_r & follows & ~hit & (agree == length)  # still inside the target, on its text
-        diverged = past_r & ~hit & ~along
+        along = on_text & (covered < ylen)  # still inside the target, on its text
+        diverged = past_r & ~on_text
 
-        # Diverged: walk the student trie over the candidate's own bytes.
+        # Diverged: walk the student trie over the path's own bytes after r. Up to where it leaves
+        # the rollout's text those are the target's bytes (then the text after the target), so
+        # the walk starts at the target's prefix node and reads the rest from the candidate.
         d = np.flatnonzero(diverged)
         prior_follow = follows[d]
         # Depth into the target's own bytes (a special paired with teacher text has none in the
@@ -249,9 +252,13 @@ class Projection:
         y_base = trie.token_starts[np.maximum(y[d], 0)]
         start_node = np.where(prior_follow, trie.prefix_nodes[y_base + np.maximum(m, 0)], paths.node[flat[d]])
         start_best = np.where(prior_follow, np.where(m > 0, t.prefix_best[y_base + np.maximum(m, 0)], -1), paths.best[flat[d]])
-        skip = np.where(prior_follow, agree[d], 0)
+        skip = np.where(prior_follow, np.maximum(agree[d] - np.maximum(covered[d] - m, 0), 0), 0)
         node, found, _depth = trie.walk(start_node, teacher.data, teacher.starts[c[d]] + skip, teacher.starts[c[d]] + length[d])
         best = np.where(found >= 0, found, start_best)
+        # A path that is one teacher token from the boundary lands where the student's tokenizer
+        # starts on that token's text (pair.py); deeper paths take the longest match.
+        whole = (blen[d] == 0) & (rho[d] == 0) & (t.first_student[c[d]] >= 0)
+        best[whole] = t.first_student[c[d][whole]]
         hashes = path_hash(paths.hash[flat[d]], c[d])
         open_end = (node >= 0) & trie.has_longer[np.maximum(node, 0)]
         ambiguous = open_end & (rho[d] == 0) & t.is_ambiguous(hashes)
@@ -335,7 +342,8 @@ class Projection:
         return np.where(node >= 0, trie.below[np.maximum(node, 0)], 0) / max(self.tables.teacher.vocab_size, 1)
 
     def _chain_rule(self, positions: np.ndarray, total: np.ndarray) -> np.ndarray:
-        """Estimate for a target no path landed on: the rollout's teacher tokens covering it."""
+        """The rollout's teacher tokens covering each target: exact where the target starts and ends on
+        teacher boundaries; elsewhere an estimate (conditioned on r inside a teacher token)."""
         a = self.alignment
         cumulative = np.concatenate([[0.0], np.cumsum(self.main_token_logp)])
         first = a.row[positions]
@@ -385,9 +393,15 @@ class Projection:
             token_logprobs[u_pos[actual]] = np.log(value[actual])
             has = np.zeros(P, dtype=bool)
             has[u_pos] = True
-            missing_actual = has.copy()
-            missing_actual[u_pos[actual]] = False
-            token_logprobs[missing_actual] = self._chain_rule(np.flatnonzero(missing_actual), total)
+            # Where no path landed on the target, and wherever the target starts and ends on teacher
+            # boundaries: the chain rule along the rollout's teacher tokens (DESIGN.md 6.5). Other
+            # teacher paths that write the same text (" restart" + "s" for " rest" + "arts") still
+            # add to the target's support entry, but its token log-probability is the teacher's
+            # probability of its own tokens.
+            by_chain = has.copy()
+            by_chain[u_pos[actual]] = False
+            by_chain |= has & (a.rho == 0) & np.isin(a.e, a.t_end)
+            token_logprobs[by_chain] = self._chain_rule(np.flatnonzero(by_chain), total)
         else:
             has = np.zeros(P, dtype=bool)
         todo = reason == 0

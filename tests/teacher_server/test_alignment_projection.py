@@ -186,3 +186,66 @@ def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2
     assert plan.units[: plan.num_units - 1].astype(np.uint8).tobytes() == b"<think> so done"
     assert list(paired.mask) == [1, 1, 0, 0, 1]
     assert paired.token_logprobs[1] == pytest.approx(np.log(0.5), abs=1e-5)
+
+
+def sentencepiece_completion(text: str) -> list[int]:
+    """The SentencePiece student's ids of `text` after the prompt "Q:" (as it splits the whole text)."""
+    sp = T.load("mistral-sp-v1")
+    ids = sp("Q:" + text, add_special_tokens=False)["input_ids"]
+    assert sp.convert_ids_to_tokens(ids[:2]) == ["▁Q", ":"]
+    return ids[2:]
+
+
+def test_lone_space_before_a_number_keeps_only_its_own_mass():
+    """The student's " " before "3" is a byte-prefix of " three", " a", " two": those are other
+    text (the student writes them as " three", ...), not its lone space."""
+    need("mistral-sp-v1", "smollm2")
+    completion = sentencepiece_completion(" eats 3 eggs")
+    assert T.load("mistral-sp-v1").convert_ids_to_tokens(completion) == ["▁e", "ats", "▁", "3", "▁eggs"]
+    script = {
+        "": {" eats": 1.0},
+        " eats": {" ": 0.34, " three": 0.20, " a": 0.06, " two": 0.03, " eggs": 0.37},
+        " eats ": {"3": 1.0},
+        " eats 3": {" eggs": 1.0},
+        " eats three": {" eggs": 1.0},
+        " eats a": {" egg": 1.0},
+        " eats two": {" eggs": 1.0},
+    }
+    _, result = run("mistral-sp-v1", "smollm2", completion, script)
+    expected = {"▁": 0.34, "▁three": 0.20, "▁a": 0.06, "▁two": 0.03, "▁eggs": 0.37}
+    assert support(result, 2, "mistral-sp-v1") == pytest.approx(expected, rel=1e-5)
+    assert result.token_logprobs[2] == pytest.approx(np.log(0.34), abs=1e-5)  # the chain rule
+    assert result.mask.all()
+
+
+def test_short_word_before_a_longer_one_keeps_only_its_own_mass():
+    """" a" before " total" is a byte-prefix of " and", " all", " about"; " duck" before " eggs" of
+    " ducks", which the student writes " d", "ucks" (its BPE does not take the longest match)."""
+    need("mistral-sp-v1", "smollm2")
+    completion = sentencepiece_completion(" eats a total")
+    assert T.load("mistral-sp-v1").convert_ids_to_tokens(completion) == ["▁e", "ats", "▁a", "▁total"]
+    script = {
+        "": {" eats": 1.0},
+        " eats": {" a": 0.5, " and": 0.2, " all": 0.1, " about": 0.1, " the": 0.1},
+        " eats a": {" total": 1.0},
+        # " and", " all" may begin longer student words (" andere"): the branch round reads on.
+        **{f" eats{word}": {" eggs": 1.0} for word in (" and", " all", " about", " the")},
+    }
+    _, result = run("mistral-sp-v1", "smollm2", completion, script)
+    expected = {"▁a": 0.5, "▁and": 0.2, "▁all": 0.1, "▁about": 0.1, "▁the": 0.1}
+    assert support(result, 2, "mistral-sp-v1") == pytest.approx(expected, rel=1e-5)
+    assert result.token_logprobs[2] == pytest.approx(np.log(0.5), abs=1e-5)
+
+    completion = sentencepiece_completion(" a duck eggs")
+    assert T.load("mistral-sp-v1").convert_ids_to_tokens(completion) == ["▁a", "▁duck", "▁eggs"]
+    script = {
+        "": {" a": 1.0},
+        " a": {" duck": 0.5, " ducks": 0.3, " dog": 0.2},
+        " a duck": {" eggs": 1.0},
+        " a ducks": {" eggs": 1.0},
+        " a dog": {" eggs": 1.0},
+    }
+    _, result = run("mistral-sp-v1", "smollm2", completion, script)
+    assert support(result, 1, "mistral-sp-v1") == pytest.approx({"▁duck": 0.5, "▁d": 0.3, "▁dog": 0.2}, rel=1e-5)
+    assert result.token_logprobs[1] == pytest.approx(np.log(0.5), abs=1e-5)
+    assert result.mask.all()
