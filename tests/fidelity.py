@@ -254,6 +254,7 @@ class Fidelity:
 
     chain_diff: list = field(default_factory=list)  # |token_logprob - chain rule| at boundary positions
     boundary_masked: int = 0  # boundary positions the response masked (no comparison)
+    entry_excess: list = field(default_factory=list)  # log support entry of the target - chain rule, same positions
     tv: list = field(default_factory=list)
     covered: list = field(default_factory=list)
     kind: list = field(default_factory=list)
@@ -267,6 +268,8 @@ class Fidelity:
         if len(chain):
             out |= {"chain_mean": float(chain.mean()), "chain_p99": float(np.quantile(chain, 0.99)),
                     "chain_share_over_0.05": float((chain > 0.05).mean()), "chain_max": float(chain.max())}  # fmt: skip
+            excess = np.asarray(self.entry_excess)
+            out |= {"entry_excess_mean": float(excess.mean()), "entry_share_over_0.05": float((np.abs(excess) > 0.05).mean())}
         if len(tv):
             out |= {"tv_positions": len(tv), "tv_mean": float(tv.mean()), "tv_p99": float(np.quantile(tv, 0.99)),
                     "covered_mean": float(np.mean(self.covered))}  # fmt: skip
@@ -314,6 +317,12 @@ def _chain_rule(found: Fidelity, plan, result, rows) -> None:
     last = np.searchsorted(plan.t_end, plan.e[chosen])
     reference = cumulative[last + 1] - cumulative[plan.row[chosen]]
     found.chain_diff += np.abs(result.token_logprobs[chosen].astype(np.float64) - reference).tolist()
+    # The target's own support entry: the chain rule plus the teacher paths that write the same
+    # text by other tokens, so never below it; far above it means other text landed on the target.
+    entry = result.ids[chosen] == plan.targets[chosen, None]
+    listed = entry.any(axis=1)
+    logp = result.logprobs[chosen][entry].astype(np.float64)
+    found.entry_excess += (logp - reference[listed]).tolist()
 
 
 def _brute_force(found: Fidelity, cross, plan, result, rows, vocabulary: TeacherVocabulary) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable
-from teacher_server.alignment.text import TeacherText, _without_dummy_prefix
+from teacher_server.alignment.text import TeacherText, without_dummy_prefix
 from teacher_server.alignment.trie import ByteTrie, build_trie
 
 HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -118,7 +118,7 @@ def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable)
         return first
     from tokenizers import Tokenizer
 
-    encoder = Tokenizer.from_str(json.dumps(_without_dummy_prefix(json.loads(student.tokenizer_json))))
+    encoder = Tokenizer.from_str(json.dumps(without_dummy_prefix(json.loads(student.tokenizer_json))))
     texts, owners = [], []
     for index, token in enumerate(teacher.tokens):
         if token and not teacher.special[index]:

@@ -6,15 +6,28 @@ candidate is a teacher *path* from b: it must begin with r; what it writes after
 r decides the student token it lands on, and its probability (the chain rule
 along the path) adds to that token's. Paths are followed as far as needed:
 
-* a path that covers the student's actual target lands on it (the student's
-  own tokenizer split this very text there);
-* a path that diverges from the text lands on the longest student token its
-  bytes after r begin with, unless it is *ambiguous* (pair.py: the teacher may be
-  spelling a longer student token one teacher token at a time, "1" -> "130");
+* a path whose text is the rollout's text through the end of the student's actual
+  target lands on it (the student's own tokenizer split this very text there);
+* a path that leaves the rollout's text, before or after covering the target, is
+  other text (" three" is not the student's lone " " before "3"): unless it is
+  *ambiguous* (pair.py: the teacher may be spelling a longer student token one
+  teacher token at a time, "1" -> "130"), it lands where the student's tokenizer
+  starts on its bytes after r. For a path of one teacher token from a boundary that
+  is the first token of the student's own encoding of that token's text
+  (pair.first_student_tokens: SentencePiece writes " ducks" as " d", "ucks"); for
+  longer paths and inside a teacher token, the longest student token its bytes
+  begin with. The remaining approximation: the student's first token is read from
+  the path's own bytes, while BPE merges, pre-tokenizer look-aheads and runs of
+  spaces can depend on text the path has not written yet (" bol" + "t" + "s");
 * a path still short of its landing (inside r, inside the actual target, or
   ambiguous) continues with the teacher's next token. Along the rollout's own
   teacher tokens that distribution is already scored (free); elsewhere it needs a
   branch (engines/base.py), scored in bounded extra rounds (service.py).
+
+At a position whose target starts and ends on teacher boundaries, `finish` gives the
+target the chain rule over the rollout's teacher tokens (DESIGN.md 6.5); other paths
+that write the same text (" restart" + "s" for " rest" + "arts") add to its support
+entry only.
 
 Everything is vectorised over all (path, candidate) pairs of a request. Log
 masses are kept per landing; `finish` sums them per (position, student token).

@@ -26,7 +26,7 @@ from teacher_server.alignment.fast_bpe import TiktokenTwin, tiktoken_twin
 INVALID_BYTE = re.compile("[\udc80-\udcff]")
 
 
-def _without_dummy_prefix(spec: dict) -> dict:
+def without_dummy_prefix(spec: dict) -> dict:
     """The same tokenizer, except that it never adds a space at the start of a text."""
 
     def visit(node):
@@ -71,7 +71,7 @@ class TeacherText:
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
 
-        spec = _without_dummy_prefix(json.loads(self.tokenizer_json))
+        spec = without_dummy_prefix(json.loads(self.tokenizer_json))
         self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
         self._plain = Tokenizer.from_str(json.dumps(spec))
         # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from teacher_server.alignment.byte_tables import build_byte_table, byte_table
 from teacher_server.alignment.fast_bpe import tiktoken_twin
-from teacher_server.alignment.text import _without_dummy_prefix
+from teacher_server.alignment.text import without_dummy_prefix
 from tests import tokenizers as T
 from tests.teacher_server.test_alignment import PIECES
 
@@ -31,7 +31,7 @@ def plain_tokenizer(name: str):
     if reason:
         pytest.skip(f"tokenizer {name} unavailable: {reason}")
     tokenizer = T.load(name)
-    spec = _without_dummy_prefix(json.loads(tokenizer.backend_tokenizer.to_str()))
+    spec = without_dummy_prefix(json.loads(tokenizer.backend_tokenizer.to_str()))
     backend = Tokenizer.from_str(json.dumps(spec))
     backend.encode_special_tokens = True
     return spec, backend, byte_table(tokenizer.backend_tokenizer.to_str(), tokenizer.all_special_tokens)
