@@ -1,7 +1,7 @@
 """Fidelity of cross-tokenizer scores against exact references, at every position of real texts.
 
 Two references (DESIGN.md sections 6.5 and 8), both computed from the teacher's full
-vocabulary in float64, independently of the projection:
+vocabulary (log-softmax in float64, rows kept in float32), independently of the projection:
 
 * **chain rule**: at a student position whose target starts and ends on teacher token
   boundaries, the exact teacher log-probability of the student's token is the sum of the
