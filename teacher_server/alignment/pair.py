@@ -17,7 +17,6 @@ membership is one vectorised `isin`.
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable
-from teacher_server.alignment.text import TeacherText, without_dummy_prefix
+from teacher_server.alignment.text import TeacherText, plain_ids, plain_tokenizer
 from teacher_server.alignment.trie import ByteTrie, build_trie
 
 HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -116,9 +115,6 @@ def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable)
     first = np.full(teacher.vocab_size, -1, dtype=np.int64)
     if not student.tokenizer_json:
         return first
-    from tokenizers import Tokenizer
-
-    encoder = Tokenizer.from_str(json.dumps(without_dummy_prefix(json.loads(student.tokenizer_json))))
     texts, owners = [], []
     for index, token in enumerate(teacher.tokens):
         if token and not teacher.special[index]:
@@ -127,14 +123,10 @@ def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable)
             except UnicodeDecodeError:
                 continue
             owners.append(index)
-    try:
-        encodings = encoder.encode_batch(texts, add_special_tokens=False)
-    except Exception:  # a WordLevel vocabulary that cannot spell one of the texts fails the whole batch
-        return first
+    encodings = plain_ids(plain_tokenizer(student.tokenizer_json), student, texts)
     tokens, lengths = student.tokens, student.lengths.tolist()
     known, leading = [], []
-    for index, text, encoding in zip(owners, texts, encodings):
-        ids = encoding.ids
+    for index, ids in zip(owners, encodings):
         raw = teacher.tokens[index]
         # Tokens that give the text back exactly (no normalizer rewrote it, no unknown token).
         if ids and raw.startswith(tokens[ids[0]]) and sum(lengths[i] for i in ids) == len(raw):

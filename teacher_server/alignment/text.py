@@ -50,6 +50,42 @@ def without_dummy_prefix(spec: dict) -> dict:
     return spec
 
 
+def plain_tokenizer(tokenizer_json: str):
+    """The tokenizer of `tokenizer_json` as an encoder of text that continues a text (no dummy prefix)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(without_dummy_prefix(json.loads(tokenizer_json))))
+
+
+def encodable_prefix(tokenizer, text: str) -> list[int]:
+    """Ids of the pre-tokenized pieces of `text` up to the first one the model cannot encode.
+
+    The model encodes each pre-token on its own, so these are the ids of that prefix; callers
+    see that they stop short of the text and treat the rest as unencodable.
+    """
+    splitter = tokenizer.pre_tokenizer
+    pieces = [piece for piece, _ in splitter.pre_tokenize_str(text)] if splitter is not None else [text]
+    ids: list[int] = []
+    for piece in pieces:
+        try:
+            ids += tokenizer.encode(piece, add_special_tokens=False).ids
+        except Exception:
+            break
+    return ids
+
+
+def plain_ids(tokenizer, table: ByteTable, texts: list[str]) -> list[list[int] | None]:
+    """Each text's tokens with a `plain_tokenizer`; None where it cannot encode all of it."""
+    try:
+        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    except Exception:  # one text outside a WordLevel vocabulary fails the whole batch: one by one
+        out: list[list[int] | None] = []
+        for text in texts:
+            ids = encodable_prefix(tokenizer, text)
+            out.append(ids if table.token_bytes(ids) == text.encode() else None)
+        return out
+
+
 def _is_prepend(node) -> bool:
     return isinstance(node, dict) and node.get("type") == "Prepend"
 
@@ -113,34 +149,11 @@ class TeacherText:
             # encode_batch_fast: no offsets, which this does not read (a third faster)
             return list(chain.from_iterable(encoding.ids for encoding in self._plain.encode_batch_fast(pieces, add_special_tokens=False)))
         except Exception:  # a WordLevel vocabulary without an unknown token refuses a word it lacks
-            return self._encodable_prefix(text)
-
-    def _encodable_prefix(self, text: str) -> list[int]:
-        """Ids of the pre-tokenized pieces of `text` up to the first one the model cannot encode.
-
-        The model encodes each pre-token on its own, so these are the ids of that prefix; `encode`
-        then sees that they stop short of the text and the caller marks the rest unaligned.
-        """
-        splitter = self._plain.pre_tokenizer
-        pieces = [piece for piece, _ in splitter.pre_tokenize_str(text)] if splitter is not None else [text]
-        ids: list[int] = []
-        for piece in pieces:
-            try:
-                ids += self._plain.encode(piece, add_special_tokens=False).ids
-            except Exception:
-                break
-        return ids
+            return encodable_prefix(self._plain, text)
 
     def plain_ids(self, texts: list[str]) -> list[list[int] | None]:
         """The teacher's tokens of each text (no dummy prefix); None where it cannot encode all of it."""
-        try:
-            return [encoding.ids for encoding in self._plain.encode_batch(texts, add_special_tokens=False)]
-        except Exception:  # one text outside a WordLevel vocabulary fails the whole batch: one by one
-            out: list[list[int] | None] = []
-            for text in texts:
-                ids = self._encodable_prefix(text)
-                out.append(ids if self.table.token_bytes(ids) == text.encode() else None)
-            return out
+        return plain_ids(self._plain, self.table, texts)
 
     def encode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Teacher ids for `data` and how many leading bytes they reproduce exactly."""

@@ -4,9 +4,9 @@ The real SmolLM2-135M teacher with each other real tokenizer as the student, and
 stand-in teachers for the other orders: the returned token log-probabilities must equal the
 teacher's chain rule at every position whose student token starts and ends on teacher
 boundaries (issue 13's bounds), and the responses must cover the answers. The total
-variation against the brute-force reference is printed, not asserted: that reference takes
-the student's longest match, which the student's own BPE does not always take (tests/fidelity.py),
-so it is a measurement, not a bound. `python bench/alignment.py fidelity` runs the same on
+variation against the brute-force reference keeps the earlier bound (mean <= 0.1 with the real
+teacher); issue 13's tighter bounds are printed, not asserted: that reference takes the
+student's longest match, which the student's own BPE does not always take (tests/fidelity.py). `python bench/alignment.py fidelity` runs the same on
 hundreds of answers per pair.
 """
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MAX_CHAIN_MEAN = 0.005  # nats, mean |token_logprob - chain rule| at boundary positions
 MAX_CHAIN_SHARE = 0.002  # share of boundary positions off by more than 0.05 nats
 MAX_ENTRY_SHARE = 0.01  # share where the target's support entry is above the chain rule by more than 0.05
+MAX_MEAN_TV = 0.1  # mean total variation to brute force, real teacher (the bound of the sampled test this replaces)
 
 
 def gsm8k_answers(count: int) -> list[dict]:
@@ -52,6 +53,7 @@ def test_real_teacher_matches_chain_rule_and_brute_force(student, smollm2):
     found = F.measure(cross, engine, F.ModelRows, T.load(student), gsm8k_answers(10), tv_positions=60)
     summary = check(found, f"{student} -> smollm2")
     assert found.coverage.mean_retained_mass > 0.5
+    assert summary["tv_mean"] <= MAX_MEAN_TV
     # The target's support entry exceeds the chain rule only by teacher paths that write the same
     # text with other tokens (0.45% of positions by more than 0.05 nats over 30 SentencePiece
     # answers); other text landing on the target (7% of positions before) would show here.
