@@ -8,35 +8,28 @@ vocabulary (log-softmax in float64, rows kept in float32), independently of the 
   teacher log-probabilities of the rollout's teacher tokens it spans. Compared with the
   returned `token_logprobs` at every such position.
 * **brute force**: at any position, with b the last teacher boundary at or before the
-  position and r the bytes between b and it, each student token v of the returned support
-  is scored directly from the teacher: P(the teacher's text after b begins with
-  r + bytes(v) and with no longer student token), each text's probability summed over
-  every teacher token path that writes it (a last token that runs past it counts in full;
-  paths and texts below PRUNE are dropped). That is the student token the text begins with
-  when the student takes the longest match; a partition among the support's candidates
-  alone would credit a lone space " " with every word outside the support. Both
-  distributions are renormalised over the support and compared by total variation.
-  `covered` is the brute-force share of the texts after r whose longest student token is
-  in the support. Where the student's BPE does not take the longest match (SentencePiece
-  writes " bolts" as " bol", "ts" although " bolt" is a token) the reference and a correct
-  projection part: the chain rule, exact and free of tokenizer rules, checks the landing.
+  position and r the bytes between b and it, the teacher's distribution over the student's
+  next token, from the teacher alone: every teacher token path from b that writes r and then
+  text w, followed until w's first word is finished, its probability given to the first token
+  of the student tokenizer's own encoding of w (BruteForce). Renormalised over the returned
+  support and compared with it by total variation; `covered` is the share of that
+  distribution the support holds, `reference_unsettled` the share the reference gave from a
+  word it stopped following (below LOOKAHEAD).
 
-A paired special in the support (the student's EOS) is scored as "r, then the teacher's
-twin token". Teacher rows come from `ModelRows` (a Hugging Face model: one pass over the
+Teacher rows come from `ModelRows` (a Hugging Face model: one pass over the
 teacher sequence, then batched branch passes on its KV cache) or `BigramRows` (the
 stand-in teachers of tests/tokenizers.py).
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from teacher_server.alignment.pair import BYTE_CLASS, LETTER, OTHER, SPACE
 from teacher_server.alignment.session import Coverage
 
-PRUNE = 1e-6  # teacher paths and texts less probable than this (from b) are not followed
 BRANCH_CHUNK = 512  # branch tokens per pass of ModelRows
 KINDS = ("one-to-one", "several", "shorter", "inside")  # see position_kinds
 
@@ -106,132 +99,171 @@ class BigramRows:
         return [self.engine.distribution(int(extra[-1] if extra else self.teacher_ids[at - 1])) for at, extra in contexts]
 
 
-class TeacherVocabulary:
-    """The teacher tokens the brute force may write (every token with bytes the server offers),
-    sorted by their bytes, so that the tokens beginning with given bytes are one slice."""
+def first_word(text: bytes) -> tuple[int, bool]:
+    """The class of the text's first word (pair.BYTE_CLASS) and whether the text is past its end.
 
-    def __init__(self, table, excluded: np.ndarray) -> None:
-        self.vocab_size = table.vocab_size
-        allowed = table.lengths > 0
-        allowed[excluded[excluded < len(allowed)]] = False
-        ordered = sorted((table.tokens[i], i) for i in np.flatnonzero(allowed).tolist())
-        self.keys = [token for token, _ in ordered]
-        self.ids = np.asarray([i for _, i in ordered], dtype=np.int64)
-        self.by_bytes: dict[bytes, list[int]] = {}
-        for token, i in ordered:
-            self.by_bytes.setdefault(token, []).append(i)
-
-        self.rank = dict(zip(self.ids.tolist(), range(len(self.ids))))
-
-    def slice_of(self, prefix: bytes) -> tuple[int, int]:
-        lo = bisect.bisect_left(self.keys, prefix)
-        return lo, bisect.bisect_left(self.keys, prefix + b"\xff" * 64, lo)
-
-    def probability(self, cumulative: np.ndarray, token: int) -> float:
-        at = self.rank[token]
-        return float(cumulative[at + 1]) - float(cumulative[at])
-
-    def prefixes_of(self, rest: bytes, proper: bool) -> list[tuple[int, bytes]]:
-        """(token, bytes left) for every token that is a prefix of `rest` (a proper one if `proper`)."""
-        stop = len(rest) if proper else len(rest) + 1
-        return [(t, rest[cut:]) for cut in range(1, stop) for t in self.by_bytes.get(rest[:cut], [])]
+    A word is a run of one class (letters, with any non-ASCII byte; digits; whitespace; other)
+    after at most one leading space or punctuation mark before letters (" total", "/min"): the
+    pre-tokenizers' unit, and BPE merges within it. Pre-tokenizers also attach newlines to
+    punctuation (Tekken's ".\n\n") and look one character past a run of spaces (GPT-2's "\n\n"
+    before a word is "\n", "\n"), so the text is past the first word once it has changed class
+    twice after it began."""
+    classes = BYTE_CLASS[np.frombuffer(text, np.uint8)]
+    lead = len(text) > 1 and ((text[:1] == b" " and classes[1] != SPACE) or (classes[0] == OTHER and classes[1] == LETTER))
+    rest = classes[int(lead) :]
+    return int(rest[0]), bool(np.count_nonzero(rest[1:] != rest[:-1]) >= 2)
 
 
-class RowStore:
-    """Teacher rows of one text, computed in batches: a row not yet computed reads as all zero and is
-    remembered; `fill` computes the remembered ones in one call. Brute-force figures are recomputed
-    until no row is missing (as many rounds as the deepest teacher path). A row is kept as its
-    cumulative probabilities in the vocabulary's byte order (float32: a token's probability is a
-    difference of two of them) and the probabilities of `twins`, the teacher's paired specials."""
+class StudentFirstToken:
+    """The first token of the student tokenizer's encoding of a text (pair.first_tokens), cached;
+    the longest student token the bytes begin with where that is undefined (not UTF-8 text)."""
 
-    def __init__(self, rows, vocabulary: "TeacherVocabulary", twins: list[int]) -> None:
-        self.rows, self.vocabulary, self.twins = rows, vocabulary, twins
-        self.known: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, dict[int, float]]] = {}
-        self.missing: set[tuple[int, tuple[int, ...]]] = set()
-        self.blank = np.zeros(len(vocabulary.ids) + 1, np.float32), dict.fromkeys(twins, 0.0)
+    def __init__(self, cross) -> None:
+        from teacher_server.alignment.text import plain_tokenizer
 
-    def get(self, at: int, path: tuple[int, ...]) -> tuple[np.ndarray, dict[int, float]]:
-        found = self.known.get((at, path))
-        if found is None:
-            self.missing.add((at, path))
-            return self.blank
-        return found
+        self.student, self.trie = cross.student, cross.tables.trie
+        self.tokenizer = plain_tokenizer(self.student.tokenizer_json) if self.student.tokenizer_json else None
+        self.cache: dict[bytes, int] = {}
 
-    def fill(self) -> bool:
-        """Compute the missing rows; False when none was missing."""
-        if not self.missing:
-            return False
-        contexts = sorted(self.missing)
-        for start in range(0, len(contexts), 1024):
-            chunk = contexts[start : start + 1024]
-            for context, logp in zip(chunk, self.rows.rows(chunk)):
-                probabilities = np.exp(logp[self.vocabulary.ids].astype(np.float64))
-                cumulative = np.concatenate([[0.0], np.cumsum(probabilities)]).astype(np.float32)
-                self.known[context] = cumulative, {t: float(np.exp(logp[t])) for t in self.twins}
-        self.missing.clear()
-        return True
+    def of(self, texts: list[bytes]) -> list[int]:
+        from teacher_server.alignment.pair import first_tokens
+
+        todo = [text for text in dict.fromkeys(texts) if text not in self.cache]
+        if todo:
+            first = first_tokens(self.student, self.trie, self.tokenizer, todo) if self.tokenizer else np.full(len(todo), -1)
+            data = np.frombuffer(b"".join(todo), np.uint8).astype(np.int64)
+            ends = np.cumsum([len(text) for text in todo])
+            _, longest, _ = self.trie.walk(np.zeros(len(todo), np.int64), data, ends - [len(t) for t in todo], ends)
+            self.cache.update(zip(todo, np.where(first >= 0, first, longest).tolist()))
+        return [self.cache[text] for text in texts]
+
+
+@dataclass
+class Target:
+    """The brute-force distribution of one position: the teacher's texts after r, by first student token."""
+
+    at: int  # the teacher boundary b (an index into the teacher sequence)
+    r: bytes
+    scale: float = 1.0  # P(r): the thresholds are shares of it
+    mass: dict[int, float] = field(default_factory=dict)  # student token -> teacher probability
+    unsettled: float = 0.0  # mass given by a text whose first word it had not finished
+
+    def add(self, token: int, probability: float, settled: bool = True) -> None:
+        self.mass[token] = self.mass.get(token, 0.0) + probability
+        self.unsettled += 0.0 if settled else probability
+
+
+@dataclass
+class Path:
+    target: Target
+    tokens: tuple[int, ...]  # teacher tokens after b
+    probability: float
+    text: bytes | None  # what it wrote after r; None while it is still writing r
+    need: bytes = b""  # the bytes of r it has still to write
 
 
 class BruteForce:
-    """Teacher probabilities of texts after one teacher boundary (teacher_ids[:at]), full vocabulary."""
+    """Teacher distributions over student tokens, straight from the teacher's full vocabulary.
 
-    def __init__(self, store: RowStore, at: int) -> None:
-        self.store, self.vocabulary, self.at = store, store.vocabulary, at
-        self._marginals: dict[bytes, float] = {}
+    Every teacher token path from b that writes r (tokens longer than r, prefixes of r followed
+    by more) and then text w is followed until w's first word is finished (first_word), and its
+    probability goes to the first token of the student tokenizer's encoding of w. A path less
+    probable than LOOKAHEAD x P(r) is not followed further: it goes to the first token of what it
+    has written (`unsettled` counts that mass); its continuations below EXACT are grouped by their
+    first byte (exact for those that begin a new word, unsettled for the others). The student's paired specials (its EOS) get P(exactly r, then the teacher's twin)."""
 
-    def _row(self, path: tuple[int, ...]) -> tuple[np.ndarray, dict[int, float]]:
-        return self.store.get(self.at, path)
+    PRUNE = 1e-6  # paths below this share of P(r) are dropped
+    LOOKAHEAD = 1e-3  # unfinished words at least this probable (share of P(r)) are followed
+    EXACT = 1e-5  # continuations below this share lump into what their path wrote so far
+    MAX_TOKENS = 8
 
-    def _step(self, cumulative: np.ndarray, token: int, logp: float) -> float:
-        """log P(path + token) from log P(path); -inf for an impossible token."""
-        prob = self.vocabulary.probability(cumulative, token)
-        return logp + np.log(prob) if prob > 0 else -np.inf
+    def __init__(self, cross, rows) -> None:
+        table = cross.text.table
+        self.rows, self.first = rows, StudentFirstToken(cross)
+        self.tokens = table.tokens
+        self.writes = table.lengths > 0
+        self.writes[cross.excluded[cross.excluded < len(self.writes)]] = False
+        self.writes &= ~table.special
+        self.first_byte = np.asarray([token[0] if token else 0 for token in table.tokens], dtype=np.int64)
+        self.twins = {t: s for t, s in cross.specials.teacher_to_student.items()}
 
-    def marginal(self, text: bytes) -> float:
-        """P(the teacher's text begins with `text`), summed over its token paths."""
-        if text not in self._marginals:
-            self._marginals[text] = self._paths(text, twin=-1)
-        return self._marginals[text]
+    def targets(self, positions: list[tuple[int, bytes]]) -> list[Target]:
+        """The distribution at each (b, r)."""
+        found = [Target(at, r) for at, r in positions]
+        frontier = [Path(target, (), 1.0, None, target.r) for target in found]
+        while frontier:
+            following: list[Path] = []
+            for start in range(0, len(frontier), 256):
+                chunk = frontier[start : start + 256]
+                rows = self.rows.rows([(path.target.at, path.tokens) for path in chunk])
+                for path, row in zip(chunk, rows):
+                    following += self._expand(path, np.exp(row.astype(np.float64)))
+            frontier = following
+        return found
 
-    def first_token_mass(self, trie, r: bytes, token_bytes: bytes, node: int) -> float:
-        """P(the text after r begins with the student token at `node` and with no longer one)."""
-        return max(self.marginal(r + token_bytes) - self._matched_below(trie, node, r + token_bytes), 0.0)
+    def _expand(self, path: Path, p: np.ndarray) -> list[Path]:
+        target = path.target
+        if path.text is None:
+            if not path.tokens:  # the row at b: P(r) is the mass of the tokens consistent with r
+                target.scale = max(self._consistent(p, path.need).sum(), 1e-300) if path.need else 1.0
+            return self._write_r(path, p)
+        return self._continue_word(path, p)
 
-    def _matched_below(self, trie, node: int, text: bytes) -> float:
-        """P(the text begins with `text` and a longer student token)."""
-        if not trie.has_longer[node]:
-            return 0.0
-        lo, hi = np.searchsorted(trie.keys, [node * 256, node * 256 + 256])
-        total = 0.0
-        for key, child in zip(trie.keys[lo:hi].tolist(), trie.children[lo:hi].tolist()):
-            longer = text + bytes([key % 256])
-            mass = self.marginal(longer)
-            if mass >= PRUNE:
-                total += mass if trie.token_at[child] >= 0 else self._matched_below(trie, child, longer)
-        return total
+    def _consistent(self, p: np.ndarray, need: bytes) -> np.ndarray:
+        some = np.flatnonzero(self.writes & (p > self.PRUNE * 1e-3))
+        return np.asarray([p[i] for i in some.tolist() if self.tokens[i].startswith(need) or need.startswith(self.tokens[i])])
 
-    def exactly_then(self, text: bytes, twin: int) -> float:
-        """P(the teacher writes exactly `text`, then the token `twin`)."""
-        return self._paths(text, twin)
+    def _write_r(self, path: Path, p: np.ndarray) -> list[Path]:
+        target, need = path.target, path.need
+        chosen = np.flatnonzero(self.writes & (path.probability * p >= self.PRUNE * target.scale))
+        if not need:
+            for twin, student in self.twins.items():
+                target.add(student, path.probability * p[twin])
+        out, placed = [], []
+        for i in chosen.tolist():
+            token = self.tokens[i]
+            if need and not (token.startswith(need) or need.startswith(token)):
+                continue
+            if len(token) > len(need):
+                placed.append((i, token[len(need) :]))
+            elif len(path.tokens) < self.MAX_TOKENS:  # a prefix of what r still needs
+                out.append(Path(target, path.tokens + (i,), path.probability * p[i], None, need[len(token) :]))
+        return out + self._settle(path, [(i, path.probability * p[i], w) for i, w in placed])
 
-    def _paths(self, text: bytes, twin: int) -> float:
-        total, states = 0.0, [((), text, 0.0)]
-        while states:
-            following = []
-            for path, rest, logp in states:
-                cumulative, twins = self._row(path)
-                if twin >= 0 and not rest:
-                    total += np.exp(logp) * twins[twin]
-                    continue
-                if twin < 0:
-                    lo, hi = self.vocabulary.slice_of(rest)
-                    total += np.exp(logp) * float(cumulative[hi] - cumulative[lo])
-                for token, left in self.vocabulary.prefixes_of(rest, proper=twin < 0):
-                    step = self._step(cumulative, token, logp)
-                    if step > np.log(PRUNE):
-                        following.append((path + (token,), left, step))
-            states = following
-        return total
+    def _continue_word(self, path: Path, p: np.ndarray) -> list[Path]:
+        """The next token after an unfinished word: the probable ones are followed or settled
+        (_settle); below EXACT, one counts by its first byte, all the first token can see of one
+        that begins a new word (for one that goes on with the word an approximation: unsettled);
+        below PRUNE, as what the path wrote so far (unsettled)."""
+        target, text = path.target, path.text
+        kind, _ = first_word(text)
+        weighted = path.probability * p
+        exact = self.writes & (weighted >= self.EXACT * target.scale)
+        small = self.writes & ~exact & (weighted >= self.PRUNE * target.scale)
+        continues = (BYTE_CLASS[self.first_byte] == kind) | (text == b" ")
+        for grouped, settled in ((small & ~continues, True), (small & continues, False)):
+            by_byte = np.bincount(self.first_byte[grouped], weights=weighted[grouped], minlength=256)
+            bytes_seen = np.flatnonzero(by_byte > 0).tolist()
+            for byte, first in zip(bytes_seen, self.first.of([text + bytes([b]) for b in bytes_seen])):
+                target.add(first, by_byte[byte], settled)
+        (own,) = self.first.of([text])
+        target.add(own, float(weighted[~self.writes].sum()))  # the text ends (a special token)
+        target.add(own, float(weighted[self.writes & ~exact & ~small].sum()), settled=False)
+        chosen = np.flatnonzero(exact).tolist()
+        return self._settle(path, [(i, weighted[i], text + self.tokens[i]) for i in chosen])
+
+    def _settle(self, path: Path, written: list[tuple[int, float, bytes]]) -> list[Path]:
+        """Paths that wrote text: follow the unfinished probable ones, give the rest their first token."""
+        target, out, done = path.target, [], []
+        for i, probability, text in written:
+            finished = first_word(text)[1]
+            if not finished and probability >= self.LOOKAHEAD * target.scale and len(path.tokens) < self.MAX_TOKENS:
+                out.append(Path(target, path.tokens + (i,), probability, text))
+            else:
+                done.append((probability, text, finished))
+        for (probability, _, finished), first in zip(done, self.first.of([text for _, text, _ in done])):
+            target.add(first, probability, settled=finished)
+        return out
 
 
 def position_kinds(plan) -> np.ndarray:
@@ -257,6 +289,7 @@ class Fidelity:
     entry_excess: list = field(default_factory=list)  # log support entry of the target - chain rule, same positions
     tv: list = field(default_factory=list)
     covered: list = field(default_factory=list)
+    unsettled: list = field(default_factory=list)  # share of the reference's mass from unfinished words
     kind: list = field(default_factory=list)
     positions: int = 0
     coverage: Coverage = field(default_factory=Coverage)  # the responses' own counts, summed
@@ -269,10 +302,10 @@ class Fidelity:
             out |= {"chain_mean": float(chain.mean()), "chain_p99": float(np.quantile(chain, 0.99)),
                     "chain_share_over_0.05": float((chain > 0.05).mean()), "chain_max": float(chain.max())}  # fmt: skip
             excess = np.asarray(self.entry_excess)
-            out |= {"entry_excess_mean": float(excess.mean()), "entry_share_over_0.05": float((np.abs(excess) > 0.05).mean())}
+            out |= {"entry_excess_mean": float(excess.mean()), "entry_share_over_0.05": float((excess > 0.05).mean())}
         if len(tv):
             out |= {"tv_positions": len(tv), "tv_mean": float(tv.mean()), "tv_p99": float(np.quantile(tv, 0.99)),
-                    "covered_mean": float(np.mean(self.covered))}  # fmt: skip
+                    "covered_mean": float(np.mean(self.covered)), "reference_unsettled": float(np.mean(self.unsettled))}  # fmt: skip
             for index, name in enumerate(KINDS):
                 chosen = kind == index
                 if chosen.any():
@@ -285,7 +318,6 @@ def measure(cross, engine, rows_of, tokenizer, examples, top_k: int = 32, tv_pos
     """Score each GSM8K example (question as the prompt, answer as the completion) and compare:
     the chain rule at every boundary position of every example, brute force at every position of
     the first examples until `tv_positions` are compared."""
-    vocabulary = TeacherVocabulary(cross.text.table, cross.excluded)
     found = Fidelity()
     for example in examples:
         prompt = tokenizer(example["question"], add_special_tokens=True)["input_ids"]
@@ -299,7 +331,7 @@ def measure(cross, engine, rows_of, tokenizer, examples, top_k: int = 32, tv_pos
         found.coverage.add(result.coverage)
         _chain_rule(found, plan, result, rows)
         if len(found.tv) < tv_positions:
-            _brute_force(found, cross, plan, result, rows, vocabulary)
+            _brute_force(found, BruteForce(cross, rows), plan, result)
     return found
 
 
@@ -318,39 +350,27 @@ def _chain_rule(found: Fidelity, plan, result, rows) -> None:
     reference = cumulative[last + 1] - cumulative[plan.row[chosen]]
     found.chain_diff += np.abs(result.token_logprobs[chosen].astype(np.float64) - reference).tolist()
     # The target's own support entry: the chain rule plus the teacher paths that write the same
-    # text by other tokens, so never below it; far above it means other text landed on the target.
+    # text by other tokens, less the teacher's words that go on past the target (the student
+    # writes those otherwise); far above it means other text landed on the target.
     entry = result.ids[chosen] == plan.targets[chosen, None]
     listed = entry.any(axis=1)
     logp = result.logprobs[chosen][entry].astype(np.float64)
     found.entry_excess += (logp - reference[listed]).tolist()
 
 
-def _brute_force(found: Fidelity, cross, plan, result, rows, vocabulary: TeacherVocabulary) -> None:
-    student, specials, trie = cross.student, cross.specials, cross.tables.trie
-    twin_of = {s: t for t, s in specials.teacher_to_student.items()}
+def _brute_force(found: Fidelity, reference: BruteForce, plan, result) -> None:
     kinds = position_kinds(plan)
-    store = RowStore(rows, vocabulary, sorted(twin_of.values()))
     chosen = np.flatnonzero(result.mask == 1).tolist()
-    while True:
-        figures = []
-        for p in chosen:
-            ids = result.ids[p][result.ids[p] >= 0].tolist()
-            r = plan.units[plan.s[p] - plan.rho[p] : plan.s[p]].astype(np.uint8).tobytes()
-            brute = BruteForce(store, plan.teacher_from + int(plan.row[p]))
-            reference = np.asarray([
-                brute.exactly_then(r, twin_of[v]) if v in twin_of
-                else 0.0 if student.special[v]
-                else brute.first_token_mass(trie, r, student.tokens[v], trie.prefix_nodes[trie.token_starts[v] + student.lengths[v]])
-                for v in ids
-            ])  # fmt: skip
-            total = brute.marginal(r) if r else 1.0
-            figures.append((p, ids, reference, total))
-        if not store.fill():
-            break
-    for p, ids, reference, total in figures:
-        if reference.sum() <= 0:
+    positions = [(plan.teacher_from + int(plan.row[p]), plan.units[plan.s[p] - plan.rho[p] : plan.s[p]].astype(np.uint8).tobytes())
+                 for p in chosen]  # fmt: skip
+    for p, target in zip(chosen, reference.targets(positions)):
+        ids = result.ids[p][result.ids[p] >= 0].tolist()
+        brute = np.asarray([target.mass.get(v, 0.0) for v in ids])
+        total = sum(target.mass.values())
+        if brute.sum() <= 0:
             continue
         projected = np.exp(result.logprobs[p][: len(ids)].astype(np.float64))
-        found.tv.append(0.5 * np.abs(projected / projected.sum() - reference / reference.sum()).sum())
-        found.covered.append(min(reference.sum() / max(total, 1e-300), 1.0))
+        found.tv.append(0.5 * np.abs(projected / projected.sum() - brute / brute.sum()).sum())
+        found.covered.append(min(brute.sum() / total, 1.0))
+        found.unsettled.append(target.unsettled / total)
         found.kind.append(int(kinds[p]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,14 @@ from teacher_server.alignment.text import TeacherText, plain_ids, plain_tokenize
 from teacher_server.alignment.trie import ByteTrie, build_trie
 
 HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+# Byte classes of the pre-tokenizers' words: letters (any non-ASCII byte with them), digits,
+# whitespace, other. A word is a run of one class after at most one leading space.
+LETTER, DIGIT, SPACE, OTHER = range(4)
+BYTE_CLASS = np.full(256, OTHER, dtype=np.int8)
+BYTE_CLASS[[*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1), *range(0x80, 0x100)]] = LETTER
+BYTE_CLASS[ord("0") : ord("9") + 1] = DIGIT
+BYTE_CLASS[[ord(c) for c in " \t\n\r\x0b\x0c"]] = SPACE
+LONE_SPACE = 4  # a token that is one space: any word may follow it in the same piece
 
 
 def path_hash(previous: np.ndarray, token: np.ndarray) -> np.ndarray:
@@ -48,6 +56,36 @@ class PairTables:
     prefix_best: np.ndarray
     # per teacher token: the first token of the student's own tokenization of its bytes (-1 unknown)
     first_student: np.ndarray
+    student_last_class: np.ndarray  # int8 per student token: BYTE_CLASS of its last byte, LONE_SPACE, -1 no bytes
+    teacher_first_class: np.ndarray  # int8 per teacher token: BYTE_CLASS of its first byte, -1 no bytes or special
+    encoder: object = None  # the student's plain_tokenizer (None: the table has no tokenizer)
+    _first_after: dict = field(default_factory=dict, repr=False)  # (student, teacher) -> first_after
+
+    def continues_word(self, student_ids: np.ndarray, teacher_ids: np.ndarray) -> np.ndarray:
+        """Whether each teacher token, written right after the student token, may continue its last
+        word (same byte class across the join, any word after a lone space, letters after a
+        punctuation mark: Tekken's "/min"): only then can the student's tokenizer split the joined
+        text differently from the student token alone (first_after decides)."""
+        last, first = self.student_last_class[student_ids], self.teacher_first_class[teacher_ids]
+        joins = (last == first) | (last == LONE_SPACE) | ((last == OTHER) & (first == LETTER))
+        return (last >= 0) & (first >= 0) & joins
+
+    def first_after(self, student_ids: np.ndarray, teacher_ids: np.ndarray) -> np.ndarray:
+        """The first token of the student's encoding of a student token's bytes followed by a teacher
+        token's, as the end of a word (cached per pair); -1 where unknown (first_tokens).
+
+        The word is ended by a space (by a letter after whitespace): pre-tokenizers look ahead
+        (GPT-2 writes "\n\n" as one token only where no word follows), and what the student's
+        first token is does not depend on the next word."""
+        keys = list(zip(student_ids.tolist(), teacher_ids.tolist()))
+        todo = [key for key in dict.fromkeys(keys) if key not in self._first_after]
+        if todo and self.encoder is not None:
+            joined = [self.student.tokens[s] + self.teacher.tokens[t] for s, t in todo]
+            ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in joined]
+            first = first_tokens(self.student, self.trie, self.encoder, ended)
+            inside = (first >= 0) & (self.student.lengths[first] <= np.asarray([len(text) for text in joined]))
+            self._first_after.update(zip(todo, np.where(inside, first, -1).tolist()))
+        return np.asarray([self._first_after.get(key, -1) for key in keys], dtype=np.int64)
 
     def is_ambiguous(self, hashes: np.ndarray) -> np.ndarray:
         if len(self.ambiguous) == 0:
@@ -91,6 +129,7 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
     index = np.maximum.accumulate(np.maximum(index, segment_start - 1))
     valid = index >= segment_start
     prefix_best = np.where(valid, best[np.maximum(index, 0)], -1)
+    encoder = plain_tokenizer(student.tokenizer_json) if student.tokenizer_json else None
     return PairTables(
         student=student,
         teacher=text.table,
@@ -98,14 +137,25 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
         teacher_trie=teacher_trie,
         ambiguous=ambiguous,
         prefix_best=prefix_best,
-        first_student=first_student_tokens(student, trie, text.table),
+        first_student=first_student_tokens(student, trie, text.table, encoder),
+        student_last_class=_edge_classes(student, -1, lone_space=True),
+        teacher_first_class=_edge_classes(text.table, 0, lone_space=False),
+        encoder=encoder,
     )
 
 
-def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable) -> np.ndarray:
+def _edge_classes(table: ByteTable, at: int, lone_space: bool) -> np.ndarray:
+    """BYTE_CLASS of each token's byte at `at` (0 first, -1 last); -1 for specials and empty tokens."""
+    edge = np.asarray([token[at] if token else 0 for token in table.tokens], dtype=np.int64)
+    classes = np.where((table.lengths > 0) & ~table.special, BYTE_CLASS[edge], -1).astype(np.int8)
+    if lone_space:
+        classes[[index for index, token in enumerate(table.tokens) if token == b" "]] = LONE_SPACE
+    return classes
+
+
+def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable, encoder) -> np.ndarray:
     """For every teacher token, the first token of the student tokenizer's own encoding of its bytes
-    (as text that continues a text: no dummy prefix), as the preferred id of those bytes; -1 where
-    the bytes are not text, the student's tokens do not give them back, or the table has no tokenizer.
+    (first_tokens); -1 for specials and tokens without bytes, or without an encoder.
 
     BPE does not take the longest match: SentencePiece writes " bolts" as " bol", "ts" although
     " bolt" is a token, and pre-tokenizers cut before digits or runs of spaces. A teacher token
@@ -113,22 +163,30 @@ def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable)
     longest student token its bytes begin with.
     """
     first = np.full(teacher.vocab_size, -1, dtype=np.int64)
-    if not student.tokenizer_json:
+    if encoder is None:
         return first
-    texts, owners = [], []
-    for index, token in enumerate(teacher.tokens):
-        if token and not teacher.special[index]:
-            try:
-                texts.append(token.decode("utf-8"))
-            except UnicodeDecodeError:
-                continue
-            owners.append(index)
-    encodings = plain_ids(plain_tokenizer(student.tokenizer_json), student, texts)
+    owners = [index for index, token in enumerate(teacher.tokens) if token and not teacher.special[index]]
+    first[owners] = first_tokens(student, trie, encoder, [teacher.tokens[i] for i in owners])
+    return first
+
+
+def first_tokens(student: ByteTable, trie: ByteTrie, tokenizer, texts: list[bytes]) -> np.ndarray:
+    """The first token of each text's encoding by `tokenizer` (a plain_tokenizer of the student's:
+    as text that continues a text, no dummy prefix), as the preferred id of its bytes; -1 where the
+    bytes are not UTF-8 text or the tokens do not give them back (a normalizer rewrote them, an
+    unknown token)."""
+    first = np.full(len(texts), -1, dtype=np.int64)
+    decoded, owners = [], []
+    for index, raw in enumerate(texts):
+        try:
+            decoded.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        owners.append(index)
     tokens, lengths = student.tokens, student.lengths.tolist()
     known, leading = [], []
-    for index, ids in zip(owners, encodings):
-        raw = teacher.tokens[index]
-        # Tokens that give the text back exactly (no normalizer rewrote it, no unknown token).
+    for index, ids in zip(owners, plain_ids(tokenizer, student, decoded) if decoded else []):
+        raw = texts[index]
         if ids and raw.startswith(tokens[ids[0]]) and sum(lengths[i] for i in ids) == len(raw):
             known.append(index)
             leading.append(ids[0])

@@ -7,7 +7,12 @@ r decides the student token it lands on, and its probability (the chain rule
 along the path) adds to that token's. Paths are followed as far as needed:
 
 * a path whose text is the rollout's text through the end of the student's actual
-  target lands on it (the student's own tokenizer split this very text there);
+  target lands on it (the student's own tokenizer split this very text there). When
+  the rollout's own teacher tokens end exactly with the target, the teacher's next
+  token (the rollout's next row, free) decides first: a token that goes on with the
+  target's last word is other text (" restart" + "s" is " restarts", which a
+  SentencePiece student writes " rest", "arts"), landing on the first token of the
+  student's encoding of the joined bytes (pair.first_after);
 * a path that leaves the rollout's text, before or after covering the target, is
   other text (" three" is not the student's lone " " before "3"): unless it is
   *ambiguous* (pair.py: the teacher may be spelling a longer student token one
@@ -16,18 +21,25 @@ along the path) adds to that token's. Paths are followed as far as needed:
   is the first token of the student's own encoding of that token's text
   (pair.first_student_tokens: SentencePiece writes " ducks" as " d", "ucks"); for
   longer paths and inside a teacher token, the longest student token its bytes
-  begin with. The remaining approximation: the student's first token is read from
-  the path's own bytes, while BPE merges, pre-tokenizer look-aheads and runs of
-  spaces can depend on text the path has not written yet (" bol" + "t" + "s");
+  begin with;
 * a path still short of its landing (inside r, inside the actual target, or
   ambiguous) continues with the teacher's next token. Along the rollout's own
   teacher tokens that distribution is already scored (free); elsewhere it needs a
-  branch (engines/base.py), scored in bounded extra rounds (service.py).
+  branch (engines/base.py), scored in bounded extra rounds (session.py). A path
+  still open when the rounds are spent lands nowhere: its mass is left out, and a
+  position where that is most of the mass is LOW_MASS.
+
+The remaining approximation: the student's first token is read from the text the path
+has written (plus one teacher token after the target on the rollout's own path), while
+BPE merges and pre-tokenizer look-aheads can depend on text after it: the teacher's
+" cheese" lands where the student starts on " cheese", though the teacher may go on
+with "cake"; another teacher path that ends with the target (" restart" when the
+rollout's teacher token is " restarting") lands on it without reading on.
 
 At a position whose target starts and ends on teacher boundaries, `finish` gives the
 target the chain rule over the rollout's teacher tokens (DESIGN.md 6.5); other paths
-that write the same text (" restart" + "s" for " rest" + "arts") add to its support
-entry only.
+that write the same text (" rest" + "art" for " restart") add to its support entry only,
+and the teacher's words that go on past it leave it.
 
 Everything is vectorised over all (path, candidate) pairs of a request. Log
 masses are kept per landing; `finish` sums them per (position, student token).
@@ -50,6 +62,8 @@ from teacher_server.alignment.specials import SpecialMap
 
 LOW_MASS = teacher_pb2.MASK_REASON_LOW_MASS
 MAX_EXTRA = 8  # off-rollout tokens a path may carry into a branch
+MIN_LOOKAHEAD_PROB = 1e-4  # see Projection._land_after_target
+MAX_UNRESOLVED_SHARE = 0.5  # see Projection.finish
 UNALIGNED = teacher_pb2.MASK_REASON_UNALIGNED
 
 
@@ -99,7 +113,7 @@ class Paths:
 class ProjectionStats:
     branch_sequences: int = 0
     branch_tokens: int = 0
-    fallback_paths: int = 0  # paths still open at the end, landed on their longest student token
+    unresolved_paths: int = 0  # paths still open when the rounds were spent: left out of the support
 
 
 @dataclass
@@ -249,7 +263,14 @@ class Projection:
         covered = blen + agree - rho  # units after r the path has written on the rollout's text
         on_text = past_r & follows & (agree == length)  # the whole token is the rollout's text
         hit = on_text & (covered >= ylen)
+        # A path that ends with the target along the rollout's own teacher tokens: the next row says
+        # whether the teacher's text goes on past it (free: it is the rollout's next row).
+        row = paths.main_row[flat]
+        own = (row >= 0) & (c == a.teacher_ids[a.teacher_from + np.maximum(row, 0)])
+        ends = np.flatnonzero(hit & (covered == ylen) & own & (row + 1 < len(a.t_start)))
+        hit[ends] = False
         self._land(pos[hit], y[hit], lp[hit])
+        self._land_after_target(pos[ends], y[ends], lp[ends], row[ends] + 1)
         along = on_text & (covered < ylen)  # still inside the target, on its text
         diverged = past_r & ~on_text
 
@@ -311,6 +332,27 @@ class Projection:
             main_row=next_row, attach=attach, extra=extra, extra_len=extra_len, hash=path_hash(paths.hash[parent], c[cont]),
         )  # fmt: skip
 
+    def _land_after_target(self, pos: np.ndarray, y: np.ndarray, logp: np.ndarray, row: np.ndarray) -> None:
+        """Land paths that wrote the rollout's text up to the end of the target y, split by the
+        teacher's next token (completion row `row`): the rollout's own next token, a token that
+        begins a new word, and the unread rest keep the target; a token that continues the
+        target's last word is other text, landing where the student's tokenizer starts on the
+        joined bytes (SentencePiece writes " restarts" as " rest", "arts"; Tekken writes ".\n"
+        + "\n" as ".\n\n"). Continuations below MIN_LOOKAHEAD_PROB stay on the target."""
+        a, t = self.alignment, self.tables
+        ids, row_logp = self.main_ids[row], self.main_logp[row]
+        actual = a.teacher_ids[a.teacher_from + row]
+        weight = logp[:, None] + row_logp
+        candidate = (ids >= 0) & (ids != actual[:, None]) & (weight >= np.log(MIN_LOOKAHEAD_PROB))
+        candidate[candidate] = t.continues_word(np.broadcast_to(y[:, None], ids.shape)[candidate], ids[candidate])
+        path, column = np.nonzero(candidate)
+        first = t.first_after(y[path], ids[path, column])
+        moves = (first >= 0) & (first != y[path])
+        path, column, first = path[moves], column[moves], first[moves]
+        self._land(pos[path], first, weight[path, column])
+        moved = np.bincount(path, weights=np.exp(row_logp[path, column]), minlength=len(pos))
+        self._land(pos, y, logp + np.log(np.clip(1.0 - moved, 1e-300, 1.0)))
+
     def _common_prefix(self, cand: np.ndarray, at: np.ndarray) -> np.ndarray:
         """Units shared by each teacher token and the stream from `at` (capped at the token length)."""
         teacher = self.tables.teacher
@@ -369,11 +411,13 @@ class Projection:
     def finish(self, top_k: int, min_consistent_mass: float = 0.0):
         """Sum per (position, student token), keep the top K; returns the response arrays."""
         a = self.alignment
-        leftover = self.open
-        if len(leftover):  # paths never resolved: their longest student token so far (DESIGN's rule)
-            lands = leftover.best >= 0
-            self.stats.fallback_paths += int(lands.sum())
-            self._land(leftover.pos[lands], leftover.best[lands], leftover.logp[lands])
+        # Paths still open when the branch rounds are spent have no landing we know: "1" on its way
+        # to "130" may end as "1", "13", "130" or "131", " " before a digit as any number. Landed on
+        # the longest student token so far, they would give a GPT-2 student's " 4" the teacher's
+        # mass of every number from 40 to 49; left out, the tokens that did resolve keep their
+        # true proportions, and the loss renormalises over them.
+        self.stats.unresolved_paths += len(self.open)
+        unresolved = np.bincount(self.open.pos, weights=np.exp(self.open.logp), minlength=a.num_positions)
         self.open = Paths.empty()
         P = a.num_positions
         ids = np.full((P, top_k), -1, dtype=np.int32)
@@ -408,8 +452,8 @@ class Projection:
             has[u_pos] = True
             # Where no path landed on the target, and wherever the target starts and ends on teacher
             # boundaries: the chain rule along the rollout's teacher tokens (DESIGN.md 6.5). Other
-            # teacher paths that write the same text (" restart" + "s" for " rest" + "arts") still
-            # add to the target's support entry, but its token log-probability is the teacher's
+            # teacher paths that write the same text (" rest" + "art" for " restart") still add to
+            # the target's support entry, but its token log-probability is the teacher's
             # probability of its own tokens.
             by_chain = has.copy()
             by_chain[u_pos[actual]] = False
@@ -429,6 +473,11 @@ class Projection:
             missed = self.unseen[a.row[inside]] * self._share_beginning_with_r(inside)
             low = (total[inside] < missed) | (total[inside] < min_consistent_mass)
             reason[inside[low]] = LOW_MASS
+            # Where most of the teacher's mass is on paths the rounds did not resolve (a number of
+            # several digits after "=", each spelt one digit at a time), the tokens that did resolve
+            # are not the teacher's distribution, only its short end: LOW_MASS.
+            unresolved_share = unresolved / np.maximum(unresolved + total, 1e-300)
+            reason[todo & has & (unresolved_share > MAX_UNRESOLVED_SHARE)] = LOW_MASS
         ids[reason != 0] = -1
         logprobs[reason != 0] = -np.inf
         token_logprobs[reason != 0] = 0.0

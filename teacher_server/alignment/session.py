@@ -38,13 +38,15 @@ class CrossOptions:
     # ... and at rows where a student position falls inside the teacher token: only candidates
     # beginning with its partial bytes count there (the engine's pass then returns this many per row).
     inside_candidates: int = 128
-    # Extra rounds of branches for off-rollout paths (0 = land them on their longest token).
-    rounds: int = 1
+    # Extra rounds of branches for off-rollout paths (0 = none): a path still open after them is
+    # left out (project.py), so a student that writes a number of up to three digits as one token
+    # ("130" against "1", "3", "0") needs three.
+    rounds: int = 3
     # Branches are scored for open paths at least this probable ...
     min_branch_prob: float = 0.01
     # ... and at most this many branch tokens per request: max(floor, factor * positions).
     branch_token_floor: int = 64
-    branch_token_factor: float = 1.0
+    branch_token_factor: float = 2.0
     # Inside a teacher token, LOW_MASS when the consistent paths read carry less than what the
     # unread candidates could (project.py), or less than this absolute floor.
     min_consistent_mass: float = 0.0
@@ -63,7 +65,7 @@ class Coverage:
     retained_mass_sum: float = 0.0  # teacher mass on the returned support, summed over rows with mask = 1
     branch_sequences: int = 0
     branch_tokens: int = 0
-    fallback_paths: int = 0
+    unresolved_paths: int = 0
 
     def add(self, other: "Coverage") -> None:
         for name in self.__dataclass_fields__:
@@ -214,7 +216,7 @@ class CrossTokenizer:
             retained_mass_sum=float(mass[used].sum()),
             branch_sequences=stats.branch_sequences,
             branch_tokens=stats.branch_tokens,
-            fallback_paths=stats.fallback_paths,
+            unresolved_paths=stats.unresolved_paths,
             **{name: int((reason == code).sum()) for name, code in MASK_REASONS.items()},
         )
         return CrossResult(ids, logprobs, token_logprobs, mask, reason, coverage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from opd.v1 import teacher_pb2
 from teacher_server.alignment.session import CrossOptions
 from tests import tokenizers as T
 
@@ -75,21 +76,23 @@ def test_student_token_spanning_several_teacher_tokens_gets_the_chain_rule():
         " costs 2": {"0": 1.0},
         " costs 20": {" ": 1.0},
     }
-    _, result = run("gpt2", "smollm2", completion, script)
+    _, result = run("gpt2", "smollm2", completion, script, rounds=2)
     got = support(result, 1, "gpt2")
     # Along the rollout: " " "1" "3" "0" is the student's own " 130" (chain rule); " 13" then " "
-    # lands on " 13"; the alternatives " 15.." and " 2.." are followed by a branch to " 150", " 20".
+    # lands on " 13"; the alternatives " 15.." and " 2.." are followed by two rounds of branches to
+    # " 150" and " 20" (GPT-2 has " 1500" and " 200": the text decides only after the last digit).
     expected = {"Ġ20": 0.8 * 0.4, "Ġ150": 0.8 * 0.6 * 0.5, "Ġ130": 0.8 * 0.6 * 0.5 * 0.9, "Ġmore": 0.2, "Ġ13": 0.8 * 0.6 * 0.5 * 0.1}
     for token, prob in expected.items():
         assert got[token] == pytest.approx(prob, rel=1e-5), (token, got)
     assert result.token_logprobs[1] == pytest.approx(np.log(0.216), abs=1e-5)
     assert result.mask.all()
 
-    # Without the branch round the alternatives land on their longest student token so far.
-    _, naive = run("gpt2", "smollm2", completion, script, rounds=0)
-    got = support(naive, 1, "gpt2")
-    assert got["Ġ130"] == pytest.approx(0.216, rel=1e-5), "the rollout's own path needs no branch"
-    assert got["Ġ2"] == pytest.approx(0.32, rel=1e-5) and got["Ġ15"] == pytest.approx(0.24, rel=1e-5)
+    # With too few rounds the alternatives are not landed on a number they only begin (" 2" is not
+    # " 20"); they stay unresolved, and with 56% of the mass unresolved the position is LOW_MASS.
+    for rounds in (0, 1):
+        _, short = run("gpt2", "smollm2", completion, script, rounds=rounds)
+        assert short.reason[1] == teacher_pb2.MASK_REASON_LOW_MASS and short.mask[[0, 2]].all(), rounds
+        assert short.coverage.unresolved_paths > 0
 
 
 def test_position_inside_a_teacher_token_is_conditioned_on_the_partial_bytes():
@@ -166,7 +169,7 @@ def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2
         cross = CrossTokenizer.build(s_table, text, specials, engine.vocab_size, engine.max_sequence_length)
         plan = cross.align(tokens, len(prompt))
         script = {b"": {teacher_id("smollm2", " so"): 0.9}, b" so": {teacher_id("smollm2", " done"): 0.6},
-                  b" so done": {im_end: 0.8}, b"<think>": {teacher_id("smollm2", " so"): 0.5},
+                  b" so done": {im_end: 0.8}, b"<think> so done": {im_end: 0.8}, b"<think>": {teacher_id("smollm2", " so"): 0.5},
                   b"<think> so": {teacher_id("smollm2", "</"): 0.5}}  # fmt: skip
         engine.prompt_length_of = lambda job: plan.teacher_from
         engine.script = lambda context: script.get(context, {})
@@ -249,3 +252,22 @@ def test_short_word_before_a_longer_one_keeps_only_its_own_mass():
     assert support(result, 1, "mistral-sp-v1") == pytest.approx({"▁duck": 0.5, "▁d": 0.3, "▁dog": 0.2}, rel=1e-5)
     assert result.token_logprobs[1] == pytest.approx(np.log(0.5), abs=1e-5)
     assert result.mask.all()
+
+
+def test_word_that_goes_on_past_the_target_lands_where_the_student_splits_it():
+    """The teacher's " restart" is the student's target only where its text makes the student write
+    it: " restart" then "s" is " restarts", which the student writes " rest", "arts"; " restarting"
+    it writes " restart", "ing"; " the" begins a new word."""
+    need("mistral-sp-v1", "smollm2")
+    completion = sentencepiece_completion(" restart the")
+    assert T.load("mistral-sp-v1").convert_ids_to_tokens(completion) == ["▁restart", "▁the"]
+    script = {
+        "": {" restart": 0.6, " stop": 0.4},
+        " restart": {" the": 0.5, "s": 0.3, "ing": 0.2},
+        " restart the": {" game": 1.0},
+        " stop": {" the": 1.0},
+    }
+    _, result = run("mistral-sp-v1", "smollm2", completion, script)
+    expected = {"▁restart": 0.6 * (0.5 + 0.2), "▁rest": 0.6 * 0.3, "▁stop": 0.4}
+    assert support(result, 0, "mistral-sp-v1") == pytest.approx(expected, rel=1e-5)
+    assert result.token_logprobs[0] == pytest.approx(np.log(0.6), abs=1e-5), "token_logprobs stays the chain rule"

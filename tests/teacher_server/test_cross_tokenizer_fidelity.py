@@ -3,10 +3,11 @@
 The real SmolLM2-135M teacher with each other real tokenizer as the student, and bigram
 stand-in teachers for the other orders: the returned token log-probabilities must equal the
 teacher's chain rule at every position whose student token starts and ends on teacher
-boundaries (issue 13's bounds), and the responses must cover the answers. The total
-variation against the brute-force reference keeps the earlier bound (mean <= 0.1 with the real
-teacher); issue 13's tighter bounds are printed, not asserted: that reference takes the
-student's longest match, which the student's own BPE does not always take (tests/fidelity.py). `python bench/alignment.py fidelity` runs the same on
+boundaries, and the responses must cover the answers. With the real teacher the renormalised
+supports must also match the brute-force teacher distribution over the student's first tokens
+(issue 13's bounds, on the positions of the first answer here). The bigram stand-ins are too
+flat for that: the 64 candidates the service reads per row hold a small share of a row that
+the reference reads in full (README, *Fidelity*). `python bench/alignment.py fidelity` runs the same on
 hundreds of answers per pair.
 """
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MAX_CHAIN_MEAN = 0.005  # nats, mean |token_logprob - chain rule| at boundary positions
 MAX_CHAIN_SHARE = 0.002  # share of boundary positions off by more than 0.05 nats
 MAX_ENTRY_SHARE = 0.01  # share where the target's support entry is above the chain rule by more than 0.05
-MAX_MEAN_TV = 0.1  # mean total variation to brute force, real teacher (the bound of the sampled test this replaces)
+MAX_MEAN_TV = 0.02  # total variation to brute force: mean and 99th percentile
+MAX_P99_TV = 0.15
 
 
 def gsm8k_answers(count: int) -> list[dict]:
@@ -35,7 +37,9 @@ def gsm8k_answers(count: int) -> list[dict]:
 def check(found: F.Fidelity, label: str) -> dict:
     summary = found.summary()
     print(f"\n{label}: {summary}")
-    assert summary["boundary_positions"] >= 300 and summary["boundary_masked"] == 0
+    # A boundary position is masked only where most of the teacher's mass is on paths the branch
+    # rounds did not resolve (LOW_MASS, project.py).
+    assert summary["boundary_positions"] >= 300 and summary["boundary_masked"] <= 0.01 * summary["boundary_positions"]
     assert summary["chain_mean"] <= MAX_CHAIN_MEAN
     assert summary["chain_share_over_0.05"] <= MAX_CHAIN_SHARE
     assert summary["tv_positions"] >= 60 and summary["coverage"] >= 0.97
@@ -53,10 +57,10 @@ def test_real_teacher_matches_chain_rule_and_brute_force(student, smollm2):
     found = F.measure(cross, engine, F.ModelRows, T.load(student), gsm8k_answers(10), tv_positions=60)
     summary = check(found, f"{student} -> smollm2")
     assert found.coverage.mean_retained_mass > 0.5
-    assert summary["tv_mean"] <= MAX_MEAN_TV
+    assert summary["tv_mean"] <= MAX_MEAN_TV and summary["tv_p99"] <= MAX_P99_TV
     # The target's support entry exceeds the chain rule only by teacher paths that write the same
-    # text with other tokens (0.45% of positions by more than 0.05 nats over 30 SentencePiece
-    # answers); other text landing on the target (7% of positions before) would show here.
+    # text with other tokens; other text landing on the target (7% of positions before) would show
+    # here. (It is below the chain rule where the teacher's word goes on past the target.)
     assert summary["entry_share_over_0.05"] <= MAX_ENTRY_SHARE
 
 

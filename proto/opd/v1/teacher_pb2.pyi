@@ -153,7 +153,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Coverage(_message.Message):
-    __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "fallback_paths")
+    __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "unresolved_paths")
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     WITH_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_FIELD_NUMBER: _ClassVar[int]
@@ -163,7 +163,7 @@ class Coverage(_message.Message):
     RETAINED_MASS_SUM_FIELD_NUMBER: _ClassVar[int]
     BRANCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BRANCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    FALLBACK_PATHS_FIELD_NUMBER: _ClassVar[int]
+    UNRESOLVED_PATHS_FIELD_NUMBER: _ClassVar[int]
     positions: int
     with_distribution: int
     special: int
@@ -173,8 +173,8 @@ class Coverage(_message.Message):
     retained_mass_sum: float
     branch_sequences: int
     branch_tokens: int
-    fallback_paths: int
-    def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., fallback_paths: _Optional[int] = ...) -> None: ...
+    unresolved_paths: int
+    def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., unresolved_paths: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass", "counts")
