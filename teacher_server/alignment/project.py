@@ -26,8 +26,9 @@ along the path) adds to that token's. Paths are followed as far as needed:
   ambiguous) continues with the teacher's next token. Along the rollout's own
   teacher tokens that distribution is already scored (free); elsewhere it needs a
   branch (engines/base.py), scored in bounded extra rounds (session.py). A path
-  still open when the rounds are spent lands nowhere: its mass is left out, and a
-  position where that is most of the mass is LOW_MASS.
+  still open when the rounds are spent lands on its longest student token so far (a
+  guess: "1" may be on its way to "13"), and a position where such paths are most of
+  the mass is LOW_MASS.
 
 The remaining approximation: the student's first token is read from the text the path
 has written (plus one teacher token after the target on the rollout's own path), while
@@ -113,7 +114,7 @@ class Paths:
 class ProjectionStats:
     branch_sequences: int = 0
     branch_tokens: int = 0
-    unresolved_paths: int = 0  # paths still open when the rounds were spent: left out of the support
+    unresolved_paths: int = 0  # paths still open when the rounds were spent (landed on their longest token)
 
 
 @dataclass
@@ -411,13 +412,16 @@ class Projection:
     def finish(self, top_k: int, min_consistent_mass: float = 0.0):
         """Sum per (position, student token), keep the top K; returns the response arrays."""
         a = self.alignment
-        # Paths still open when the branch rounds are spent have no landing we know: "1" on its way
-        # to "130" may end as "1", "13", "130" or "131", " " before a digit as any number. Landed on
-        # the longest student token so far, they would give a GPT-2 student's " 4" the teacher's
-        # mass of every number from 40 to 49; left out, the tokens that did resolve keep their
-        # true proportions, and the loss renormalises over them.
-        self.stats.unresolved_paths += len(self.open)
-        unresolved = np.bincount(self.open.pos, weights=np.exp(self.open.logp), minlength=a.num_positions)
+        # Paths still open when the branch rounds are spent have no landing we know ("1" on its way
+        # to "130" may end as "1", "13" or "130"): they land on their longest student token so far,
+        # an approximation the loss needs (left out, a sure teacher's support shrinks to the
+        # target, and the student's mass elsewhere is never pushed down). Where they are most of
+        # the mass, the position is LOW_MASS rather than a distribution that guess dominates.
+        leftover = self.open
+        self.stats.unresolved_paths += len(leftover)
+        unresolved = np.bincount(leftover.pos, weights=np.exp(leftover.logp), minlength=a.num_positions)
+        lands = leftover.best >= 0
+        self._land(leftover.pos[lands], leftover.best[lands], leftover.logp[lands])
         self.open = Paths.empty()
         P = a.num_positions
         ids = np.full((P, top_k), -1, dtype=np.int32)
@@ -474,9 +478,8 @@ class Projection:
             low = (total[inside] < missed) | (total[inside] < min_consistent_mass)
             reason[inside[low]] = LOW_MASS
             # Where most of the teacher's mass is on paths the rounds did not resolve (a number of
-            # several digits after "=", each spelt one digit at a time), the tokens that did resolve
-            # are not the teacher's distribution, only its short end: LOW_MASS.
-            unresolved_share = unresolved / np.maximum(unresolved + total, 1e-300)
+            # several digits after "=", each spelt one digit at a time): LOW_MASS.
+            unresolved_share = unresolved / np.maximum(np.maximum(total, unresolved), 1e-300)
             reason[todo & has & (unresolved_share > MAX_UNRESOLVED_SHARE)] = LOW_MASS
         ids[reason != 0] = -1
         logprobs[reason != 0] = -np.inf

@@ -38,9 +38,9 @@ class CrossOptions:
     # ... and at rows where a student position falls inside the teacher token: only candidates
     # beginning with its partial bytes count there (the engine's pass then returns this many per row).
     inside_candidates: int = 128
-    # Extra rounds of branches for off-rollout paths (0 = none): a path still open after them is
-    # left out (project.py), so a student that writes a number of up to three digits as one token
-    # ("130" against "1", "3", "0") needs three.
+    # Extra rounds of branches for off-rollout paths (0 = none): a path still open after them lands
+    # on its longest student token so far (project.py), so a student that writes a number of up to
+    # three digits as one token ("130" against "1", "3", "0") needs three.
     rounds: int = 3
     # Branches are scored for open paths at least this probable ...
     min_branch_prob: float = 0.01

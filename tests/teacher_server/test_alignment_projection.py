@@ -87,8 +87,8 @@ def test_student_token_spanning_several_teacher_tokens_gets_the_chain_rule():
     assert result.token_logprobs[1] == pytest.approx(np.log(0.216), abs=1e-5)
     assert result.mask.all()
 
-    # With too few rounds the alternatives are not landed on a number they only begin (" 2" is not
-    # " 20"); they stay unresolved, and with 56% of the mass unresolved the position is LOW_MASS.
+    # With too few rounds the alternatives stay unresolved (" 2" may be on its way to " 20"): with
+    # 56% of the mass on such paths the position is LOW_MASS.
     for rounds in (0, 1):
         _, short = run("gpt2", "smollm2", completion, script, rounds=rounds)
         assert short.reason[1] == teacher_pb2.MASK_REASON_LOW_MASS and short.mask[[0, 2]].all(), rounds
