@@ -37,12 +37,13 @@ def gsm8k_answers(count: int) -> list[dict]:
 def check(found: F.Fidelity, label: str) -> dict:
     summary = found.summary()
     print(f"\n{label}: {summary}")
-    # A boundary position is masked only where most of the teacher's mass is on paths the branch
-    # rounds did not resolve (LOW_MASS, project.py).
-    assert summary["boundary_positions"] >= 300 and summary["boundary_masked"] <= 0.01 * summary["boundary_positions"]
+    assert summary["boundary_positions"] >= 300
     assert summary["chain_mean"] <= MAX_CHAIN_MEAN
     assert summary["chain_share_over_0.05"] <= MAX_CHAIN_SHARE
-    assert summary["tv_positions"] >= 60 and summary["coverage"] >= 0.97
+    # Positions without a distribution are LOW_MASS by rule (unresolved paths hold most of their
+    # mass: a flat stand-in's numbers) or not at all: nothing unaligned.
+    assert summary["tv_positions"] >= 60 and found.coverage.unaligned == 0
+    assert (found.coverage.with_distribution + found.coverage.low_mass) / found.coverage.positions >= 0.97
     return summary
 
 
@@ -56,7 +57,10 @@ def test_real_teacher_matches_chain_rule_and_brute_force(student, smollm2):
     cross = T.cross(student, "smollm2", engine)
     found = F.measure(cross, engine, F.ModelRows, T.load(student), gsm8k_answers(10), tv_positions=60)
     summary = check(found, f"{student} -> smollm2")
-    assert found.coverage.mean_retained_mass > 0.5
+    assert found.coverage.mean_retained_mass > 0.5 and summary["coverage"] >= 0.97
+    # A boundary position is masked only where most of the teacher's mass is on paths the branch
+    # rounds did not resolve (LOW_MASS, project.py): rare with a real teacher.
+    assert summary["boundary_masked"] <= 0.01 * summary["boundary_positions"]
     assert summary["tv_mean"] <= MAX_MEAN_TV and summary["tv_p99"] <= MAX_P99_TV
     # The target's support entry exceeds the chain rule only by teacher paths that write the same
     # text with other tokens; other text landing on the target (7% of positions before) would show
