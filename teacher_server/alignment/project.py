@@ -309,8 +309,8 @@ class Projection:
         cont_best = np.concatenate([np.where(short[stay] | (depth == 0), -1, t.prefix_best[prefix]), best[ambiguous]])
         cont_follows = np.concatenate([np.ones(len(stay), bool), np.zeros(int(ambiguous.sum()), bool)])
         parent = flat[cont]
-        parent_row = paths.main_row[parent]
-        on_rollout = (parent_row >= 0) & (c[cont] == a.teacher_ids[a.teacher_from + np.maximum(parent_row, 0)])
+        parent_row = row[cont]
+        on_rollout = own[cont]
         next_row = np.where(on_rollout & (parent_row + 1 < len(a.t_start)), parent_row + 1, -1)
         # A path leaving the rollout attaches after the rollout's tokens it shares.
         attach = np.where(parent_row >= 0, a.teacher_from + np.maximum(parent_row, 0), paths.attach[parent])
