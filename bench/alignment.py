@@ -63,7 +63,7 @@ def throughput(args) -> None:
 
 def pair_throughput(pair: str, args) -> dict:
     from teacher_server.alignment.align import align
-    from teacher_server.alignment.session import CrossOptions
+    from teacher_server.alignment.cross import CrossOptions
 
     student_name, teacher_name = pair.split(":")
     student = T.load(student_name)
@@ -119,11 +119,11 @@ def pair_throughput(pair: str, args) -> dict:
             "maps_m_per_s": maps / 1e6, "candidates": cross.options.candidates,
             "inside_candidates": cross.options.inside_candidates,
             "projection_k_per_s": args.rollout / min(seconds) / 1e3,
-            "projection_first_k_per_s": args.rollout / seconds[0] / 1e3, "coverage": result.coverage.coverage}  # fmt: skip
+            "projection_first_k_per_s": args.rollout / seconds[0] / 1e3, "coverage": result.counts.coverage}  # fmt: skip
 
 
 def coverage(args) -> None:
-    from teacher_server.alignment.session import Coverage
+    from teacher_server.alignment.result import Coverage
 
     examples = T.gsm8k()
     fit, held_out = [e["answer"] for e in examples[::2]], examples[1::2]
@@ -139,7 +139,7 @@ def coverage(args) -> None:
             prompt = tokenizer(example["question"], add_special_tokens=True)["input_ids"]
             completion = tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             extra = {"messages": [("user", example["question"])]} if messages else {}
-            total.add(cross.score(engine, prompt + completion, len(prompt), 16, **extra).coverage)
+            total.add(cross.score(engine, prompt + completion, len(prompt), 16, **extra).counts)
         print(f"{student:>14} -> {teacher:<14} {label:<22} {total.coverage:8.4f} {total.mean_retained_mass:8.3f} "
               f"{total.positions:9d} {total.low_mass:8d} {total.branch_sequences:>7d}/{total.branch_tokens:<6d} "
               f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip

@@ -22,11 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from teacher_server import launch  # noqa: E402 (grpc only, no torch: the OpenMP settings below still apply)
 
 VLLM_PYTHON = Path(os.environ.get("OPD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd"
@@ -291,61 +293,13 @@ def serve_worker(setup: Callable[[], dict[str, Any]], handle: Callable[[dict[str
 # ---------------------------------------------------------------------------- teacher server
 
 
-class TeacherProcess:
-    """`opd-teacher serve` in a subprocess on 127.0.0.1, SERVING when the constructor returns."""
+class TeacherProcess(launch.TeacherProcess):
+    """The launcher's teacher (teacher_server/launch.py), started from the repository root, with its
+    resident memory once SERVING (idle_rss_mib)."""
 
-    def __init__(self, model: Path, *, extra: Iterable[str] = (), python: str = sys.executable,
-                 env: dict[str, str] | None = None, log: Path | None = None, timeout_s: float = 600.0) -> None:  # fmt: skip
-        # Imported here: it loads torch, which must not happen before the OpenMP settings above.
-        from student_trainer.demo.run import free_port, wait_until_serving
-
-        self.target = f"127.0.0.1:{free_port()}"
-        command = [python, "-m", "teacher_server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                   "--port", self.target.rsplit(":", 1)[1], *extra]  # fmt: skip
-        self.log_path = log
-        output = open(log, "w") if log else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
-                                        env={**os.environ, **(env or {})})  # fmt: skip
-        try:
-            wait_until_serving(self.target, self.process, timeout_s, self.log_path)
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, model: Path, **options: Any) -> None:
+        super().__init__(model, **{"cwd": REPO, "timeout_s": 600.0, **options})
         self.idle_rss_mib = rss_mib(self.pid)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def _wait(self, timeout_s: float) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the teacher exited with code {self.process.returncode}; see {self.log_path}")
-                try:
-                    request = health_pb2.HealthCheckRequest(service="")
-                    if health.Check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"the teacher at {self.target} was not SERVING after {timeout_s:.0f} s; see {self.log_path}")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 async def grpc_score(target: str, sequences: Sequence, start: int, top_k: int, clients: int,
                      warmup: bool = False, server_pid: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Score `sequences` (from position `start`) over gRPC with `clients` concurrent clients, one

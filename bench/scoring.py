@@ -78,7 +78,7 @@ def session_exclusions(model: str, vocab_size: int, max_length: int) -> np.ndarr
     from teacher_server.sessions import SessionRegistry, SessionSettings, TeacherVocabulary
 
     registry = SessionRegistry(TeacherVocabulary.from_pretrained(model, vocab_size), max_length)
-    return registry.open(None, SessionSettings()).excluded_support
+    return registry.open(None, SessionSettings()).alignment.excluded
 
 
 # ------------------------------------------------------------------------ worker processes

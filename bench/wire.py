@@ -34,17 +34,16 @@ METHOD = "/opd.bench.Wire/Fetch"
 
 
 def output(positions: int, k: int, seed: int = 0):
-    from teacher_server.service import ScoreOutput
+    from teacher_server.alignment.result import Coverage, ScoreResult
 
     rng = np.random.default_rng(seed)
-    return ScoreOutput(
+    return ScoreResult(
         ids=rng.integers(0, 152064, size=(positions, k)).astype(np.int32),
         logprobs=-rng.random((positions, k), dtype=np.float32) * 20,
         token_logprobs=-rng.random(positions, dtype=np.float32),
         mask=np.ones(positions, dtype=np.uint8),
         reason=np.zeros(positions, dtype=np.uint8),
-        coverage=1.0,
-        mean_support_mass=0.9,
+        counts=Coverage(positions=positions, with_distribution=positions, retained_mass_sum=0.9 * positions),
     )
 
 
@@ -92,16 +91,16 @@ def serve(port: int, positions: int, k: int) -> None:
     """A gRPC server with one unary-stream method: request = chunk rows (ascii), reply = encoded chunks."""
     import grpc
 
-    from teacher_server.service import ScoreOutput
+    from teacher_server.alignment.result import ScoreResult
 
     full = output(positions, k)
 
     async def fetch(request: bytes, context):
         rows = int(request) or positions
         for start in range(0, positions, rows):
-            part = ScoreOutput(full.ids[start : start + rows], full.logprobs[start : start + rows],
+            part = ScoreResult(full.ids[start : start + rows], full.logprobs[start : start + rows],
                                full.token_logprobs[start : start + rows], full.mask[start : start + rows],
-                               full.reason[start : start + rows], 1.0, 0.9)  # fmt: skip
+                               full.reason[start : start + rows], full.counts)  # fmt: skip
             yield encode(part)
 
     async def main() -> None:
@@ -137,9 +136,7 @@ async def fetch_once(target: str, chunk_rows: int) -> dict:
 
 def chunks(args) -> None:
     common.header(f"(c) one response of {args.positions} positions (K={args.k}) over loopback gRPC, chunked")
-    from student_trainer.demo.run import free_port
-
-    port = free_port()
+    port = common.launch.free_port()
     server = subprocess.Popen([sys.executable, __file__, "serve", str(port), str(args.positions), str(args.k)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:

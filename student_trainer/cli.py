@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
-from student_trainer.config import LOSSES, PARALLELISMS, ROLLOUT_ENGINES, load_config
+from student_trainer.config import LOSSES, PARALLELISMS, ROLLOUT_ENGINES, TrainConfig, load_config
 from student_trainer.train import train
 
 
@@ -53,9 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-alpha", type=float)
     parser.add_argument("--lora-target-modules", type=lambda text: text.split(","),
                         help="comma-separated module names, e.g. q_proj,v_proj (default: all-linear)")
+    _add_remaining_keys(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--log-level", default="WARNING")
     return parser
+
+
+def _add_remaining_keys(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig key is a flag: those not declared above get a plain one (default None:
+    the config's value stands)."""
+    declared = {action.dest for action in parser._actions}
+    defaults = TrainConfig()
+    for key in dataclasses.fields(TrainConfig):
+        if key.name in declared:
+            continue
+        flag, default = "--" + key.name.replace("_", "-"), getattr(defaults, key.name)
+        described = f"TrainConfig.{key.name} (default {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=described)
+        elif isinstance(default, list):
+            parser.add_argument(flag, type=lambda text: text.split(","), help=f"comma-separated; {described}")
+        else:
+            parser.add_argument(flag, type=type(default), help=described)
 
 
 def main(argv: list[str] | None = None) -> None:

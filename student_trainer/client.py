@@ -45,18 +45,17 @@ from typing import Coroutine, Sequence, TypeVar
 import grpc
 import numpy as np
 
+from opd.metadata import AUTHORIZATION, PIN, RETRY_AFTER_MS
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRY_AFTER_KEY = "retry-after-ms"  # teacher_server/errors.py
 # The status grpc's aio client sets itself when an operation of a call fails in its own core, e.g.
 # a stream write to a teacher that was killed mid-call (grpc _AioCall.set_internal_error). The
 # teacher never sent it (its INTERNAL names an exception), so it is a broken connection: retried.
 LOCAL_CORE_INTERNAL = "Internal error from Core"
-PIN_KEY = "opd-teacher-pin"  # teacher_server/identity.py
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # round_robin over every address a target resolves to (a DNS name of several replicas);
 # with one address it behaves like the default pick_first.
@@ -196,7 +195,7 @@ class AsyncTeacherClient:
         self.endpoints = [_Endpoint(t, options, tls) for t in targets]
         if api_key and tls is None and not all(_is_loopback(t) for t in targets):
             log.warning("sending the teacher API key without TLS to %s; use TLS outside a trusted network", self.target)
-        self._auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._auth = ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ()
         self._pin_wanted = pin_teacher
         self.pin: str | None = pin_teacher if isinstance(pin_teacher, str) and pin_teacher else None
         # Jitter from a private generator: the trainer's RNG state (saved in checkpoints) must
@@ -209,7 +208,7 @@ class AsyncTeacherClient:
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._auth + (((PIN_KEY, self.pin),) if self.pin else ())
+        return self._auth + (((PIN, self.pin),) if self.pin else ())
 
     async def close(self) -> None:
         await asyncio.gather(*(endpoint.channel.close() for endpoint in self.endpoints))
@@ -430,7 +429,7 @@ class AsyncTeacherClient:
 
 def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
     for key, value in error.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
+        if key == RETRY_AFTER_MS:
             try:
                 return int(value) / 1000
             except ValueError:

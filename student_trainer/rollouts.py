@@ -46,6 +46,11 @@ class RolloutEngine(Protocol):
         self, prompts: list[list[int]], seeds: list[int], *, top_p: float, temperature: float, max_new_tokens: int
     ) -> list[Rollout]: ...
 
+    def push_weights(self, weights) -> None:
+        """Sample with these weights from now on: (name, tensor) pairs under Hugging Face names."""
+
+    def close(self) -> None: ...
+
 
 def rollout_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
     """Seeds of rollouts first .. first+count-1 of `step`'s global batch (31-bit, for every engine)."""
@@ -144,3 +149,9 @@ class HfRollouts:
             self.model, prompts, seeds=seeds, eos_ids=self.eos_ids, pad_id=self.pad_id, top_p=top_p,
             temperature=temperature, max_new_tokens=max_new_tokens, synced_processes=self.synced_processes,
         )  # fmt: skip
+
+    def push_weights(self, weights) -> None:
+        """Nothing to copy: it samples with the live model."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -44,11 +44,12 @@ from student_trainer.client import TeacherClient, tokenizer_message
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_prompts
 from student_trainer.demo import task
-from student_trainer.demo.run import DEFAULT_CACHE, free_port, teacher_service, write_prompts
+from student_trainer.demo.run import DEFAULT_CACHE, write_prompts
 from student_trainer.losses import support_metrics
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
 from student_trainer.train import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts, train
+from teacher_server.launch import TeacherProcess, threads
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict
     with ExitStack() as stack:
         # One thread for the teacher, as for the trainer (main): a tiny model gains nothing from two, and
         # with the other core busy (the trainer, other jobs) two threads made every teacher call ~10x slower.
-        target = stack.enter_context(teacher_service(teacher, free_port(), output / "teacher.log", threads=1))
+        target = stack.enter_context(TeacherProcess(teacher, log=output / "teacher.log", env=threads(1))).target
         evaluators: dict[str, HeldoutEvaluator] = {}
         for kind in dict.fromkeys(variant.student for variant in variants):
             evaluators[kind], max_k = open_evaluator(stack, target, students[kind], problems, settings,

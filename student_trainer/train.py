@@ -67,7 +67,7 @@ from student_trainer.losses import (
     support_metrics,
     topk_reverse_kl,
 )
-from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
+from student_trainer.rollouts import HfRollouts, Rollout, RolloutEngine, rollout_seeds
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,9 @@ def current_weights(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()
 
 
-def make_rollout_engine(config: TrainConfig, model, tokens: StudentTokens, world: World, max_model_len: int):
+def make_rollout_engine(
+    config: TrainConfig, model, tokens: StudentTokens, world: World, max_model_len: int
+) -> RolloutEngine:
     if config.rollout_engine == "hf":
         # FSDP: each decoding step gathers parameters collectively, so every rank decodes as long as the longest.
         return hf_rollouts(model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp")
@@ -444,6 +446,5 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
                     teacher_pin=teacher.pin,
                 )
                 save_checkpoint(output, model, optimizer, tokenizer, state, config.keep_checkpoints, world)
-    if hasattr(engine, "close"):
-        engine.close()
+    engine.close()
     return records

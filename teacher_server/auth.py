@@ -22,20 +22,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
-from teacher_server.errors import Unauthenticated
-from teacher_server.interceptor import checked_handler
-from teacher_server.tenancy import OPEN_TENANT, set_current_tenant
+from opd.metadata import AUTHORIZATION
+from teacher_server.tenancy import OPEN_TENANT
 
 if TYPE_CHECKING:
     from teacher_server.metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
 
-PROTECTED_PREFIX = "/opd.v1.Teacher/"
 MIN_KEY_LENGTH = 16
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -95,7 +93,7 @@ def _digest(key: str) -> bytes:
 def bearer_key(metadata) -> str | None:
     """The key of an `authorization: Bearer <key>` entry, or None."""
     for name, value in metadata or ():
-        if name == "authorization":
+        if name == AUTHORIZATION:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             scheme, _, key = value.strip().partition(" ")
@@ -105,8 +103,8 @@ def bearer_key(metadata) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the tenant of every Teacher call; refuses calls without a valid key.
+class Authenticator:
+    """The tenant of a Teacher call, or why it is refused (gate.py runs it for every call).
 
     `keys=None` is an open server: every caller is the tenant OPEN_TENANT.
     """
@@ -117,26 +115,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._failures_logged_at = 0.0
         self._failures_unlogged = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
-            return handler  # health, reflection, unknown methods (UNIMPLEMENTED)
-        tenant, refusal = self._authenticate(handler_call_details)
-
-        def check() -> None:
-            if refusal is not None:
-                # A new exception per call: raising one kept in this closure would tie it, its
-                # traceback and this frame into a cycle that lingers until a full collection.
-                raise Unauthenticated(refusal)
-            set_current_tenant(tenant)
-
-        return checked_handler(handler, check)
-
-    def _authenticate(self, details: grpc.HandlerCallDetails) -> tuple[str, str | None]:
+    def authenticate(self, details: grpc.HandlerCallDetails) -> tuple[str, str | None]:
         """The caller's tenant, or why the call is refused."""
         if self.keys is None:
             return OPEN_TENANT, None

@@ -14,22 +14,24 @@ from teacher_server.server import ServerConfig, serve
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Defaults come from the config dataclasses (one source): the flags only name them.
+    server, engine_defaults, limits = ServerConfig(), EngineConfig(model=""), SchedulerLimits()
     parser = argparse.ArgumentParser(prog="opd-teacher", description="Teacher-as-a-service for on-policy distillation")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve a teacher model over gRPC")
     run.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
     run.add_argument("--tokenizer", help="the teacher's tokenizer (default: the model's)")
-    run.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    run.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
-    run.add_argument("--engine", choices=ENGINE_NAMES, default="hf")
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    run.add_argument("--max-k", type=int, default=64, help="largest top_k a request may ask for")
-    run.add_argument("--chunk-size", type=int, default=256, help="positions per lm-head chunk (bounds memory)")
-    run.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
-    run.add_argument("--max-batch-size", type=int, default=64, help="sequences per forward pass")
-    run.add_argument("--max-queued-jobs", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
-    run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    run.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0 for all)")
+    run.add_argument("--port", type=int, default=server.port, help="port (0 picks a free one)")
+    run.add_argument("--engine", choices=ENGINE_NAMES, default=server.engine)
+    run.add_argument("--device", default=engine_defaults.device, help="cpu, cuda or cuda:N")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=engine_defaults.dtype)
+    run.add_argument("--max-k", type=int, default=server.max_k, help="largest top_k a request may ask for")
+    run.add_argument("--chunk-size", type=int, default=engine_defaults.chunk_size, help="positions per lm-head chunk (bounds memory)")
+    run.add_argument("--max-batch-tokens", type=int, default=limits.max_batch_tokens, help="padded tokens per forward pass")
+    run.add_argument("--max-batch-size", type=int, default=limits.max_batch_size, help="sequences per forward pass")
+    run.add_argument("--max-queued-jobs", type=int, default=limits.max_queued_jobs, help="queued requests before RESOURCE_EXHAUSTED")
+    run.add_argument("--grace", type=float, default=server.grace_s, help="seconds in-flight requests get on shutdown")
     tenants = run.add_argument_group("tenants, limits and security")
     tenants.add_argument("--api-keys", metavar="FILE",
                          help="one 'TENANT KEY' per line; clients send 'authorization: Bearer KEY' "
@@ -37,23 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     tenants.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain of the server (TLS)")
     tenants.add_argument("--tls-key", metavar="FILE", help="PEM private key of the server (TLS)")
     tenants.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA bundle: require client certificates (mTLS)")
-    tenants.add_argument("--quantum-tokens", type=int, default=256,
+    tenants.add_argument("--quantum-tokens", type=int, default=limits.quantum_tokens,
                          help="fair-scheduling credit per tenant turn, in tokens (deficit round robin)")
-    tenants.add_argument("--max-tenant-queued-tokens", type=int, default=262_144,
+    tenants.add_argument("--max-tenant-queued-tokens", type=int, default=limits.max_tenant_queued_tokens,
                          help="tokens one tenant may have waiting before RESOURCE_EXHAUSTED")
-    tenants.add_argument("--max-tenant-in-flight", type=int, default=512,
+    tenants.add_argument("--max-tenant-in-flight", type=int, default=limits.max_tenant_in_flight,
                          help="requests one tenant may have queued or running before RESOURCE_EXHAUSTED")
-    tenants.add_argument("--max-request-tokens", type=int, default=65_536, help="tokens in one request")
-    tenants.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="bytes in one request message")
-    tenants.add_argument("--max-sessions-per-tenant", type=int, default=64, help="open sessions per tenant")
+    tenants.add_argument("--max-request-tokens", type=int, default=limits.max_request_tokens, help="tokens in one request")
+    tenants.add_argument("--max-request-bytes", type=int, default=server.max_request_bytes, help="bytes in one request message")
+    tenants.add_argument("--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant")
     ops = run.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     ops.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     ops.add_argument("--log-format", choices=["text", "json"], default="text",
                      help="json: one JSON object per line (structured logs)")
     engine = run.add_argument_group("vllm / sglang engines")
-    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is sharded over")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    engine.add_argument("--tensor-parallel-size", type=int, default=engine_defaults.tensor_parallel_size, help="GPUs the model is sharded over")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=engine_defaults.gpu_memory_utilization,
                         help="fraction of GPU memory the engine may take (sglang: mem_fraction_static)")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None
     except KeyFileError as error:
         raise SystemExit(f"opd-teacher: {error}") from None
-    config = ServerConfig(
+    asyncio.run(serve(server_config(args, api_keys)))
+
+
+def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> ServerConfig:
+    return ServerConfig(
         engine=args.engine,
         engine_config=EngineConfig(
             model=args.model,
@@ -108,7 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
-    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import grpc
 
-# Trailing metadata key of a unary RESOURCE_EXHAUSTED: milliseconds to wait before retrying.
-RETRY_AFTER_KEY = "retry-after-ms"
-
 
 class TeacherError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Extra trailing metadata for the client (a retry hint); none by default."""
-        return ()
+    retry_after_ms: int = 0  # a retry hint for the client; 0: none
 
 
 class InvalidArgument(TeacherError):
@@ -44,15 +38,7 @@ class ResourceExhausted(TeacherError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.retry_after_s is None:
-            return ()
-        return ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
-
-    @property
-    def retry_after_ms(self) -> int:
-        return max(1, round(1000 * (self.retry_after_s or 0.0)))
+        self.retry_after_ms = 0 if retry_after_s is None else max(1, round(1000 * retry_after_s))
 
 
 class Unavailable(TeacherError):
@@ -62,6 +48,3 @@ class Unavailable(TeacherError):
 class Unauthenticated(TeacherError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class PermissionDenied(TeacherError):
-    code = grpc.StatusCode.PERMISSION_DENIED

@@ -19,18 +19,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import grpc
 
-from teacher_server.auth import PROTECTED_PREFIX
-from teacher_server.errors import FailedPrecondition
-from teacher_server.interceptor import checked_handler
+from opd.metadata import PIN, UNPINNED_METHODS
 
 log = logging.getLogger(__name__)
 
-PIN_KEY = "opd-teacher-pin"
-UNPINNED_METHODS = ("/opd.v1.Teacher/GetInfo",)
 
 
 @dataclass(frozen=True)
@@ -58,45 +53,21 @@ def weights_sha256(model: str) -> str:
     return digest.hexdigest()
 
 
-def pin_of(metadata) -> str | None:
-    for name, value in metadata or ():
-        if name == PIN_KEY:
-            return value.decode("latin-1") if isinstance(value, bytes) else value
-    return None
+def pin_refusal(details: grpc.HandlerCallDetails, served: TeacherIdentity | None) -> str | None:
+    """Why a call pinned to another teacher than the one served is refused, or None.
 
-
-class PinInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses Teacher calls pinned to another teacher than the one served.
-
-    `identity()` is None while the model loads (the servicer answers UNAVAILABLE then).
-    """
-
-    def __init__(self, identity: Callable[[], TeacherIdentity | None]) -> None:
-        self.identity = identity
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        pin = pin_of(handler_call_details.invocation_metadata)
-        if handler is None or pin is None or not method.startswith(PROTECTED_PREFIX) or method in UNPINNED_METHODS:
-            return handler
-        served = self.identity()
-        if served is None or _matches(pin, served):
-            return handler
-        refusal = FailedPrecondition(
-            f"this teacher serves {served.pin!r} but the client pinned {pin!r}: the teacher was swapped. "
-            "Refusing to score with other weights; point the client at the pinned teacher, or re-pin deliberately"
-        )
-        log.warning("refused a call pinned to another teacher (%s)", method)
-
-        def check() -> None:
-            raise refusal
-
-        return checked_handler(handler, check)
+    `served` is None while the model loads (the servicer answers UNAVAILABLE then)."""
+    pin = next((value for name, value in details.invocation_metadata or () if name == PIN), None)
+    if pin is None or details.method in UNPINNED_METHODS or served is None:
+        return None
+    pin = pin.decode("latin-1") if isinstance(pin, bytes) else pin
+    if _matches(pin, served):
+        return None
+    log.warning("refused a call pinned to another teacher (%s)", details.method)
+    return (
+        f"this teacher serves {served.pin!r} but the client pinned {pin!r}: the teacher was swapped. "
+        "Refusing to score with other weights; point the client at the pinned teacher, or re-pin deliberately"
+    )
 
 
 def _matches(pin: str, served: TeacherIdentity) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import grpc
 
+from opd.metadata import RETRY_AFTER_MS
 from opd.tensors import MalformedTensor
 from teacher_server.errors import InvalidArgument, TeacherError
 from teacher_server.tenancy import current_tenant
@@ -22,13 +23,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
+    """(status, message, retry hint in ms or 0) of an error raised while answering a request:
+    the one mapping for unary calls (end_with_status) and ScoreStream entries (servicer.py)."""
     if isinstance(error, TeacherError):
-        return error.code, str(error)
+        return error.code, str(error), error.retry_after_ms
     if isinstance(error, MalformedTensor):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed tensor: {error}"
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed tensor: {error}", 0
     log.error("unexpected error in a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); see the teacher's log"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); see the teacher's log", 0
 
 
 def end_with_status(context: grpc.aio.ServicerContext, error: Exception) -> grpc.StatusCode:
@@ -39,11 +42,11 @@ def end_with_status(context: grpc.aio.ServicerContext, error: Exception) -> grpc
     scan or a buggy client refuses thousands) stayed in memory until a full garbage
     collection, and the process grew with the rate of errors.
     """
-    code, message = status_of(error)
+    code, message, retry_after_ms = status_of(error)
     context.set_code(code)
     context.set_details(message)
-    if isinstance(error, TeacherError) and error.trailing_metadata():
-        context.set_trailing_metadata(error.trailing_metadata())
+    if retry_after_ms:
+        context.set_trailing_metadata(((RETRY_AFTER_MS, str(retry_after_ms)),))
     return code
 
 
@@ -141,54 +144,3 @@ def _guarded_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             end_with_status(context, error)
 
     return guarded
-
-
-def checked_handler(handler: grpc.RpcMethodHandler, check: Callable[[], None]) -> grpc.RpcMethodHandler:
-    """`handler` with `check()` run first, inside the RPC's own task.
-
-    Running there (not in intercept_service) matters: context variables that
-    `check` sets (the tenant) are then seen by the servicer and by the tasks it
-    starts. A TeacherError raised by `check` ends the call with its status, for
-    unary and streaming calls alike.
-    """
-
-    def refused(context: grpc.aio.ServicerContext) -> bool:
-        try:
-            check()
-        except TeacherError as error:
-            end_with_status(context, error)
-            return True
-        return False
-
-    options = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary is not None:
-        unary_unary = handler.unary_unary
-
-        async def checked_unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return None if refused(context) else await unary_unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(checked_unary_unary, **options)
-    if handler.stream_stream is not None:
-        stream_stream = handler.stream_stream
-
-        async def checked_stream_stream(requests: Any, context: grpc.aio.ServicerContext):
-            if not refused(context):
-                async for reply in stream_stream(requests, context):
-                    yield reply
-
-        return grpc.stream_stream_rpc_method_handler(checked_stream_stream, **options)
-    if handler.unary_stream is not None:
-        unary_stream = handler.unary_stream
-
-        async def checked_unary_stream(request: Any, context: grpc.aio.ServicerContext):
-            if not refused(context):
-                async for reply in unary_stream(request, context):
-                    yield reply
-
-        return grpc.unary_stream_rpc_method_handler(checked_unary_stream, **options)
-    stream_unary = handler.stream_unary
-
-    async def checked_stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        return None if refused(context) else await stream_unary(requests, context)
-
-    return grpc.stream_unary_rpc_method_handler(checked_stream_unary, **options)

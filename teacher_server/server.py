@@ -27,9 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from teacher_server.auth import ApiKeys, AuthInterceptor
+from teacher_server.auth import ApiKeys
 from teacher_server.engines import EngineConfig, load_engine
-from teacher_server.identity import PinInterceptor, TeacherIdentity, weights_sha256
+from teacher_server.gate import GateInterceptor
+from teacher_server.identity import TeacherIdentity, weights_sha256
 from teacher_server.interceptor import StatusInterceptor
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import Scheduler, SchedulerLimits
@@ -83,8 +84,7 @@ class TeacherServer:
         self.metrics_port: int | None = None
         self._server = grpc.aio.server(
             interceptors=[
-                AuthInterceptor(config.api_keys, self.metrics),
-                PinInterceptor(lambda: self.identity),
+                GateInterceptor(config.api_keys, lambda: self.identity, self.metrics),
                 StatusInterceptor(self.metrics),
             ],
             options=[
@@ -131,10 +131,11 @@ class TeacherServer:
         teacher = await asyncio.to_thread(
             TeacherVocabulary.from_pretrained, config.tokenizer or model, engine.vocab_size
         )
+        log.info("teacher: %s", teacher.describe_head())
         self.scheduler = Scheduler(engine, config.limits, self.metrics)
         self.scheduler.start()
         owners = SessionOwners(config.max_sessions_per_tenant)
-        self.servicer.set_service(TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha))
+        self.servicer.set_service(TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics))
         self.identity = TeacherIdentity(engine.model_name, sha)
         self.metrics.teacher(engine.model_name, engine.name, sha)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

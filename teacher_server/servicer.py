@@ -6,6 +6,7 @@ It holds no logic of its own beyond the conversion and the streaming plumbing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -13,10 +14,11 @@ import grpc
 
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from teacher_server.alignment.session import Coverage, CrossOptions
-from teacher_server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from teacher_server.alignment.cross import CrossOptions
+from teacher_server.alignment.result import Coverage, ScoreResult
+from teacher_server.errors import InvalidArgument, Unavailable
 from teacher_server.interceptor import status_of
-from teacher_server.service import ScoreInput, ScoreOutput, TeacherService
+from teacher_server.service import ScoreInput, TeacherService
 from teacher_server.sessions import SessionSettings, StudentTokenizerSpec
 from teacher_server.tenancy import current_tenant
 
@@ -44,7 +46,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         return self._service
 
     async def GetInfo(self, request, context) -> teacher_pb2.GetInfoResponse:
-        return self.service.info()
+        return teacher_pb2.GetInfoResponse(**dataclasses.asdict(self.service.info()))
 
     async def OpenSession(self, request: teacher_pb2.OpenSessionRequest, context) -> teacher_pb2.OpenSessionResponse:
         tokenizer = request.tokenizer
@@ -63,12 +65,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             special_token_pairs=tuple((p.student_token, p.teacher_token) for p in request.special_token_pairs),
             pair_eos=not request.no_eos_pairing,
             mask_specials=not request.no_special_token_masking,
-            options=_alignment_options(request.alignment) if request.HasField("alignment") else CrossOptions(),
+            options=_alignment_options(request.alignment),
         )
         # A new student tokenizer builds its alignment tables (seconds): off the event loop.
         session = await asyncio.to_thread(self.service.open_session, student, settings, current_tenant())
-        if self.metrics is not None:
-            self.metrics.sessions_open.set(self.service.owners.count())
         return teacher_pb2.OpenSessionResponse(
             session_id=session.session_id,
             same_as_teacher=session.same_as_teacher,
@@ -79,13 +79,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         )
 
     async def GetSessionStats(self, request, context) -> teacher_pb2.SessionStats:
-        session = self.service.session_stats(request.session_id, current_tenant())
-        stats = session.stats
-        with stats.lock:
-            totals = Coverage(**{name: getattr(stats.totals, name) for name in Coverage.__dataclass_fields__})
-            requests = stats.requests
+        requests, totals = self.service.session_stats(request.session_id, current_tenant())
         return teacher_pb2.SessionStats(
-            session_id=session.session_id,
+            session_id=request.session_id,
             requests=requests,
             totals=_coverage(totals),
             coverage=totals.coverage,
@@ -94,8 +90,6 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def CloseSession(self, request, context) -> teacher_pb2.CloseSessionResponse:
         self.service.close_session(request.session_id, current_tenant())
-        if self.metrics is not None:
-            self.metrics.sessions_open.set(self.service.owners.count())
         return teacher_pb2.CloseSessionResponse()
 
     async def Score(self, request: teacher_pb2.ScoreRequest, context) -> teacher_pb2.ScoreResponse:
@@ -116,9 +110,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as error:
-                code, message = status_of(error)
-                hinted = isinstance(error, ResourceExhausted) and error.retry_after_s
-                retry_after_ms = error.retry_after_ms if hinted else 0
+                code, message, retry_after_ms = status_of(error)
                 reply = teacher_pb2.ScoreStreamResponse(
                     request_id=request.request_id,
                     error=teacher_pb2.Error(code=code.value[0], message=message, retry_after_ms=retry_after_ms),
@@ -160,7 +152,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def _score(self, request: teacher_pb2.ScoreRequest) -> teacher_pb2.ScoreResponse:
         tokens = from_tensor(request.tokens, name="tokens", dtype="int32", ndim=1)
         tenant = current_tenant()
-        output = await self.service.score(
+        result = await self.service.score(
             ScoreInput(
                 session_id=request.session_id,
                 tokens=tokens,
@@ -171,21 +163,21 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             tenant,
         )
         if self.metrics is not None:
-            self.metrics.score_quality(tenant, output.coverage, output.mean_support_mass)
-        return _response(request.request_id, output)
+            self.metrics.score_quality(tenant, result.counts.coverage, result.counts.mean_retained_mass)
+        return _response(request.request_id, result)
 
 
-def _response(request_id: int, output: ScoreOutput) -> teacher_pb2.ScoreResponse:
+def _response(request_id: int, result: ScoreResult) -> teacher_pb2.ScoreResponse:
     return teacher_pb2.ScoreResponse(
         request_id=request_id,
-        ids=to_tensor(output.ids),
-        logprobs=to_tensor(output.logprobs),
-        token_logprobs=to_tensor(output.token_logprobs),
-        mask=to_tensor(output.mask),
-        reason=to_tensor(output.reason),
-        coverage=output.coverage,
-        mean_support_mass=output.mean_support_mass,
-        counts=_coverage(output.counts),
+        ids=to_tensor(result.ids),
+        logprobs=to_tensor(result.logprobs),
+        token_logprobs=to_tensor(result.token_logprobs),
+        mask=to_tensor(result.mask),
+        reason=to_tensor(result.reason),
+        coverage=result.counts.coverage,
+        mean_support_mass=result.counts.mean_retained_mass,
+        counts=_coverage(result.counts),
     )
 
 
@@ -193,37 +185,8 @@ def _coverage(counts: Coverage) -> teacher_pb2.Coverage:
     return teacher_pb2.Coverage(**{name: getattr(counts, name) for name in Coverage.__dataclass_fields__})
 
 
-# Upper bounds of the client's alignment options: each multiplies the work of every request
-# (candidates is the engine's top-N per row, rounds are sequential engine passes, the factor
-# sizes the branch job), so a session may not ask for more than these.
-MAX_CANDIDATES = 1024
-MAX_EXPANSION_ROUNDS = 8
-MAX_BRANCH_TOKEN_FACTOR = 8.0
-
-
 def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
-    defaults = CrossOptions()
-    problems = []
-    if not 0 <= message.candidates <= MAX_CANDIDATES:
-        problems.append(f"candidates must be in [0, {MAX_CANDIDATES}], got {message.candidates}")
-    if not 0 <= message.inside_candidates <= MAX_CANDIDATES:
-        problems.append(f"inside_candidates must be in [0, {MAX_CANDIDATES}], got {message.inside_candidates}")
-    if message.expansion_rounds > MAX_EXPANSION_ROUNDS:  # negative: no rounds (the proto says so)
-        problems.append(f"expansion_rounds must be at most {MAX_EXPANSION_ROUNDS}, got {message.expansion_rounds}")
-    if not 0 <= message.branch_token_factor <= MAX_BRANCH_TOKEN_FACTOR:
-        problems.append(
-            f"branch_token_factor must be in [0, {MAX_BRANCH_TOKEN_FACTOR}], got {message.branch_token_factor}"
-        )
-    if not 0 <= message.min_branch_prob <= 1:
-        problems.append(f"min_branch_prob must be in [0, 1], got {message.min_branch_prob}")
-    if problems:
-        raise InvalidArgument("alignment options: " + "; ".join(problems) + " (0 = the server's default)")
-    return CrossOptions(
-        candidates=message.candidates or defaults.candidates,
-        inside_candidates=message.inside_candidates or defaults.inside_candidates,
-        rounds=max(message.expansion_rounds, 0) if message.expansion_rounds else defaults.rounds,
-        branch_token_factor=message.branch_token_factor or defaults.branch_token_factor,
-        min_branch_prob=message.min_branch_prob or defaults.min_branch_prob,
-        branch_token_floor=defaults.branch_token_floor,
-        min_consistent_mass=defaults.min_consistent_mass,
+    return CrossOptions.requested(
+        candidates=message.candidates, inside_candidates=message.inside_candidates, rounds=message.expansion_rounds,
+        branch_token_factor=message.branch_token_factor, min_branch_prob=message.min_branch_prob,
     )

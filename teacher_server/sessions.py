@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
+import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from teacher_server.alignment.byte_tables import UnsupportedTokenizer, byte_table
-from teacher_server.alignment.session import Coverage, CrossOptions, CrossTokenizer
+from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
+from teacher_server.alignment.identity import IdentityAlignment
+from teacher_server.alignment.result import Coverage, Steps
 from teacher_server.alignment.specials import PairError, special_map
 from teacher_server.alignment.text import TeacherText
-from teacher_server.errors import InvalidArgument, NotFound
+from teacher_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TeacherVocabulary:
@@ -59,6 +65,36 @@ class TeacherVocabulary:
             eos_token=tokenizer.eos_token,
         )
 
+    # Real checkpoints disagree with their tokenizers both ways: a tokenizer with ids beyond the
+    # lm head (an added token the head never got; the teacher can never predict it) and a head
+    # padded past the tokenizer (rows no token owns). Neither may reach the support or crash.
+    @cached_property
+    def beyond_head(self) -> np.ndarray:
+        """Token ids of the tokenizer that the lm head has no row for, sorted."""
+        return np.asarray(sorted(i for i in self.vocab.values() if i >= self.model_vocab_size), dtype=np.int64)
+
+    @cached_property
+    def unowned_rows(self) -> np.ndarray:
+        """Rows of the lm head that no token of the tokenizer owns, sorted."""
+        owned = np.zeros(self.model_vocab_size, dtype=bool)
+        ids = np.fromiter(self.vocab.values(), dtype=np.int64, count=len(self.vocab))
+        owned[ids[ids < self.model_vocab_size]] = True
+        return np.flatnonzero(~owned).astype(np.int64)
+
+    def describe_head(self) -> str:
+        """One line on how the tokenizer and the lm head agree."""
+        beyond, unowned = self.beyond_head, self.unowned_rows
+        if not len(beyond) and not len(unowned):
+            return f"tokenizer and lm head agree: {self.model_vocab_size} tokens"
+        names = {index: token for token, index in self.vocab.items()}
+        shown = ", ".join(f"{names[int(i)]!r}={int(i)}" for i in beyond[:5]) + (" ..." if len(beyond) > 5 else "")
+        return (
+            f"tokenizer ({len(self.vocab)} tokens) and lm head ({self.model_vocab_size} rows) disagree: "
+            f"{len(beyond)} token id(s) beyond the head are never scored or offered"
+            + (f" ({shown})" if len(beyond) else "")
+            + f"; {len(unowned)} row(s) no token owns are never offered as support"
+        )
+
 
 @dataclass(frozen=True)
 class StudentTokenizerSpec:
@@ -93,23 +129,35 @@ class SessionStats:
             self.requests += 1
             self.totals.add(coverage)
 
+    def snapshot(self) -> tuple[int, Coverage]:
+        """(requests, a copy of the totals), consistent with each other."""
+        with self.lock:
+            return self.requests, dataclasses.replace(self.totals)
+
+
+@dataclass(frozen=True)
+class UnalignedTokenizers:
+    """A student tokenizer the teacher's own cannot be aligned with: the session opens (its id is
+    stable), and scoring answers FAILED_PRECONDITION with the reason."""
+
+    reason: str
+
+    def steps(self, *request) -> Steps:
+        raise FailedPrecondition(self.reason)
+
 
 @dataclass(frozen=True)
 class Session:
     session_id: str
-    same_as_teacher: bool
     student_vocab_size: int
     temperature: float
-    # bool [student_vocab_size]: a position whose target is one of these is masked (SPECIAL).
-    masked_targets: np.ndarray
-    # teacher ids never offered as support (special tokens other than EOS, embedding padding).
-    excluded_support: np.ndarray
-    # Cross-tokenizer sessions: the alignment (None when identical tokenizers), or why
-    # it is unavailable (the teacher's own tokenizer cannot be aligned byte for byte).
-    cross: CrossTokenizer | None = None
-    cross_error: str = ""
+    alignment: IdentityAlignment | CrossTokenizer | UnalignedTokenizers
     special_token_pairs: tuple[tuple[str, str], ...] = ()
     stats: SessionStats = field(default_factory=SessionStats, compare=False)
+
+    @property
+    def same_as_teacher(self) -> bool:
+        return isinstance(self.alignment, IdentityAlignment)
 
 
 class SessionRegistry:
@@ -121,11 +169,8 @@ class SessionRegistry:
         self._teacher_error = ""
         self._lock = threading.Lock()
 
-    def open(
-        self, student: StudentTokenizerSpec | None, temperature: float | SessionSettings = 1.0
-    ) -> Session:
+    def open(self, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         """Open (or find) the session for `student` (None = the teacher's own tokenizer)."""
-        settings = temperature if isinstance(temperature, SessionSettings) else SessionSettings(temperature=temperature)
         temperature = settings.temperature
         if not (temperature > 0 and np.isfinite(temperature)):
             raise InvalidArgument(f"temperature must be a positive number, got {temperature}")
@@ -174,22 +219,15 @@ class SessionRegistry:
         self, session_id: str, student: StudentTokenizerSpec, settings: SessionSettings, student_vocab: dict[str, int]
     ) -> Session:
         common = dict(
-            session_id=session_id,
-            same_as_teacher=False,
-            student_vocab_size=max(student_vocab.values()) + 1,
-            temperature=settings.temperature,
-            masked_targets=np.zeros(0, dtype=bool),
-            excluded_support=np.zeros(0, dtype=np.int64),
+            session_id=session_id, student_vocab_size=max(student_vocab.values()) + 1, temperature=settings.temperature
         )
         text = self.teacher_text()
-        if text is None:  # the session opens; scoring answers FAILED_PRECONDITION with this reason
-            return Session(
-                **common,
-                cross_error=(
-                    f"this session's student tokenizer differs from the teacher's, and {self._teacher_error}; "
-                    "open the session with same_as_teacher or use a student that shares the teacher's tokenizer"
-                ),
+        if text is None:
+            reason = (
+                f"this session's student tokenizer differs from the teacher's, and {self._teacher_error}; "
+                "open the session with same_as_teacher or use a student that shares the teacher's tokenizer"
             )
+            return Session(**common, alignment=UnalignedTokenizers(reason))
         try:
             table = byte_table(student.tokenizer_json, student.special_tokens)
         except UnsupportedTokenizer as reason:
@@ -204,9 +242,10 @@ class SessionRegistry:
         except PairError as reason:
             raise InvalidArgument(str(reason)) from None
         cross = CrossTokenizer.build(
-            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options
+            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options,
+            unowned_rows=teacher.unowned_rows,
         )
-        return Session(**common, cross=cross, special_token_pairs=specials.pairs)
+        return Session(**common, alignment=cross, special_token_pairs=specials.pairs)
 
     def _build(self, session_id: str, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         teacher = self.teacher
@@ -219,16 +258,14 @@ class SessionRegistry:
         kept = _identity_pairs(teacher, settings)
         masked = np.zeros(teacher.model_vocab_size, dtype=bool)
         if settings.mask_specials:
-            masked[sorted((teacher.special_ids | teacher.eos_ids) - set(kept.values()))] = True
-        padding_rows = np.arange(len(teacher.vocab), teacher.model_vocab_size)
-        excluded = np.union1d(np.flatnonzero(masked), padding_rows).astype(np.int64)
+            unpaired = (teacher.special_ids | teacher.eos_ids) - set(kept.values())
+            masked[[i for i in sorted(unpaired) if i < teacher.model_vocab_size]] = True
+        excluded = np.union1d(np.flatnonzero(masked), teacher.unowned_rows).astype(np.int64)
         return Session(
             session_id=session_id,
-            same_as_teacher=True,
             student_vocab_size=teacher.model_vocab_size,
             temperature=temperature,
-            masked_targets=masked,
-            excluded_support=excluded,
+            alignment=IdentityAlignment(masked, excluded, self.max_sequence_length),
             special_token_pairs=tuple((token, token) for token in sorted(kept, key=kept.get)),
         )
 

@@ -94,10 +94,6 @@ class SessionOwners:
         with self._lock:
             return bool(self._owners.get(session_id))
 
-    def sessions_of(self, tenant: str) -> list[str]:
-        with self._lock:
-            return sorted(self._by_tenant.get(tenant, ()))
-
     def count(self) -> int:
         with self._lock:
             return len(self._owners)

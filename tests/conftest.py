@@ -18,7 +18,12 @@ TINY_VOCAB = 96
 SPECIAL_TOKEN = "<|think|>"  # a control token: masked as a target, never in the support
 
 
-def build_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+def build_tiny_model(
+    path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, head_rows: int = TINY_VOCAB,
+    extra_special_tokens: tuple[str, ...] = (),
+) -> Path:  # fmt: skip
+    """head_rows other than TINY_VOCAB pads the lm head; extra_special_tokens get ids past TINY_VOCAB
+    (past the head's rows unless it is padded), as in real checkpoints whose tokenizer and head disagree."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -30,11 +35,11 @@ def build_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, hidden: int 
         pad_token="<pad>",
         bos_token="<bos>",
         eos_token="<eos>",
-        additional_special_tokens=[SPECIAL_TOKEN],
+        additional_special_tokens=[SPECIAL_TOKEN, *extra_special_tokens],
     )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=TINY_VOCAB,
+        vocab_size=head_rows,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

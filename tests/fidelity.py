@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from teacher_server.alignment.pair import BYTE_CLASS, LETTER, OTHER, SPACE
-from teacher_server.alignment.session import Coverage
+from teacher_server.alignment.result import Coverage
 
 BRANCH_CHUNK = 512  # branch tokens per pass of ModelRows
 KINDS = ("one-to-one", "several", "shorter", "inside")  # see position_kinds
@@ -328,7 +328,7 @@ def measure(cross, engine, rows_of, tokenizer, examples, top_k: int = 32, tv_pos
         plan = cross.align(tokens, len(prompt), messages)
         rows = rows_of(engine, plan.teacher_ids)
         found.positions += len(result.mask)
-        found.coverage.add(result.coverage)
+        found.coverage.add(result.counts)
         _chain_rule(found, plan, result, rows)
         if len(found.tv) < tv_positions:
             _brute_force(found, BruteForce(cross, rows), plan, result)

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -368,12 +367,6 @@ def test_compose_commands_use_known_console_scripts() -> None:
 # --------------------------------------------------------------------------- health check, executed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_check(argv: list[str], target: str) -> int:
     assert argv[0] == "python"
     env = dict(os.environ, OPD_HEALTH_TARGET=target)
@@ -391,7 +384,9 @@ def test_healthchecks_probe_grpc_health_service() -> None:
         "teacher.Dockerfile": _healthcheck_cmd(TEACHER_DOCKERFILE),
         **{f"compose.yaml {name}": _compose()["services"][name]["healthcheck"]["test"][1:] for name in TEACHERS},
     }
-    port = _free_port()
+    from teacher_server.launch import free_port
+
+    port = free_port()
     target = f"127.0.0.1:{port}"
 
     # nothing listening: unhealthy

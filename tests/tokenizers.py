@@ -210,6 +210,7 @@ class BigramTeacher:
 
     name = "bigram"
     dtype = "float64"
+    temperatures = None
     supports_branches = True
 
     def __init__(self, tokenizer, texts, alpha: float = 2.0) -> None:
@@ -317,7 +318,7 @@ def teacher_text(name: str):
 
 def cross(student: str, teacher: str, engine, options=None, pairs=(), pair_eos: bool = True):
     """A CrossTokenizer for (student, teacher) as a session would build it."""
-    from teacher_server.alignment.session import CrossOptions, CrossTokenizer
+    from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
     from teacher_server.alignment.specials import special_map
 
     s, t = load(student), load(teacher)
@@ -335,6 +336,7 @@ class ScriptedTeacher:
 
     name = "scripted"
     dtype = "float64"
+    temperatures = None
     supports_branches = True
     max_sequence_length = 1 << 20
 

@@ -13,22 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from student_trainer.config import TrainConfig
 from student_trainer.demo import task
 from student_trainer.plots import plot_metrics
 from student_trainer.train import train
+from teacher_server.launch import TeacherProcess, threads
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd-demo"
 
@@ -57,51 +51,6 @@ def demo_config(student: Path, teacher: str, output: Path, steps: int) -> TrainC
     )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def teacher_service(model: Path, port: int, log_path: Path, timeout_s: float = 120.0,
-                    threads: int | None = None) -> Iterator[str]:  # fmt: skip
-    """Run `opd-teacher serve` in a subprocess until the block ends; yields HOST:PORT.
-
-    `threads`: the teacher's intra-op thread count (OMP_NUM_THREADS); None inherits it.
-    """
-    target = f"127.0.0.1:{port}"
-    command = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(model), "--port", str(port)]
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) as process:
-        try:
-            wait_until_serving(target, process, timeout_s, log_path)
-            yield target
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def wait_until_serving(target: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the teacher exited with code {process.returncode}; see {log_path}")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"the teacher at {target} was not SERVING after {timeout_s:.0f} s; see {log_path}")
-
-
 def write_prompts(path: Path, problems: list[task.Problem]) -> None:
     path.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
 
@@ -128,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # One thread for the teacher, as in the study: with the trainer on the other core, two made
     # every teacher call many times slower on a 2-core machine.
-    with teacher_service(teacher_path, free_port(), args.output / "teacher.log", threads=1) as target:
+    with TeacherProcess(teacher_path, log=args.output / "teacher.log", env=threads(1)) as teacher:
+        target = teacher.target
         print(f"teacher serving at {target}; training the student for {args.steps} steps ...", flush=True)
         config = demo_config(student_path, target, args.output, args.steps)
         records = train(config, evaluate_task=task_accuracy)

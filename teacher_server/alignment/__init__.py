@@ -14,5 +14,7 @@ One job per module:
                   each student position's teacher row and partial bytes r
 * pair.py         tables per (student, teacher) pair: the student trie, ambiguous teacher paths
 * project.py      teacher candidates (paths) -> student tokens, with bounded expansion
-* session.py      the steps of a request, shared by the service and the tests/benchmarks
+* result.py       what every alignment returns (ScoreResult, Coverage) and how its steps are driven
+* identity.py     a student with the teacher's own tokenizer: one pass, special targets masked
+* cross.py        any other student tokenizer: align, the teacher pass, branch rounds, projection
 """

@@ -14,7 +14,7 @@ merges only listed pairs; no finite check proves that this never matters, so a t
 is used only after it encodes every vocabulary token, taken as one pre-token, exactly
 as the tokenizer does, and a probe text too; otherwise (or for any other tokenizer
 shape) there is no twin and the Hugging Face tokenizer is used.
-tests/teacher_server/test_alignment_fast_bpe.py compares the twins of the real
+tests/teacher_server/alignment/test_fast_bpe.py compares the twins of the real
 tokenizers with Hugging Face on GSM8K and on random Unicode text.
 """
 

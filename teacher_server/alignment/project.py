@@ -184,10 +184,19 @@ class Projection:
 
     # ------------------------------------------------------------------ branches
 
-    def branch_requests(self, min_prob: float, budget_tokens: int) -> list[tuple[int, tuple[int, ...]]]:
-        """The off-rollout paths worth a branch: (attach, tokens), most probable first, within budget."""
+    def branch_requests(
+        self, min_prob: float, budget_tokens: int, max_open_mass: float
+    ) -> list[tuple[int, tuple[int, ...]]]:
+        """The off-rollout paths worth a branch: (attach, tokens), most probable first, within budget.
+
+        A path is worth one at probability >= min_prob, and down to min_prob / 10 while it and the
+        less probable open paths of its position hold more than max_open_mass: a number after "="
+        is spread over many digits, each path small and together most of the mass, which would
+        otherwise land on guesses (finish)."""
         paths = self.open
-        worth = np.flatnonzero((paths.logp >= np.log(min_prob)) & (paths.extra_len <= MAX_EXTRA) & (paths.attach >= 1))
+        worth = (paths.extra_len <= MAX_EXTRA) & (paths.attach >= 1) & (paths.logp >= np.log(min_prob / 10))
+        worth &= (paths.logp >= np.log(min_prob)) | (self._open_mass_from(paths) > max_open_mass)
+        worth = np.flatnonzero(worth)
         if not len(worth):
             return []
         worth = worth[np.argsort(-paths.logp[worth], kind="stable")]
@@ -197,6 +206,18 @@ class Projection:
         spent = np.cumsum(paths.extra_len[worth[first]])
         first = first[spent <= budget_tokens]
         return [(int(keys[i, 0]), tuple(int(t) for t in keys[i, 1 : 1 + paths.extra_len[worth[i]]])) for i in first.tolist()]
+
+    @staticmethod
+    def _open_mass_from(paths: Paths) -> np.ndarray:
+        """Per path: the probability of it and of the less probable open paths at its position."""
+        order = np.lexsort((paths.logp, paths.pos))  # per position, least probable first
+        prob = np.exp(paths.logp[order])
+        running = np.cumsum(prob)
+        start = np.searchsorted(paths.pos[order], paths.pos[order], side="left")
+        before = np.where(start > 0, running[np.maximum(start - 1, 0)], 0.0)
+        mass = np.empty(len(paths))
+        mass[order] = running - before
+        return mass
 
     def absorb(self, requests: list[tuple[int, tuple[int, ...]]], ids: np.ndarray, logprobs: np.ndarray) -> None:
         """Extend the open paths whose branch was scored; ids/logprobs: the row after each branch."""

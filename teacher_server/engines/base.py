@@ -20,6 +20,9 @@ next token. Every engine gives these the same meaning:
   that cannot score branches says so with `supports_branches = False`; the
   service then sends it none (cross-tokenizer sessions project without
   expansion rounds).
+
+What an engine can do it declares (the Engine protocol), so the service reads
+attributes instead of probing for them.
 """
 
 from __future__ import annotations
@@ -86,16 +89,15 @@ class TeacherScores:
 
 
 class Engine(Protocol):
-    """Besides these, an engine may set `temperatures`: a tuple of the only temperatures
-    it scores exactly (vllm and sglang: (1.0,), their prompt log-probabilities come from
-    the raw logits); the service refuses other session temperatures with INVALID_ARGUMENT.
-    Without it, any positive temperature is served."""
-
     name: str
     model_name: str
     vocab_size: int
     max_sequence_length: int
     dtype: str
+    # The only temperatures scored exactly (vllm and sglang: (1.0,), their prompt log-probabilities
+    # come from the raw logits), or None for any positive one; the service refuses others.
+    temperatures: tuple[float, ...] | None
+    supports_branches: bool  # ScoringJob.branches (module docstring)
 
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         """Score a batch of jobs; called from one worker thread at a time."""

@@ -38,6 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class HFEngine:
     name = "hf"
+    temperatures = None  # logits / temperature before the softmax, any temperature
     supports_branches = True  # ScoringJob.branches, on the KV cache of the main pass
     share_prefixes = True  # rollout groups: a shared prompt prefix runs once (module docstring)
 

@@ -67,6 +67,7 @@ NEXT_PLACEHOLDER = 0  # any id: only the distribution that predicts it is read
 class SGLangEngine:
     name = "sglang"
     temperatures = (1.0,)
+    supports_branches = True  # as prompts of their own, sharing the radix cache (module docstring)
 
     def __init__(self, config: EngineConfig) -> None:
         self.model_name = config.model

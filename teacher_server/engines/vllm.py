@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 class VLLMEngine:
     name = "vllm"
     temperatures = (1.0,)  # prompt logprobs are computed from raw logits (see above)
+    supports_branches = True  # as prompts of their own (module docstring; the prefix is recomputed)
 
     def __init__(self, config: EngineConfig) -> None:
         if config.device.startswith("cpu"):

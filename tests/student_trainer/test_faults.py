@@ -29,8 +29,8 @@ from student_trainer import checkpoint as checkpoint_module
 from student_trainer.client import RetryPolicy, TeacherClient
 from student_trainer.config import load_config
 from student_trainer.train import train
-from tests.teacher_server.test_load import start_teacher, stop_teacher
-from tests.teacher_server.test_server import free_port
+from tests.helpers import start_teacher
+from teacher_server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -94,7 +94,8 @@ def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 def test_teacher_and_trainer_killed_mid_run_end_bitwise_equal(tiny_model, student, prompts, tmp_path):
     port = free_port()
     teacher_args = ("--max-batch-size", "1", "--log-level", "WARNING")
-    teacher, target = start_teacher(tiny_model, tmp_path, *teacher_args, port=port)
+    teacher = start_teacher(tiny_model, tmp_path, *teacher_args, port=port)
+    target = teacher.target
     try:
         # 1. The uninterrupted run, in this process (a subprocess gives the same bits, see
         # the runs below, but costs another interpreter start); torch on one thread like them.
@@ -121,10 +122,10 @@ def test_teacher_and_trainer_killed_mid_run_end_bitwise_equal(tiny_model, studen
         def kill_teacher_after(step: int, run: subprocess.Popen, log: Path) -> None:
             nonlocal teacher
             wait_for(lambda: steps_logged(faulty) >= step, run, log)
-            teacher.kill()  # SIGKILL: no drain, connections reset, sessions lost
-            teacher.wait()
+            teacher.process.kill()  # SIGKILL: no drain, connections reset, sessions lost
+            teacher.process.wait()
             teacher_killed_at.append(steps_logged(faulty))
-            teacher, _ = start_teacher(tiny_model, tmp_path, *teacher_args, port=port)
+            teacher = start_teacher(tiny_model, tmp_path, *teacher_args, port=port)
 
         run = start_trainer(trainer_command(student, prompts, target, faulty), logs[0])
         kill_teacher_after(1, run, logs[0])
@@ -147,7 +148,7 @@ def test_teacher_and_trainer_killed_mid_run_end_bitwise_equal(tiny_model, studen
         steps = [json.loads(line)["step"] for line in (faulty / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, STEPS + 1))
     finally:
-        stop_teacher(teacher)
+        teacher.close(timeout_s=60)
 
 
 def test_two_teachers_failover_gives_the_same_numbers(tiny_model):

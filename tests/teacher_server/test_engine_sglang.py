@@ -49,7 +49,7 @@ from teacher_server.engines.sglang import (
 )
 from teacher_server.engines.support import EXCLUDE_SLACK, prompts_of
 from tests.conftest import TINY_VOCAB
-from tests.teacher_server.test_hf_engine import check_against_reference, reference
+from tests.helpers import check_against_reference, reference
 
 
 @pytest.fixture(scope="module")

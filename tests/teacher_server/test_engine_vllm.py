@@ -20,11 +20,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from opd.v1 import teacher_pb2
 from student_trainer.client import TeacherClient
 from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.base import Branch
+from teacher_server.launch import TeacherProcess
 from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB, LiveServer, server_config
 
 pytestmark = pytest.mark.vllm
@@ -156,7 +154,7 @@ def reference_model(tiny_model):
 
 @inprocess
 def test_inprocess_vllm_matches_the_float64_reference_and_the_hf_engine(vllm_engine, hf_engine, reference_model):
-    from tests.teacher_server.test_hf_engine import check_against_reference, reference
+    from tests.helpers import check_against_reference, reference
 
     assert vllm_engine.vocab_size == TINY_VOCAB and vllm_engine.max_sequence_length == 255
     rng = np.random.default_rng(5)
@@ -192,7 +190,7 @@ def test_inprocess_prompt_logprobs_containers_and_temperature_as_measured(vllm_e
     from vllm import SamplingParams
 
     from teacher_server.engines.vllm import parse_prompt_logprobs
-    from tests.teacher_server.test_hf_engine import reference
+    from tests.helpers import reference
 
     tokens = np.random.default_rng(9).integers(4, TINY_VOCAB, 80).astype(np.int32)
     num = 6
@@ -229,7 +227,7 @@ def test_inprocess_prompt_logprobs_containers_and_temperature_as_measured(vllm_e
 @inprocess
 def test_inprocess_many_excluded_ids_take_a_second_pass_and_stay_exact(vllm_engine, reference_model, monkeypatch):
     from teacher_server.engines.support import EXCLUDE_SLACK
-    from tests.teacher_server.test_hf_engine import check_against_reference, reference
+    from tests.helpers import check_against_reference, reference
 
     tokens = np.random.default_rng(4).integers(4, TINY_VOCAB, 60).astype(np.int32)
     ref = reference(reference_model, tokens, 10)
@@ -261,58 +259,16 @@ def test_inprocess_many_excluded_ids_take_a_second_pass_and_stay_exact(vllm_engi
 # ---------------------------------------------------------------- over gRPC (main environment)
 
 
-class SubprocessServer:
-    """`opd-teacher serve` under another Python (the vLLM environment), on 127.0.0.1."""
-
-    def __init__(self, python: Path, *args: str, startup_s: float = 420.0) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.target = f"127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="opd-vllm-server-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "proto")]))
-        command = [str(python), "-m", "teacher_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                   "--max-k", str(MAX_K), "--grace", "1", *args]  # fmt: skip
-        started = time.monotonic()
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_serving(startup_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - started
-        print(f"\n[vllm server] {' '.join(args)} serving after {self.startup_s:.1f} s")
-
-    def _wait_serving(self, timeout_s: float) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError(f"the server did not report SERVING within {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self.log.close()
+def vllm_teacher(python: Path, model: Path, tmp_path: Path) -> TeacherProcess:
+    """`opd-teacher serve --engine vllm` under the vLLM environment's Python, on 127.0.0.1."""
+    started = time.monotonic()
+    server = TeacherProcess(
+        model, python=str(python), extra=("--engine", "vllm", "--max-k", str(MAX_K), "--grace", "1", *EAGER),
+        env={"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "proto")])}, log=tmp_path / "vllm-teacher.log",
+        cwd=REPO, timeout_s=420.0,
+    )  # fmt: skip
+    print(f"\n[vllm server] {model.name} serving after {time.monotonic() - started:.1f} s")
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -329,10 +285,10 @@ EAGER = ("--engine-args", json.dumps({"enforce_eager": True}))
 
 
 @pytest.fixture(scope="module")
-def tiny_vllm_server(vllm_python, tiny_model):
-    server = SubprocessServer(vllm_python, "--engine", "vllm", "--model", str(tiny_model), *EAGER)
+def tiny_vllm_server(vllm_python, tiny_model, tmp_path_factory):
+    server = vllm_teacher(vllm_python, tiny_model, tmp_path_factory.mktemp("vllm-teacher"))
     yield server
-    server.stop()
+    server.close(timeout_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +354,7 @@ def gsm8k_rollouts(tokenizer, count: int) -> list[tuple[np.ndarray, int, int]]:
 
 
 @pytest.mark.timeout(900)
-def test_grpc_smollm2_vllm_server_agrees_with_hf_server(vllm_python, smollm2):
+def test_grpc_smollm2_vllm_server_agrees_with_hf_server(vllm_python, smollm2, tmp_path):
     from transformers import AutoTokenizer
 
     rollouts = gsm8k_rollouts(AutoTokenizer.from_pretrained(str(smollm2)), count=8)
@@ -407,11 +363,11 @@ def test_grpc_smollm2_vllm_server_agrees_with_hf_server(vllm_python, smollm2):
         expected = score_all(hf.target, rollouts)
     finally:
         hf.stop()
-    server = SubprocessServer(vllm_python, "--engine", "vllm", "--model", str(smollm2), *EAGER)
+    server = vllm_teacher(vllm_python, smollm2, tmp_path)
     try:
         got = score_all(server.target, rollouts)
     finally:
-        server.stop()
+        server.close(timeout_s=60)
     figures = [agreement(a, b) for a, b in zip(got, expected)]
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a.mask, b.mask)

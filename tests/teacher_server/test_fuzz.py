@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from tests.teacher_server.test_load import start_teacher, stop_teacher
+from tests.helpers import start_teacher
 
 KEY = secrets.token_hex(16)
 AUTH = [("authorization", f"Bearer {KEY}")]
@@ -306,11 +306,11 @@ def fuzz_teacher(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     keys = tmp / "keys.txt"
     keys.write_text(f"fuzzer {KEY}\n")
-    process, target = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-request-bytes", str(1 << 20),
-                                    "--max-sessions-per-tenant", "32", "--log-level", "ERROR")  # fmt: skip
-    yield process, target
-    stop_teacher(process)
-    assert process.returncode == 0, process.log_path.read_text()[-3000:]
+    teacher = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-request-bytes", str(1 << 20),
+                            "--max-sessions-per-tenant", "32", "--log-level", "ERROR")  # fmt: skip
+    yield teacher.process, teacher.target
+    teacher.close(timeout_s=60)
+    assert teacher.returncode == 0, teacher.log_path.read_text()[-3000:]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.auth import ApiKeys
 from tests.conftest import LiveServer, server_config
-from tests.teacher_server.test_load import start_teacher, stop_teacher
+from tests.helpers import start_teacher
 
 KEY_A, KEY_B = "a" * 32, "b" * 32
 
@@ -43,8 +43,8 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
     keys.write_text(f"a {KEY_A}\nb {KEY_B}\n")
     # One sequence per forward pass: the queue takes a while to drain, so SIGTERM lands with
     # plenty of accepted work queued and running, and new work keeps arriving during the drain.
-    process, target = start_teacher(tiny_model, tmp_path, "--api-keys", str(keys), "--max-batch-size", "1",
-                                    "--log-format", "json")  # fmt: skip
+    teacher = start_teacher(tiny_model, tmp_path, "--api-keys", str(keys), "--max-batch-size", "1", "--log-format", "json")
+    process, target = teacher.process, teacher.target
     outcomes: list[tuple[str, str]] = []  # (status name, details) of every request sent
     lock = threading.Lock()
     health_seen: list[int] = []
@@ -122,9 +122,9 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
                 client.result(timeout=60)
             watcher.result(timeout=60)
     finally:
-        stop_teacher(process)
+        teacher.close(timeout_s=60)
 
-    text = process.log_path.read_text()
+    text = teacher.log_path.read_text()
     assert KEY_A not in text and KEY_B not in text
     log = [json.loads(line) for line in text.splitlines() if line.startswith("{")]  # --log-format json
     drained = [entry["message"] for entry in log if entry["message"].startswith("drained:")]

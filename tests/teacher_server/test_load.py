@@ -33,52 +33,13 @@ import pytest
 
 from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from tests.teacher_server.test_server import free_port
+from tests.helpers import start_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANTS = ["t0", "t1", "t2", "t3"]
 LIGHT = "light"
 KEYS = {tenant: secrets.token_hex(16) for tenant in [*TENANTS, LIGHT]}
 SEQUENCE, SCORE_FROM, TOP_K = 24, 8, 8
-
-
-def start_teacher(model: Path, tmp: Path, *extra: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`python -m teacher_server.cli serve` on 127.0.0.1; returns once it reports SERVING."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port = port or free_port()
-    log = open(tmp / f"teacher-{port}-{time.monotonic_ns()}.log", "w")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(port), "--grace", "20", *extra]  # fmt: skip
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    process.log_path = Path(log.name)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"teacher exited with {process.returncode}:\n{process.log_path.read_text()[-3000:]}")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, target
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("teacher did not report SERVING within 120 s")
-
-
-def stop_teacher(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +49,9 @@ def teacher(tiny_model, tmp_path_factory):
     keys.write_text("".join(f"{tenant} {key}\n" for tenant, key in KEYS.items()))
     # Small batches: a light tenant's request waits for the batch already on the device,
     # so the batch size bounds its latency under load (the scheduler bounds the rest).
-    process, target = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-batch-size", "1",
-                                    "--log-level", "WARNING")  # fmt: skip
-    yield target
-    stop_teacher(process)
+    process = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-batch-size", "1", "--log-level", "WARNING")
+    yield process.target
+    process.close(timeout_s=60)
     assert process.returncode == 0, process.log_path.read_text()[-3000:]
 
 

@@ -322,7 +322,7 @@ def test_mutual_tls(tiny_model, pki):
 
 
 def test_a_pinned_client_refuses_a_swapped_teacher(tiny_model, tmp_path_factory):
-    from tests.teacher_server.test_server import free_port
+    from teacher_server.launch import free_port
 
     other_model = build_tiny_model(tmp_path_factory.mktemp("other-teacher"), seed=5)
     teacher = tmp_path_factory.mktemp("deployed") / "teacher"  # what the operator serves

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,13 +19,11 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from student_trainer.client import AsyncTeacherClient, RetryPolicy, TeacherClient, TeacherScores
 from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.hf import HFEngine
+from teacher_server.launch import free_port
 from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB, LiveServer, server_config
-from tests.teacher_server.test_hf_engine import check_against_reference, reference
+from tests.helpers import EOS, EXCLUDED, THINK, check_against_reference, reference, score_request, teacher_tokenizer_message
 
-THINK = 3  # SPECIAL_TOKEN's id
-EOS = 2
 MAX_K = 32  # server_config's default
-EXCLUDED = np.array([0, 1, THINK])  # teacher special tokens other than EOS: never in the support
 
 
 # ---------------------------------------------------------------- helpers and fixtures
@@ -70,16 +66,6 @@ def open_same_as_teacher(stub, temperature: float = 0.0) -> str:
     return stub.OpenSession(request, timeout=30).session_id
 
 
-def score_request(session_id: str, tokens, score_from: int, top_k: int, request_id: int = 0):
-    return teacher_pb2.ScoreRequest(
-        request_id=request_id,
-        session_id=session_id,
-        tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
-        score_from=score_from,
-        top_k=top_k,
-    )
-
-
 def make_rollouts(count: int, seed: int) -> list[tuple[np.ndarray, int, int]]:
     """(tokens, score_from, top_k) triples of varied lengths, prompts and K; ids avoid the specials."""
     rng = np.random.default_rng(seed)
@@ -98,12 +84,6 @@ def assert_same_scores(got: TeacherScores, expected: TeacherScores) -> None:
     atol = 1e-5  # batched with other requests, float32 sums may differ in the last bits
     np.testing.assert_allclose(got.logprobs, expected.logprobs, rtol=0, atol=atol)
     np.testing.assert_allclose(got.token_logprobs, expected.token_logprobs, rtol=0, atol=atol)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
@@ -142,14 +122,6 @@ def test_same_as_teacher_session_id_is_stable(stub):
     # Temperature 0 means 1.0: the same settings, the same id; another temperature, another session.
     assert open_same_as_teacher(stub, temperature=1.0) == first.session_id
     assert open_same_as_teacher(stub, temperature=2.0) != first.session_id
-
-
-def teacher_tokenizer_message(tiny_model: Path) -> teacher_pb2.HFTokenizer:
-    return teacher_pb2.HFTokenizer(
-        tokenizer_json=(tiny_model / "tokenizer.json").read_text(),
-        special_tokens=["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN],
-        eos_tokens=["<eos>"],
-    )
 
 
 def other_tokenizer_json() -> str:

@@ -16,11 +16,10 @@ from teacher_server.alignment.pair import pair_tables
 from teacher_server.alignment.specials import PairError, special_map
 from teacher_server.alignment.text import TeacherText
 from tests import tokenizers as T
+from tests.helpers import PIECES
 
 # Pieces that stress byte alignment: emoji (4-byte, ZWJ sequences), CJK, combining marks,
 # whitespace runs, digits, and text that looks like special tokens.
-PIECES = ["🙂", "👩‍👩‍👧", "北京", "東京タワー", "e\u0301", "n\u0303o", "Å", "  ", "   \t", "\n\n", "\r\n", " 130", "2024",
-          "1234567", "3.14", " eggs", "Janet’s", "<think>", "<|im_end|>", "[INST]", "\u00a0", "x", "ß", "ﬁ"]  # fmt: skip
 texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(min_size=1, max_size=4)), min_size=1, max_size=12).map("".join)
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 

@@ -16,7 +16,7 @@ import pytest
 
 from student_trainer.demo import task, xtok
 from teacher_server.alignment.byte_tables import UnsupportedTokenizer, build_byte_table
-from teacher_server.alignment.session import NEVER_WRITTEN_LOGPROB, CrossTokenizer
+from teacher_server.alignment.cross import NEVER_WRITTEN_LOGPROB, CrossTokenizer
 from teacher_server.alignment.specials import special_map
 from teacher_server.alignment.text import TeacherText
 from tests import tokenizers as T
@@ -145,7 +145,7 @@ def test_without_masking_an_unpaired_control_token_stays_in_the_loss():
     plan, unmasked = xtok_against_demo(script, ["7", "<think>", "3", "</s>"], mask=False)
     assert plan.teacher_ids.tolist() == DEMO("12>73")["input_ids"] + [DEMO.eos_token_id]  # still left out
     assert unmasked.mask.tolist() == [1, 1, 1, 1] and (unmasked.reason == 0).all()
-    assert unmasked.coverage.with_distribution == 4 and unmasked.coverage.special == 0
+    assert unmasked.counts.with_distribution == 4 and unmasked.counts.special == 0
     np.testing.assert_array_equal(unmasked.ids[1], unmasked.ids[2])
     np.testing.assert_array_equal(unmasked.logprobs[1], unmasked.logprobs[2])
     got = support(unmasked, 1)  # the teacher's next token after "7": "3" (0.8) or "7" (the student's "7" or "77")
@@ -171,7 +171,7 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
     second "7" is predicted inside the teacher token, from the candidates at its start that begin
     with "7". With 2 candidates read there, "7" (ranked third) is missed, the rollout's own "77" alone
     is too little to condition on (LOW_MASS); `inside_candidates` = 3 reads it."""
-    from teacher_server.alignment.session import CrossOptions
+    from teacher_server.alignment.cross import CrossOptions
 
     teacher, student = table_of(XTOK), table_of(DEMO)
     text = TeacherText(teacher, XTOK.backend_tokenizer.to_str(), "", XTOK.bos_token, XTOK.eos_token)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from opd.v1 import teacher_pb2
-from teacher_server.alignment.session import CrossOptions
+from teacher_server.alignment.cross import CrossOptions
 from tests import tokenizers as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -92,7 +92,7 @@ def test_student_token_spanning_several_teacher_tokens_gets_the_chain_rule():
     for rounds in (0, 1):
         _, short = run("gpt2", "smollm2", completion, script, rounds=rounds)
         assert short.reason[1] == teacher_pb2.MASK_REASON_LOW_MASS and short.mask[[0, 2]].all(), rounds
-        assert short.coverage.unresolved_paths > 0
+        assert short.counts.unresolved_paths > 0
 
 
 def test_position_inside_a_teacher_token_is_conditioned_on_the_partial_bytes():
@@ -132,7 +132,7 @@ def test_eos_is_paired_by_default_and_masked_on_request():
 
     _, unpaired = run("gpt2", "smollm2", completion, script, pair_eos=False)
     assert unpaired.mask[1] == 0 and unpaired.reason[1] == 1  # SPECIAL
-    assert unpaired.coverage.special == 1
+    assert unpaired.counts.special == 1
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def thinking_gpt2(tmp_path_factory):
 def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2):
     tokenizer = thinking_gpt2
     from teacher_server.alignment.byte_tables import byte_table
-    from teacher_server.alignment.session import CrossTokenizer
+    from teacher_server.alignment.cross import CrossTokenizer
     from teacher_server.alignment.specials import special_map
 
     s_table = byte_table(tokenizer.backend_tokenizer.to_str(), tokenizer.all_special_tokens)

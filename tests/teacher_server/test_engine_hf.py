@@ -10,9 +10,9 @@ from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.hf import HFEngine
 
 from tests.conftest import TINY_VOCAB
+from tests.helpers import TOL, check_against_reference, reference
 
 CHUNK = 16
-TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities
 
 
 @pytest.fixture(scope="module")
@@ -31,58 +31,6 @@ def reference_model(tiny_model):
 def rollouts() -> list[np.ndarray]:
     rng = np.random.default_rng(1234)
     return [rng.integers(0, TINY_VOCAB, size=n).astype(np.int32) for n in (100, 37, 2, 64, 97, 5, 120)]
-
-
-def reference(model, tokens: np.ndarray, score_from: int, temperature: float = 1.0) -> np.ndarray:
-    """float64 [P, V]: row p = log p(. | tokens[:score_from + p]) at `temperature`."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(tokens.astype(np.int64))[None], use_cache=False).logits[0]
-    logits = logits.double()[score_from - 1 : len(tokens) - 1] / temperature
-    return torch.log_softmax(logits, dim=-1).numpy()
-
-
-def check_against_reference(scores, job: ScoringJob, ref: np.ndarray) -> None:
-    tokens, score_from, top_k = job.token_ids, job.score_from, job.top_k
-    positions = len(tokens) - score_from
-    vocab = ref.shape[1]
-    assert scores.ids.shape == (positions, top_k) and scores.ids.dtype == np.int32
-    assert scores.logprobs.shape == (positions, top_k) and scores.logprobs.dtype == np.float32
-    assert scores.token_logprobs.shape == (positions,) and scores.token_logprobs.dtype == np.float32
-
-    targets = tokens[score_from:].astype(np.int64)
-    np.testing.assert_allclose(scores.token_logprobs, ref[np.arange(positions), targets], rtol=0, atol=TOL)
-
-    allowed = np.setdiff1d(np.arange(vocab), job.exclude_ids)
-    valid = min(top_k, len(allowed))
-    assert (scores.ids[:, valid:] == -1).all()
-    assert np.isneginf(scores.logprobs[:, valid:]).all()
-    ids, logprobs = scores.ids[:, :valid].astype(np.int64), scores.logprobs[:, :valid]
-    assert np.isfinite(logprobs).all()
-    assert np.isin(ids, allowed).all(), "an excluded id was returned in the support"
-    # Every returned log-probability is the reference's for that id, normalised over the full vocabulary.
-    np.testing.assert_allclose(logprobs, np.take_along_axis(ref, ids, axis=1), rtol=0, atol=TOL)
-    assert (np.diff(logprobs, axis=1) <= 0).all(), "support not sorted by decreasing log-probability"
-
-    for row in range(positions):
-        assert len(set(ids[row])) == valid, f"row {row}: duplicate ids {ids[row]}"
-        order = allowed[np.argsort(-ref[row, allowed], kind="stable")]
-        expected = order[:valid]
-        values = ref[row, order]
-        if valid < len(order):
-            # The returned ids are the K largest: nothing left out beats the smallest one returned.
-            assert ref[row, ids[row]].min() >= values[valid] - TOL, f"row {row}: not the top {valid}"
-            tie_at_boundary = values[valid - 1] - values[valid] <= TOL
-        else:
-            tie_at_boundary = False
-        if not tie_at_boundary:
-            assert set(ids[row]) == set(expected), f"row {row}: {ids[row]} vs reference {expected}"
-        # Position by position, except between reference values that (nearly) tie.
-        gaps = -np.diff(values[: valid + 1]) if valid < len(order) else -np.diff(values[:valid])
-        for j in range(valid):
-            tied_left = j > 0 and gaps[j - 1] <= TOL
-            tied_right = j < len(gaps) and gaps[j] <= TOL
-            if not (tied_left or tied_right):
-                assert ids[row, j] == expected[j], f"row {row}, rank {j}: {ids[row, j]} vs {expected[j]}"
 
 
 def test_long_sequences_are_scored_in_chunks_and_match_reference(engine, reference_model, rollouts):

@@ -13,7 +13,7 @@ from teacher_server.alignment.byte_tables import build_byte_table, byte_table
 from teacher_server.alignment.fast_bpe import tiktoken_twin
 from teacher_server.alignment.text import without_dummy_prefix
 from tests import tokenizers as T
-from tests.teacher_server.test_alignment import PIECES
+from tests.helpers import PIECES
 
 BYTE_LEVEL = ("tekken", "gpt2", "smollm2")
 # Random Unicode (any code point hypothesis draws, control characters included) and pieces

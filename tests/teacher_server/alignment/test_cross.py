@@ -3,7 +3,7 @@
 Coverage is measured for every ordered pair of four real tokenizers. Only SmolLM2 has a
 model here, so the pairs use a bigram teacher of the teacher's tokenizer (tests/tokenizers.py,
 fitted on half of the answers, scored on the other half); the pairs with SmolLM2 as the
-teacher also run the real model (test_cross_tokenizer_fidelity.py).
+teacher also run the real model (test_fidelity.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from teacher_server.alignment.session import Coverage
+from teacher_server.alignment.result import Coverage
 from tests import tokenizers as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -60,7 +60,7 @@ def coverage_of(student: str, teacher: str, engine, examples, **score) -> Covera
     total = Coverage()
     for example in examples:
         tokens, score_from = rollout(student, example)
-        total.add(cross.score(engine, tokens, score_from, 16, **score).coverage)
+        total.add(cross.score(engine, tokens, score_from, 16, **score).counts)
     return total
 
 

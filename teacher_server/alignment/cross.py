@@ -1,33 +1,35 @@
 """One student tokenizer against the teacher's: the tables a session shares, and the steps of a request.
 
-A request is `align`, then `steps`: a generator that yields the teacher passes it
-needs (one over the teacher sequence, then bounded rounds of branch passes) and is
-sent their scores back, and returns the result. The service (which awaits the
-scheduler between passes and runs each stretch of array work in a worker thread) and
-the tests/benchmarks (`score`, which call an engine directly) drive the same steps:
-
-    plan = cross.align(tokens, score_from, messages)
-    steps = cross.steps(plan, top_k, temperature, rounds)
-    job = next(steps)
-    while True: job = steps.send(engine.score([job])[0])   # until StopIteration(result)
+`steps` (result.py) aligns the rollout (align.py), yields the teacher pass over the teacher's
+tokens, then bounded rounds of branch passes for the paths the projection follows
+(project.py), and returns the projected result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Generator, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.align import Alignment, align
 from teacher_server.alignment.byte_tables import ByteTable
 from teacher_server.alignment.pair import PairTables, pair_tables
 from teacher_server.alignment.project import Projection
+from teacher_server.alignment.result import ScoreResult, Steps, drive, result_from
 from teacher_server.alignment.specials import SpecialMap, excluded_support
 from teacher_server.alignment.text import TeacherText
 from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
+from teacher_server.errors import InvalidArgument
+
+
+NO_ROWS = np.zeros(0, dtype=np.int64)
+# Upper bounds of a client's alignment options (CrossOptions.requested): candidates is the
+# engine's top-N per row, rounds are sequential engine passes, the factor sizes the branch job.
+MAX_CANDIDATES = 1024
+MAX_EXPANSION_ROUNDS = 8
+MAX_BRANCH_TOKEN_FACTOR = 8.0
 
 
 @dataclass(frozen=True)
@@ -42,52 +44,45 @@ class CrossOptions:
     # on its longest student token so far (project.py), so a student that writes a number of up to
     # three digits as one token ("130" against "1", "3", "0") needs three.
     rounds: int = 3
-    # Branches are scored for open paths at least this probable ...
+    # Branches are scored for open paths at least this probable, and down to a tenth of it at
+    # positions where the less probable open paths hold more than max_open_mass (project.py) ...
     min_branch_prob: float = 0.01
+    max_open_mass: float = 0.1
     # ... and at most this many branch tokens per request: max(floor, factor * positions).
     branch_token_floor: int = 64
-    branch_token_factor: float = 2.0
+    branch_token_factor: float = 4.0
     # Inside a teacher token, LOW_MASS when the consistent paths read carry less than what the
     # unread candidates could (project.py), or less than this absolute floor.
     min_consistent_mass: float = 0.0
 
-
-@dataclass
-class Coverage:
-    """Counts of one response (or, summed, of a session)."""
-
-    positions: int = 0
-    with_distribution: int = 0
-    special: int = 0
-    unaligned: int = 0
-    low_mass: int = 0
-    beyond_context: int = 0
-    retained_mass_sum: float = 0.0  # teacher mass on the returned support, summed over rows with mask = 1
-    branch_sequences: int = 0
-    branch_tokens: int = 0
-    unresolved_paths: int = 0
-
-    def add(self, other: "Coverage") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    @property
-    def coverage(self) -> float:
-        return self.with_distribution / self.positions if self.positions else 0.0
-
-    @property
-    def mean_retained_mass(self) -> float:
-        return self.retained_mass_sum / self.with_distribution if self.with_distribution else 0.0
-
-
-@dataclass
-class CrossResult:
-    ids: np.ndarray
-    logprobs: np.ndarray
-    token_logprobs: np.ndarray
-    mask: np.ndarray
-    reason: np.ndarray
-    coverage: Coverage = field(default_factory=Coverage)
+    @classmethod
+    def requested(
+        cls, candidates: int = 0, inside_candidates: int = 0, rounds: int = 0, branch_token_factor: float = 0.0,
+        min_branch_prob: float = 0.0,
+    ) -> "CrossOptions":  # fmt: skip
+        """A client's options (0 = the default; rounds < 0 = none), within the server's bounds:
+        each multiplies the work of every request of the session."""
+        problems = []
+        if not 0 <= candidates <= MAX_CANDIDATES:
+            problems.append(f"candidates must be in [0, {MAX_CANDIDATES}], got {candidates}")
+        if not 0 <= inside_candidates <= MAX_CANDIDATES:
+            problems.append(f"inside_candidates must be in [0, {MAX_CANDIDATES}], got {inside_candidates}")
+        if rounds > MAX_EXPANSION_ROUNDS:
+            problems.append(f"expansion_rounds must be at most {MAX_EXPANSION_ROUNDS}, got {rounds}")
+        if not 0 <= branch_token_factor <= MAX_BRANCH_TOKEN_FACTOR:
+            problems.append(f"branch_token_factor must be in [0, {MAX_BRANCH_TOKEN_FACTOR}], got {branch_token_factor}")
+        if not 0 <= min_branch_prob <= 1:
+            problems.append(f"min_branch_prob must be in [0, 1], got {min_branch_prob}")
+        if problems:
+            raise InvalidArgument("alignment options: " + "; ".join(problems) + " (0 = the server's default)")
+        defaults = cls()
+        return cls(
+            candidates=candidates or defaults.candidates,
+            inside_candidates=inside_candidates or defaults.inside_candidates,
+            rounds=max(rounds, 0) if rounds else defaults.rounds,
+            branch_token_factor=branch_token_factor or defaults.branch_token_factor,
+            min_branch_prob=min_branch_prob or defaults.min_branch_prob,
+        )
 
 
 # The log-probability of a student token the teacher never writes (a dropped control token):
@@ -124,20 +119,22 @@ class CrossTokenizer:
     tables: PairTables
     excluded: np.ndarray  # teacher ids never offered as support
     max_sequence_length: int
+    model_vocab_size: int  # rows of the teacher's lm head: teacher ids past them cannot be read
     options: CrossOptions = CrossOptions()
 
     @classmethod
     def build(
         cls, student: ByteTable, text: TeacherText, specials: SpecialMap, model_vocab_size: int,
-        max_sequence_length: int, options: CrossOptions = CrossOptions(),
+        max_sequence_length: int, options: CrossOptions = CrossOptions(), unowned_rows: np.ndarray = NO_ROWS,
     ) -> "CrossTokenizer":  # fmt: skip
         return cls(
             student=student,
             text=text,
             specials=specials,
             tables=pair_tables(student, text),
-            excluded=excluded_support(text.table, specials, model_vocab_size),
+            excluded=excluded_support(text.table, specials, model_vocab_size, unowned_rows),
             max_sequence_length=max_sequence_length,
+            model_vocab_size=model_vocab_size,
             options=options,
         )
 
@@ -181,7 +178,7 @@ class CrossTokenizer:
     def branch_requests(self, projection: Projection) -> list[tuple[int, tuple[int, ...]]]:
         options = self.options
         budget = max(options.branch_token_floor, int(options.branch_token_factor * projection.alignment.num_positions))
-        requests = projection.branch_requests(options.min_branch_prob, budget)
+        requests = projection.branch_requests(options.min_branch_prob, budget, options.max_open_mass)
         limit = self.max_sequence_length
         return [(at, extra) for at, extra in requests if at + len(extra) <= limit]
 
@@ -203,49 +200,39 @@ class CrossTokenizer:
         last = np.cumsum([len(extra) for _, extra in requests]) - 1
         projection.absorb(requests, scores.branch_ids[last], scores.branch_logprobs[last])
 
-    def finish(self, projection: Projection, top_k: int) -> CrossResult:
+    def finish(self, projection: Projection, top_k: int) -> ScoreResult:
         ids, logprobs, token_logprobs, reason, mass = projection.finish(top_k, self.options.min_consistent_mass)
         if not self.specials.mask:
             fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass)
-        mask = (reason == 0).astype(np.uint8)
-        used = mask.astype(bool)
         stats = projection.stats
-        coverage = Coverage(
-            positions=len(reason),
-            with_distribution=int(used.sum()),
-            retained_mass_sum=float(mass[used].sum()),
-            branch_sequences=stats.branch_sequences,
-            branch_tokens=stats.branch_tokens,
-            unresolved_paths=stats.unresolved_paths,
-            **{name: int((reason == code).sum()) for name, code in MASK_REASONS.items()},
-        )
-        return CrossResult(ids, logprobs, token_logprobs, mask, reason, coverage)
+        return result_from(
+            ids, logprobs, token_logprobs, reason, mass, branch_sequences=stats.branch_sequences,
+            branch_tokens=stats.branch_tokens, unresolved_paths=stats.unresolved_paths,
+        )  # fmt: skip
 
     def steps(
-        self, plan: Alignment, top_k: int, temperature: float, rounds: int
-    ) -> Generator[ScoringJob, TeacherScores, CrossResult]:
-        """Yields each teacher pass of the request, is sent its scores; returns the result."""
+        self, tokens: np.ndarray, score_from: int, top_k: int, temperature: float,
+        messages: Sequence[tuple[str, str]] = (), rounds: int | None = None,
+    ) -> Steps:  # fmt: skip
+        """Align, the teacher pass, up to `rounds` branch rounds (None: the session's), the result."""
+        try:
+            plan = self.align(tokens, score_from, messages)
+        except ValueError as error:  # a chat template that fails to render, a prompt beyond the context
+            raise InvalidArgument(str(error)) from None
+        beyond = plan.teacher_ids[plan.teacher_ids >= self.model_vocab_size]
+        if len(beyond):  # a token the tokenizer has and the lm head does not (sessions.TeacherVocabulary)
+            raise InvalidArgument(
+                f"the teacher's tokenizer writes this rollout with token id {int(beyond[0])}, which the teacher's "
+                f"lm head ({self.model_vocab_size} rows) cannot read; leave that token's text out of the rollout"
+            )
         projection = self.start(plan, (yield self.main_job(plan, temperature)))
-        for _ in range(max(rounds, 0)):
+        for _ in range(max(self.options.rounds if rounds is None else rounds, 0)):
             requests = self.branch_requests(projection)
             if not requests:
                 break
             self.absorb(projection, requests, (yield self.branch_job(plan, requests, temperature)))
         return self.finish(projection, top_k)
 
-    def rounds_for(self, engine) -> int:
-        """Branch rounds this session runs on `engine` (none where it cannot score branches)."""
-        return self.options.rounds if getattr(engine, "supports_branches", True) else 0
-
-    # ------------------------------------------------------------------ synchronous driver
-
-    def score(self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0) -> CrossResult:
+    def score(self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0) -> ScoreResult:
         """The whole request against an engine called directly (tests, benchmarks)."""
-        plan = self.align(np.asarray(tokens), score_from, messages)
-        steps = self.steps(plan, top_k, temperature, self.rounds_for(engine))
-        job = next(steps)
-        while True:
-            try:
-                job = steps.send(engine.score([job])[0])
-            except StopIteration as done:
-                return done.value
+        return drive(self.steps(np.asarray(tokens), score_from, top_k, temperature, messages), engine)

@@ -1,0 +1,44 @@
+"""A student with the teacher's own tokenizer: its ids are the teacher's ids, one teacher pass.
+
+Special targets other than the kept pairs (EOS by default) are masked SPECIAL and never
+offered as support, with the lm head's rows no token owns (sessions.TeacherVocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from opd.v1 import teacher_pb2
+from teacher_server.alignment.result import Steps, result_from
+from teacher_server.engines.base import ScoringJob
+from teacher_server.errors import InvalidArgument
+
+SPECIAL = teacher_pb2.MASK_REASON_SPECIAL
+
+
+@dataclass(frozen=True, eq=False)
+class IdentityAlignment:
+    masked_targets: np.ndarray  # bool [vocab]: a position whose target is one of these is masked
+    excluded: np.ndarray  # int64: teacher ids never offered as support
+    max_sequence_length: int
+
+    def steps(
+        self, tokens: np.ndarray, score_from: int, top_k: int, temperature: float,
+        messages: Sequence[tuple[str, str]] = (), rounds: int | None = None,
+    ) -> Steps:  # fmt: skip
+        if len(tokens) > self.max_sequence_length:
+            raise InvalidArgument(
+                f"tokens has {len(tokens)} ids but the teacher's context holds {self.max_sequence_length}; "
+                "truncate the rollout or cap max_new_tokens"
+            )
+        job = ScoringJob(
+            token_ids=tokens, score_from=score_from, top_k=top_k, temperature=temperature, exclude_ids=self.excluded
+        )
+        scores = yield job
+        masked = self.masked_targets[tokens[score_from:]]
+        reason = np.where(masked, SPECIAL, teacher_pb2.MASK_REASON_OK).astype(np.uint8)
+        mass = np.exp(scores.logprobs.astype(np.float64)).sum(axis=1)
+        return result_from(scores.ids, scores.logprobs, scores.token_logprobs, reason, mass)

@@ -1,0 +1,101 @@
+"""Helpers shared by test modules: float64 references, request builders, a teacher subprocess."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opd.tensors import to_tensor
+from opd.v1 import teacher_pb2
+from teacher_server.engines import ScoringJob
+from teacher_server.launch import TeacherProcess
+from tests.conftest import SPECIAL_TOKEN
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities
+THINK = 3  # the tiny model's SPECIAL_TOKEN id
+EOS = 2
+EXCLUDED = np.array([0, 1, THINK])  # the tiny teacher's special tokens other than EOS: never in the support
+# Text that tokenizers split in odd places (emoji sequences, CJK, combining marks, digits, specials).
+PIECES = ["🙂", "👩‍👩‍👧", "北京", "東京タワー", "e\u0301", "n\u0303o", "Å", "  ", "   \t", "\n\n", "\r\n", " 130", "2024",
+          "1234567", "3.14", " eggs", "Janet’s", "<think>", "<|im_end|>", "[INST]", "\u00a0", "x", "ß", "ﬁ"]  # fmt: skip
+
+
+def reference(model, tokens: np.ndarray, score_from: int, temperature: float = 1.0) -> np.ndarray:
+    """float64 [P, V]: row p = log p(. | tokens[:score_from + p]) at `temperature`."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(tokens.astype(np.int64))[None], use_cache=False).logits[0]
+    logits = logits.double()[score_from - 1 : len(tokens) - 1] / temperature
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def check_against_reference(scores, job: ScoringJob, ref: np.ndarray) -> None:
+    tokens, score_from, top_k = job.token_ids, job.score_from, job.top_k
+    positions = len(tokens) - score_from
+    vocab = ref.shape[1]
+    assert scores.ids.shape == (positions, top_k) and scores.ids.dtype == np.int32
+    assert scores.logprobs.shape == (positions, top_k) and scores.logprobs.dtype == np.float32
+    assert scores.token_logprobs.shape == (positions,) and scores.token_logprobs.dtype == np.float32
+
+    targets = tokens[score_from:].astype(np.int64)
+    np.testing.assert_allclose(scores.token_logprobs, ref[np.arange(positions), targets], rtol=0, atol=TOL)
+
+    allowed = np.setdiff1d(np.arange(vocab), job.exclude_ids)
+    valid = min(top_k, len(allowed))
+    assert (scores.ids[:, valid:] == -1).all()
+    assert np.isneginf(scores.logprobs[:, valid:]).all()
+    ids, logprobs = scores.ids[:, :valid].astype(np.int64), scores.logprobs[:, :valid]
+    assert np.isfinite(logprobs).all()
+    assert np.isin(ids, allowed).all(), "an excluded id was returned in the support"
+    # Every returned log-probability is the reference's for that id, normalised over the full vocabulary.
+    np.testing.assert_allclose(logprobs, np.take_along_axis(ref, ids, axis=1), rtol=0, atol=TOL)
+    assert (np.diff(logprobs, axis=1) <= 0).all(), "support not sorted by decreasing log-probability"
+
+    for row in range(positions):
+        assert len(set(ids[row])) == valid, f"row {row}: duplicate ids {ids[row]}"
+        order = allowed[np.argsort(-ref[row, allowed], kind="stable")]
+        expected = order[:valid]
+        values = ref[row, order]
+        if valid < len(order):
+            # The returned ids are the K largest: nothing left out beats the smallest one returned.
+            assert ref[row, ids[row]].min() >= values[valid] - TOL, f"row {row}: not the top {valid}"
+            tie_at_boundary = values[valid - 1] - values[valid] <= TOL
+        else:
+            tie_at_boundary = False
+        if not tie_at_boundary:
+            assert set(ids[row]) == set(expected), f"row {row}: {ids[row]} vs reference {expected}"
+        # Position by position, except between reference values that (nearly) tie.
+        gaps = -np.diff(values[: valid + 1]) if valid < len(order) else -np.diff(values[:valid])
+        for j in range(valid):
+            tied_left = j > 0 and gaps[j - 1] <= TOL
+            tied_right = j < len(gaps) and gaps[j] <= TOL
+            if not (tied_left or tied_right):
+                assert ids[row, j] == expected[j], f"row {row}, rank {j}: {ids[row, j]} vs {expected[j]}"
+
+
+def score_request(session_id: str, tokens, score_from: int, top_k: int, request_id: int = 0):
+    return teacher_pb2.ScoreRequest(
+        request_id=request_id,
+        session_id=session_id,
+        tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
+        score_from=score_from,
+        top_k=top_k,
+    )
+
+
+def teacher_tokenizer_message(tiny_model: Path) -> teacher_pb2.HFTokenizer:
+    return teacher_pb2.HFTokenizer(
+        tokenizer_json=(tiny_model / "tokenizer.json").read_text(),
+        special_tokens=["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN],
+        eos_tokens=["<eos>"],
+    )
+
+
+def start_teacher(model: Path, tmp: Path, *extra: str, port: int | None = None) -> TeacherProcess:
+    """The launcher's teacher with torch on one thread and a 20 s drain, its log under `tmp`."""
+    log = tmp / f"teacher-{time.monotonic_ns()}.log"
+    return TeacherProcess(model, port=port, extra=("--grace", "20", *extra), env={"OMP_NUM_THREADS": "1"}, log=log,
+                          cwd=ROOT)  # fmt: skip
