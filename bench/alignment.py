@@ -52,12 +52,21 @@ def throughput(args) -> None:
         row = pair_throughput(pair, args)
         rows.append(row)
         common.emit({"bench": "alignment", **row, "load_average": common.load_average()})
-    common.print_table(rows, {"student": "student", "teacher": "teacher", "encoder": "teacher encoder", "teacher_tokens": "teacher tokens",
-                              "align_m_per_s": "align M student tok/s", "maps_m_per_s": "maps alone M tok/s",
-                              "projection_k_per_s": "projection k pos/s (best of 3)",
-                              "projection_first_k_per_s": "first pass", "coverage": "coverage"},
-                       f"Rollouts of {args.rollout} student tokens made of GSM8K answers, {args.tokens} tokens per "
-                       "pair, one thread:")  # fmt: skip
+    common.print_table(
+        rows,
+        {
+            "student": "student",
+            "teacher": "teacher",
+            "encoder": "teacher encoder",
+            "teacher_tokens": "teacher tokens",
+            "align_m_per_s": "align M student tok/s",
+            "maps_m_per_s": "maps alone M tok/s",
+            "projection_k_per_s": "projection k pos/s (best of 3)",
+            "projection_first_k_per_s": "first pass",
+            "coverage": "coverage",
+        },
+        f"Rollouts of {args.rollout} student tokens made of GSM8K answers, {args.tokens} tokens per pair, one thread:",
+    )
     common.footer()
 
 
@@ -114,12 +123,21 @@ def pair_throughput(pair: str, args) -> dict:
         started = time.perf_counter()
         result = cross.finish(cross.start(plan, scores), 32)
         seconds.append(time.perf_counter() - started)
-    return {"student": student_name, "teacher": teacher_name, "encoder": text.encoder, "rollout": args.rollout, "repeats": repeats,
-            "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from, "align_m_per_s": full / 1e6,
-            "maps_m_per_s": maps / 1e6, "candidates": cross.options.candidates,
-            "inside_candidates": cross.options.inside_candidates,
-            "projection_k_per_s": args.rollout / min(seconds) / 1e3,
-            "projection_first_k_per_s": args.rollout / seconds[0] / 1e3, "coverage": result.counts.coverage}  # fmt: skip
+    return {
+        "student": student_name,
+        "teacher": teacher_name,
+        "encoder": text.encoder,
+        "rollout": args.rollout,
+        "repeats": repeats,
+        "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from,
+        "align_m_per_s": full / 1e6,
+        "maps_m_per_s": maps / 1e6,
+        "candidates": cross.options.candidates,
+        "inside_candidates": cross.options.inside_candidates,
+        "projection_k_per_s": args.rollout / min(seconds) / 1e3,
+        "projection_first_k_per_s": args.rollout / seconds[0] / 1e3,
+        "coverage": result.counts.coverage,
+    }
 
 
 def coverage(args) -> None:
@@ -127,8 +145,10 @@ def coverage(args) -> None:
 
     examples = T.gsm8k()
     fit, held_out = [e["answer"] for e in examples[::2]], examples[1::2]
-    print(f"{'student':>14} -> {'teacher':<14} {'teacher model':<22} {'coverage':>8} {'retained':>8} {'positions':>9} "
-          f"{'low_mass':>8} {'branch seq/tok':>14}")  # fmt: skip
+    print(
+        f"{'student':>14} -> {'teacher':<14} {'teacher model':<22} {'coverage':>8} {'retained':>8} {'positions':>9} "
+        f"{'low_mass':>8} {'branch seq/tok':>14}"
+    )
 
     def report(student, teacher, engine, label, rows, messages):
         cross = T.cross(student, teacher, engine)
@@ -140,9 +160,12 @@ def coverage(args) -> None:
             completion = tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             extra = {"messages": [("user", example["question"])]} if messages else {}
             total.add(cross.score(engine, prompt + completion, len(prompt), 16, **extra).counts)
-        print(f"{student:>14} -> {teacher:<14} {label:<22} {total.coverage:8.4f} {total.mean_retained_mass:8.3f} "
-              f"{total.positions:9d} {total.low_mass:8d} {total.branch_sequences:>7d}/{total.branch_tokens:<6d} "
-              f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"{student:>14} -> {teacher:<14} {label:<22} {total.coverage:8.4f} {total.mean_retained_mass:8.3f} "
+            f"{total.positions:9d} {total.low_mass:8d} {total.branch_sequences:>7d}/{total.branch_tokens:<6d} "
+            f"({time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
 
     for teacher in T.NAMES:
         engine = T.BigramTeacher(T.load(teacher), fit)
@@ -172,25 +195,45 @@ def fidelity(args) -> None:
             engine, rows_of, chat = T.BigramTeacher(T.load(teacher), fit), F.BigramRows, False
         cross = T.cross(student, teacher, engine)
         started = time.perf_counter()
-        found = F.measure(cross, engine, rows_of, T.load(student), held_out[: args.examples], args.top_k,
-                          args.tv_positions, chat)  # fmt: skip
-        row = {"student": student, "teacher": teacher, "teacher_model": "SmolLM2-135M" if teacher == "smollm2" else "bigram",
-               **found.summary(), "seconds": round(time.perf_counter() - started)}  # fmt: skip
+        found = F.measure(
+            cross, engine, rows_of, T.load(student), held_out[: args.examples], args.top_k, args.tv_positions, chat
+        )
+        row = {
+            "student": student,
+            "teacher": teacher,
+            "teacher_model": "SmolLM2-135M" if teacher == "smollm2" else "bigram",
+            **found.summary(),
+            "seconds": round(time.perf_counter() - started),
+        }
         rows.append(row)
         common.emit({"bench": "alignment-fidelity", **row})
     for row in rows:
         for name in F.KINDS:
             n, mean, p99 = row.pop(f"tv_{name}", (0, float("nan"), float("nan")))
             row[f"tv_{name}"] = f"{mean:.4f} / {p99:.3f} (n={n})"
-    common.print_table(rows, {"student": "student", "teacher": "teacher", "teacher_model": "teacher model",
-                              "boundary_positions": "boundary positions", "chain_mean": "chain rule mean |diff|",
-                              "chain_p99": "p99", "chain_share_over_0.05": "share > 0.05",
-                              "tv_positions": "TV positions", "tv_mean": "TV mean", "tv_p99": "TV p99",
-                              "covered_mean": "covered"},
-                       f"GSM8K answers {args.examples} per pair (chain rule at every boundary position), brute force at "
-                       f"every position of the first answers until {args.tv_positions} positions, K = {args.top_k}:")  # fmt: skip
-    common.print_table(rows, {"student": "student", "teacher": "teacher", **{f"tv_{name}": f"TV {name}: mean / p99" for name in F.KINDS}},
-                       "Total variation by position kind:")  # fmt: skip
+    common.print_table(
+        rows,
+        {
+            "student": "student",
+            "teacher": "teacher",
+            "teacher_model": "teacher model",
+            "boundary_positions": "boundary positions",
+            "chain_mean": "chain rule mean |diff|",
+            "chain_p99": "p99",
+            "chain_share_over_0.05": "share > 0.05",
+            "tv_positions": "TV positions",
+            "tv_mean": "TV mean",
+            "tv_p99": "TV p99",
+            "covered_mean": "covered",
+        },
+        f"GSM8K answers {args.examples} per pair (chain rule at every boundary position), brute force at "
+        f"every position of the first answers until {args.tv_positions} positions, K = {args.top_k}:",
+    )
+    common.print_table(
+        rows,
+        {"student": "student", "teacher": "teacher", **{f"tv_{name}": f"TV {name}: mean / p99" for name in F.KINDS}},
+        "Total variation by position kind:",
+    )
     common.footer()
 
 

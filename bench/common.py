@@ -43,8 +43,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def engine_env(threads: int) -> dict[str, str]:
     """The environment of every engine process: same threads, same OpenMP wait policy."""
-    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
-            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 # ----------------------------------------------------------------------------- machine
@@ -57,8 +60,12 @@ def load_average() -> str:
 def machine() -> dict[str, Any]:
     import platform
 
-    return {"cpus": os.cpu_count(), "load_average": load_average(), "python": platform.python_version(),
-            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": load_average(),
+        "python": platform.python_version(),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
 
 
 def header(description: str) -> None:
@@ -67,9 +74,12 @@ def header(description: str) -> None:
     print(f"# {description}")
     print(f"# reproduce (from the repository root): {command}")
     info = machine()
-    print(f"# machine: {info['cpus']} CPUs, Python {info['python']}; OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-          f"uptime: {info['uptime']}", flush=True)
+    print(
+        f"# machine: {info['cpus']} CPUs, Python {info['python']}; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+        f"uptime: {info['uptime']}",
+        flush=True,
+    )
 
 
 def footer() -> None:
@@ -222,9 +232,14 @@ class Worker:
         self.log_path = log
         stderr = open(log, "w") if log else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+            list(command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=REPO,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
         self._ready: dict[str, Any] | None = None
 
     @property
@@ -300,8 +315,17 @@ class TeacherProcess(launch.TeacherProcess):
     def __init__(self, model: Path, **options: Any) -> None:
         super().__init__(model, **{"cwd": REPO, "timeout_s": 600.0, **options})
         self.idle_rss_mib = rss_mib(self.pid)
-async def grpc_score(target: str, sequences: Sequence, start: int, top_k: int, clients: int,
-                     warmup: bool = False, server_pid: int | None = None) -> dict[str, Any]:  # fmt: skip
+
+
+async def grpc_score(
+    target: str,
+    sequences: Sequence,
+    start: int,
+    top_k: int,
+    clients: int,
+    warmup: bool = False,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
     """Score `sequences` (from position `start`) over gRPC with `clients` concurrent clients, one
     channel and session each; client i sends sequences i, i + clients, ... one after the other over
     the unary Score RPC and decodes the arrays (AsyncTeacherClient's work, without its retries).
@@ -320,8 +344,13 @@ async def grpc_score(target: str, sequences: Sequence, start: int, top_k: int, c
     request_ids = iter(range(1, 1 << 62))
 
     async def score(index: int, ids) -> None:
-        request = teacher_pb2.ScoreRequest(request_id=next(request_ids), session_id=sessions[index],
-                                           tokens=to_tensor(ids), score_from=start, top_k=top_k)  # fmt: skip
+        request = teacher_pb2.ScoreRequest(
+            request_id=next(request_ids),
+            session_id=sessions[index],
+            tokens=to_tensor(ids),
+            score_from=start,
+            top_k=top_k,
+        )
         reply = await stubs[index].Score(request, timeout=3600)
         from_tensor(reply.ids, name="ids", dtype="int32", ndim=2)
         from_tensor(reply.logprobs, name="logprobs", dtype="float32", ndim=2)

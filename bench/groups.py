@@ -39,8 +39,9 @@ def group(vocab: int, prompt: int, completion: int, size: int, seed: int = 0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny or a model directory")
-    parser.add_argument("--groups", nargs="+", default=["512:128:8", "256:256:8", "128:512:4"],
-                        help="PROMPT:COMPLETION:G")  # fmt: skip
+    parser.add_argument(
+        "--groups", nargs="+", default=["512:128:8", "256:256:8", "128:512:4"], help="PROMPT:COMPLETION:G"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     from teacher_server.engines import EngineConfig, ScoringJob
@@ -73,21 +74,38 @@ def main() -> None:
         best = common.interleaved_best({"shared": run(True), "unshared": run(False)}, args.repeats, warmup=0)
         engine.share_prefixes = True
         positions = size * completion
-        row = {"prompt": prompt, "completion": completion, "group": size,
-               "shared_pos_s": positions / best["shared"]["seconds"],
-               "unshared_pos_s": positions / best["unshared"]["seconds"],
-               "speedup": best["unshared"]["seconds"] / best["shared"]["seconds"],
-               "cpu_speedup": best["unshared"]["cpu_s"] / best["shared"]["cpu_s"],
-               "ideal": size * (prompt + completion) / (prompt + size * completion),
-               "shared_peak_mib": peaks[True], "unshared_peak_mib": peaks[False],
-               "same_ids": same, "max_abs_logprob": worst}  # fmt: skip
+        row = {
+            "prompt": prompt,
+            "completion": completion,
+            "group": size,
+            "shared_pos_s": positions / best["shared"]["seconds"],
+            "unshared_pos_s": positions / best["unshared"]["seconds"],
+            "speedup": best["unshared"]["seconds"] / best["shared"]["seconds"],
+            "cpu_speedup": best["unshared"]["cpu_s"] / best["shared"]["cpu_s"],
+            "ideal": size * (prompt + completion) / (prompt + size * completion),
+            "shared_peak_mib": peaks[True],
+            "unshared_peak_mib": peaks[False],
+            "same_ids": same,
+            "max_abs_logprob": worst,
+        }
         rows.append(row)
         common.emit({"bench": "groups", "model": args.model, "k": K, **row, "load_average": common.load_average()})
-    common.print_table(rows, {"prompt": "prompt", "completion": "completion", "group": "G",
-                              "unshared_pos_s": "unshared pos/s", "shared_pos_s": "shared pos/s",
-                              "speedup": "speedup", "cpu_speedup": "speedup per CPU-s", "ideal": "ideal",
-                              "unshared_peak_mib": "unshared peak MiB", "shared_peak_mib": "shared peak MiB"},
-                       f"Scored (completion) positions per second, best of {args.repeats}:")  # fmt: skip
+    common.print_table(
+        rows,
+        {
+            "prompt": "prompt",
+            "completion": "completion",
+            "group": "G",
+            "unshared_pos_s": "unshared pos/s",
+            "shared_pos_s": "shared pos/s",
+            "speedup": "speedup",
+            "cpu_speedup": "speedup per CPU-s",
+            "ideal": "ideal",
+            "unshared_peak_mib": "unshared peak MiB",
+            "shared_peak_mib": "shared peak MiB",
+        },
+        f"Scored (completion) positions per second, best of {args.repeats}:",
+    )
     common.footer()
 
 

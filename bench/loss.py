@@ -81,8 +81,16 @@ def child(variant: str, length: int, vocab: int, hidden: int, k: int) -> None:
     step(variant, h, w, data)
     seconds = time.perf_counter() - started
     peak = common.peak_rss_mib()
-    print(json.dumps({"seconds": seconds, "inputs_mib": with_inputs - before, "step_peak_mib": peak - with_inputs,
-                      "peak_mib": peak - before}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "inputs_mib": with_inputs - before,
+                "step_peak_mib": peak - with_inputs,
+                "peak_mib": peak - before,
+            }
+        )
+    )
 
 
 def check_agreement() -> float:
@@ -114,8 +122,20 @@ def main() -> None:
     common.emit({"bench": "loss", "check": "topk vs support, loss and gradients", "max_abs_diff": check_agreement()})
     rows = []
     for variant in args.variants:
-        command = [sys.executable, __file__, "--child", variant, "--length", str(args.length), "--vocab",
-                   str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--length",
+            str(args.length),
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+            "--k",
+            str(args.k),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         rows.append({"variant": variant, **result})
@@ -125,12 +145,30 @@ def main() -> None:
             row["step_vs_full"] = row["step_peak_mib"] / full["step_peak_mib"]
             row["peak_vs_full"] = row["peak_mib"] / full["peak_mib"]
             row["time_vs_full"] = row["seconds"] / full["seconds"]
-        common.emit({"bench": "loss", "length": args.length, "vocab": args.vocab, "hidden": args.hidden, "k": args.k,
-                     **row, "load_average": common.load_average()})  # fmt: skip
-    common.print_table(rows, {"variant": "variant", "seconds": "step s", "time_vs_full": "time / full-kl",
-                              "step_peak_mib": "step peak MiB", "step_vs_full": "step peak / full-kl",
-                              "inputs_mib": "inputs MiB", "peak_mib": "peak with inputs MiB",
-                              "peak_vs_full": "peak with inputs / full-kl"})  # fmt: skip
+        common.emit(
+            {
+                "bench": "loss",
+                "length": args.length,
+                "vocab": args.vocab,
+                "hidden": args.hidden,
+                "k": args.k,
+                **row,
+                "load_average": common.load_average(),
+            }
+        )
+    common.print_table(
+        rows,
+        {
+            "variant": "variant",
+            "seconds": "step s",
+            "time_vs_full": "time / full-kl",
+            "step_peak_mib": "step peak MiB",
+            "step_vs_full": "step peak / full-kl",
+            "inputs_mib": "inputs MiB",
+            "peak_mib": "peak with inputs MiB",
+            "peak_vs_full": "peak with inputs / full-kl",
+        },
+    )
     common.footer()
 
 

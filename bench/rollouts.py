@@ -62,8 +62,10 @@ def child(args) -> dict:
     from tests.real_model import CACHE
 
     if not (CACHE / "config.json").exists():
-        raise SystemExit(f"no converted SmolLM2 at {CACHE}: run in the main environment "
-                         "`python -c \"from tests.real_model import smollm2_path; smollm2_path()\"`")  # fmt: skip
+        raise SystemExit(
+            f"no converted SmolLM2 at {CACHE}: run in the main environment "
+            '`python -c "from tests.real_model import smollm2_path; smollm2_path()"`'
+        )
     tokenizer = AutoTokenizer.from_pretrained(CACHE)
     prompts = load_prompts(tokenizer, args.prompts)
     seeds = rollout_seeds(0, 0, 0, len(prompts))
@@ -76,8 +78,9 @@ def child(args) -> dict:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
         def generate(batch, batch_seeds, max_new_tokens):
-            return generate_rollouts(model, batch, seeds=batch_seeds, eos_ids=eos_ids, pad_id=pad_id,
-                                     max_new_tokens=max_new_tokens, **sample)  # fmt: skip
+            return generate_rollouts(
+                model, batch, seeds=batch_seeds, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=max_new_tokens, **sample
+            )
     else:
         from student_trainer.vllm_rollouts import VllmRollouts
 
@@ -153,8 +156,19 @@ def main() -> None:
         results.append(json.loads(lines[-1]))
         print(lines[-1], flush=True)
 
-    columns = ["engine", "threads", "prompts", "completion_tokens", "stopped_at_eos", "load_s", "generate_s",
-               "tokens_per_s", "generate_cpu_s", "push_s", "push_max_logprob_diff"]  # fmt: skip
+    columns = [
+        "engine",
+        "threads",
+        "prompts",
+        "completion_tokens",
+        "stopped_at_eos",
+        "load_s",
+        "generate_s",
+        "tokens_per_s",
+        "generate_cpu_s",
+        "push_s",
+        "push_max_logprob_diff",
+    ]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for result in results:
         print("| " + " | ".join(str(result.get(column, "")) for column in columns) + " |")

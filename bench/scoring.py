@@ -99,8 +99,10 @@ class HFScorer:
         from teacher_server.engines import ScoringJob
 
         length, clients, rounds = request["length"], request["clients"], request["rounds"]
-        jobs = [ScoringJob(ids, score_from(length), K, exclude_ids=self.exclude)
-                for ids in rollouts(self.engine.vocab_size, length, clients * rounds)]  # fmt: skip
+        jobs = [
+            ScoringJob(ids, score_from(length), K, exclude_ids=self.exclude)
+            for ids in rollouts(self.engine.vocab_size, length, clients * rounds)
+        ]
         if request.get("warmup"):
             self.engine.score(jobs[:1])
         started, cpu = time.perf_counter(), time.process_time()
@@ -109,8 +111,12 @@ class HFScorer:
             for batch in pack(jobs[r * clients : (r + 1) * clients], lambda job: len(job.token_ids)):
                 self.engine.score(batch)
                 batches += 1
-        return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
-                "positions": sum(j.num_positions for j in jobs), "batches": batches}  # fmt: skip
+        return {
+            "seconds": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu,
+            "positions": sum(j.num_positions for j in jobs),
+            "batches": batches,
+        }
 
 
 class VLLMScorer:
@@ -126,8 +132,9 @@ class VLLMScorer:
 
             self.project_engine = VLLMEngine(EngineConfig(model=model))
             self.llm = self.project_engine.llm
-            self.exclude = session_exclusions(model, self.project_engine.vocab_size,
-                                              self.project_engine.max_sequence_length)  # fmt: skip
+            self.exclude = session_exclusions(
+                model, self.project_engine.vocab_size, self.project_engine.max_sequence_length
+            )
         else:
             from vllm import LLM
 
@@ -138,8 +145,11 @@ class VLLMScorer:
         import vllm
 
         scheduler = self.llm.llm_engine.vllm_config.scheduler_config
-        return {"vocab_size": self.vocab_size, "vllm": vllm.__version__,
-                "max_num_batched_tokens": scheduler.max_num_batched_tokens}  # fmt: skip
+        return {
+            "vocab_size": self.vocab_size,
+            "vllm": vllm.__version__,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        }
 
     def _round(self, sequences: list[np.ndarray], start: int) -> None:
         if self.project_engine is not None:
@@ -163,16 +173,22 @@ class VLLMScorer:
         started, cpu = time.perf_counter(), time.process_time()
         for r in range(rounds):
             self._round(sequences[r * clients : (r + 1) * clients], start)
-        return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
-                "positions": len(sequences) * (length - start)}  # fmt: skip
+        return {
+            "seconds": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu,
+            "positions": len(sequences) * (length - start),
+        }
 
 
 def worker_main(kind: str, model: str) -> None:
     holder: dict = {}
 
     def setup() -> dict:
-        holder["scorer"] = {"hf": lambda: HFScorer(model), "vllm": lambda: VLLMScorer(model),
-                            "vllm-engine": lambda: VLLMScorer(model, engine=True)}[kind]()  # fmt: skip
+        holder["scorer"] = {
+            "hf": lambda: HFScorer(model),
+            "vllm": lambda: VLLMScorer(model),
+            "vllm-engine": lambda: VLLMScorer(model, engine=True),
+        }[kind]()
         return holder["scorer"].ready()
 
     common.serve_worker(setup, lambda request: holder["scorer"](request))
@@ -187,20 +203,33 @@ RATIOS = ("grpc/vllm", "grpc/hf", "hf/vllm", "grpc/vllm-engine")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"], help="smollm2, tiny or a model directory")
-    parser.add_argument("--engines", nargs="+", default=["hf", "grpc", "vllm"],
-                        choices=["hf", "grpc", "vllm", "vllm-engine"])  # fmt: skip
+    parser.add_argument(
+        "--engines", nargs="+", default=["hf", "grpc", "vllm"], choices=["hf", "grpc", "vllm", "vllm-engine"]
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="rollout tokens")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
-    parser.add_argument("--min-tokens", type=int, default=4096,
-                        help="at least this many rollout tokens per configuration, engine and repeat "
-                             "(x16 for the tiny model)")  # fmt: skip
-    parser.add_argument("--max-round-tokens", type=int, default=16384,
-                        help="skip configurations whose clients x length exceeds this (the 2-core budget)")
-    parser.add_argument("--repeats", type=int, default=2, help="passes per configuration; the best of each engine counts")
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        default=4096,
+        help="at least this many rollout tokens per configuration, engine and repeat (x16 for the tiny model)",
+    )
+    parser.add_argument(
+        "--max-round-tokens",
+        type=int,
+        default=16384,
+        help="skip configurations whose clients x length exceeds this (the 2-core budget)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="passes per configuration; the best of each engine counts"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of every engine")
-    parser.add_argument("--vllm-threads", type=int,
-                        help="OMP_NUM_THREADS of the vllm engines only (default: --threads; vLLM itself drops to 1 "
-                             "thread on a 2-core machine when OMP_NUM_THREADS is unset)")  # fmt: skip
+    parser.add_argument(
+        "--vllm-threads",
+        type=int,
+        help="OMP_NUM_THREADS of the vllm engines only (default: --threads; vLLM itself drops to 1 "
+        "thread on a 2-core machine when OMP_NUM_THREADS is unset)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 256/1024 tokens, 1 and 4 clients, 1 pass")
     parser.add_argument("--logs", type=Path, default=Path("outputs/bench"), help="worker and server logs")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
@@ -211,8 +240,10 @@ def main() -> None:
     if args.quick:
         args.models, args.lengths, args.clients, args.repeats = ["tiny"], [256, 1024], [1, 4], 1
     vllm_threads = args.vllm_threads or args.threads
-    common.header(f"(a) teacher scoring throughput, K={K}: {', '.join(args.engines)}; {args.threads} threads each"
-                  + (f" (vllm: {vllm_threads})" if vllm_threads != args.threads else ""))
+    common.header(
+        f"(a) teacher scoring throughput, K={K}: {', '.join(args.engines)}; {args.threads} threads each"
+        + (f" (vllm: {vllm_threads})" if vllm_threads != args.threads else "")
+    )
     args.logs.mkdir(parents=True, exist_ok=True)
     env = common.engine_env(args.threads)
     rows = []
@@ -223,8 +254,12 @@ def main() -> None:
     columns.update({f"{r}": r for r in RATIOS if set(r.split("/")) <= set(args.engines)})
     columns.update({f"{r} cpu": f"{r} per CPU-s" for r in RATIOS if set(r.split("/")) <= set(args.engines)})
     columns.update({f"{engine}_peak": f"{engine} peak RSS MiB" for engine in args.engines})
-    common.print_table(rows, columns, "Scored positions per second of wall time (best pass; higher is better), the "
-                       "ratios also per CPU-second of the engine's processes, and peak RSS per configuration:")
+    common.print_table(
+        rows,
+        columns,
+        "Scored positions per second of wall time (best pass; higher is better), the "
+        "ratios also per CPU-second of the engine's processes, and peak RSS per configuration:",
+    )
     common.footer()
 
 
@@ -240,12 +275,18 @@ class Engines:
                 python = str(common.VLLM_PYTHON) if engine.startswith("vllm") else sys.executable
                 threads = (args.vllm_threads or args.threads) if engine.startswith("vllm") else args.threads
                 if engine != "grpc":
-                    self.workers[engine] = common.Worker([python, script, "--worker", engine, model],
-                                                         env={**env, "OMP_NUM_THREADS": str(threads)},
-                                                         log=args.logs / f"{name}-{engine}.log")  # fmt: skip
+                    self.workers[engine] = common.Worker(
+                        [python, script, "--worker", engine, model],
+                        env={**env, "OMP_NUM_THREADS": str(threads)},
+                        log=args.logs / f"{name}-{engine}.log",
+                    )
             if "grpc" in args.engines:
-                self.server = common.TeacherProcess(Path(model), extra=["--engine", "hf", "--max-k", str(K)], env=env,
-                                                    log=args.logs / f"{name}-grpc-server.log")  # fmt: skip
+                self.server = common.TeacherProcess(
+                    Path(model),
+                    extra=["--engine", "hf", "--max-k", str(K)],
+                    env=env,
+                    log=args.logs / f"{name}-grpc-server.log",
+                )
             self.ready = {engine: worker.ready for engine, worker in self.workers.items()}
         except BaseException:
             self.close()
@@ -263,8 +304,17 @@ class Engines:
         reset = common.reset_peak_rss(server.pid)
         length = request["length"]
         sequences = rollouts(self.vocab_size, length, request["clients"] * request["rounds"])
-        result = asyncio.run(common.grpc_score(server.target, sequences, score_from(length), K, request["clients"],
-                                               warmup=request["warmup"], server_pid=server.pid))  # fmt: skip
+        result = asyncio.run(
+            common.grpc_score(
+                server.target,
+                sequences,
+                score_from(length),
+                K,
+                request["clients"],
+                warmup=request["warmup"],
+                server_pid=server.pid,
+            )
+        )
         result["peak_rss_mib"] = common.peak_rss_mib(server.pid) if reset else None
         return result
 
@@ -278,15 +328,24 @@ class Engines:
 def run_model(name: str, args, env: dict) -> list[dict]:
     engines = Engines(name, str(common.model_path(name)), args, env)
     try:
-        common.emit({"bench": "scoring", "model": name, "engines": engines.ready, "load_average": common.load_average()})
+        common.emit(
+            {"bench": "scoring", "model": name, "engines": engines.ready, "load_average": common.load_average()}
+        )
         min_tokens = args.min_tokens * (16 if name == "tiny" else 1)
         rows, turn = [], 0
         for length in args.lengths:
             warm: set[str] = set()
             for clients in args.clients:
                 if clients * length > args.max_round_tokens and clients > 1:
-                    common.emit({"bench": "scoring", "model": name, "length": length, "clients": clients,
-                                 "skipped": f"clients x length > --max-round-tokens {args.max_round_tokens}"})  # fmt: skip
+                    common.emit(
+                        {
+                            "bench": "scoring",
+                            "model": name,
+                            "length": length,
+                            "clients": clients,
+                            "skipped": f"clients x length > --max-round-tokens {args.max_round_tokens}",
+                        }
+                    )
                     continue
                 rounds = max(1, math.ceil(min_tokens / (clients * length)))
                 samples: dict[str, list[dict]] = {engine: [] for engine in args.engines}
@@ -303,13 +362,22 @@ def run_model(name: str, args, env: dict) -> list[dict]:
                     row[f"{engine}_tps"] = max(positions / r["seconds"] for r in results)
                     row[f"{engine}_cpu"] = max(positions / r["cpu_s"] for r in results)
                     row[f"{engine}_peak"] = max((r["peak_rss_mib"] or 0.0) for r in results) or None
-                    common.emit({"bench": "scoring", "model": name, "engine": engine, "length": length,
-                                 "clients": clients, "requests": clients * rounds, "positions": positions,
-                                 "positions_per_s": round(row[f"{engine}_tps"], 1),
-                                 "positions_per_cpu_s": round(row[f"{engine}_cpu"], 1),
-                                 "peak_rss_mib": row[f"{engine}_peak"],
-                                 "passes": [{k: r.get(k) for k in ("seconds", "cpu_s", "batches")} for r in results],
-                                 "load_average": common.load_average()})  # fmt: skip
+                    common.emit(
+                        {
+                            "bench": "scoring",
+                            "model": name,
+                            "engine": engine,
+                            "length": length,
+                            "clients": clients,
+                            "requests": clients * rounds,
+                            "positions": positions,
+                            "positions_per_s": round(row[f"{engine}_tps"], 1),
+                            "positions_per_cpu_s": round(row[f"{engine}_cpu"], 1),
+                            "peak_rss_mib": row[f"{engine}_peak"],
+                            "passes": [{k: r.get(k) for k in ("seconds", "cpu_s", "batches")} for r in results],
+                            "load_average": common.load_average(),
+                        }
+                    )
                 for ratio in RATIOS:
                     a, b = ratio.split("/")
                     if a in samples and b in samples:

@@ -96,12 +96,19 @@ def overhead(args) -> None:
     exclude = session_exclusions(str(model), engine.vocab_size, engine.max_sequence_length)
     session_jobs = [ScoringJob(s, 1, K, exclude_ids=exclude) for s in sequences]
     threads = str(torch.get_num_threads())
-    server = common.TeacherProcess(model, extra=["--engine", "hf", "--max-k", str(K)], env=common.engine_env(int(threads)),
-                                   log=Path(args.logs) / "topk-overhead-server.log")  # fmt: skip
+    server = common.TeacherProcess(
+        model,
+        extra=["--engine", "hf", "--max-k", str(K)],
+        env=common.engine_env(int(threads)),
+        log=Path(args.logs) / "topk-overhead-server.log",
+    )
     try:
+
         def grpc_round():
             # --batch clients, one rollout each, at once: the scheduler batches them.
-            return asyncio.run(common.grpc_score(server.target, list(sequences), 1, K, args.batch, server_pid=server.pid))
+            return asyncio.run(
+                common.grpc_score(server.target, list(sequences), 1, K, args.batch, server_pid=server.pid)
+            )
 
         variants = {
             "forward-all": lambda: model_forward(input_ids=input_ids, use_cache=False).logits,
@@ -116,18 +123,39 @@ def overhead(args) -> None:
         server.close()
     rows = []
     for name, times in best.items():
-        row = {"variant": name, **times, "positions_per_s": positions / times["seconds"],
-               "positions_per_cpu_s": positions / times["cpu_s"],
-               "wall_vs_logits": times["seconds"] / best["logits"]["seconds"] - 1.0,
-               "cpu_vs_logits": times["cpu_s"] / best["logits"]["cpu_s"] - 1.0}  # fmt: skip
+        row = {
+            "variant": name,
+            **times,
+            "positions_per_s": positions / times["seconds"],
+            "positions_per_cpu_s": positions / times["cpu_s"],
+            "wall_vs_logits": times["seconds"] / best["logits"]["seconds"] - 1.0,
+            "cpu_vs_logits": times["cpu_s"] / best["logits"]["cpu_s"] - 1.0,
+        }
         rows.append(row)
-        common.emit({"bench": "topk_overhead", "batch": args.batch, "length": args.length, "threads": int(threads),
-                     **row, "load_average": common.load_average()})  # fmt: skip
-    common.print_table(rows, {"variant": "variant", "seconds": "best wall s", "positions_per_s": "scored pos/s",
-                              "wall_vs_logits": "wall over `logits`", "cpu_s": "best CPU s",
-                              "positions_per_cpu_s": "pos per CPU-s", "cpu_vs_logits": "CPU over `logits`"},
-                       f"{args.batch} x {args.length} tokens, best of {args.repeats} interleaved rounds "
-                       "(CPU: all threads; grpc: server + client):")  # fmt: skip
+        common.emit(
+            {
+                "bench": "topk_overhead",
+                "batch": args.batch,
+                "length": args.length,
+                "threads": int(threads),
+                **row,
+                "load_average": common.load_average(),
+            }
+        )
+    common.print_table(
+        rows,
+        {
+            "variant": "variant",
+            "seconds": "best wall s",
+            "positions_per_s": "scored pos/s",
+            "wall_vs_logits": "wall over `logits`",
+            "cpu_s": "best CPU s",
+            "positions_per_cpu_s": "pos per CPU-s",
+            "cpu_vs_logits": "CPU over `logits`",
+        },
+        f"{args.batch} x {args.length} tokens, best of {args.repeats} interleaved rounds "
+        "(CPU: all threads; grpc: server + client):",
+    )
     common.footer()
 
 
@@ -140,9 +168,16 @@ def build_wide_vocab_model(vocab: int, hidden: int = 128) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                             num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
-                             max_position_embeddings=32768, tie_word_embeddings=False)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=hidden // 32,
+            num_key_value_heads=hidden // 32,
+            max_position_embeddings=32768,
+            tie_word_embeddings=False,
+        )
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
         LlamaForCausalLM(config).save_pretrained(staging)
         os.replace(staging, path)
@@ -178,19 +213,38 @@ def memory(args) -> None:
         for variant in ("engine", "logits"):
             logits_gib = length * args.vocab * 4 / 2**30
             if variant == "logits" and logits_gib > args.logits_limit_gib:
-                common.emit({"bench": "topk_memory", "variant": variant, "length": length,
-                             "skipped": f"[T, V] float32 logits alone are {logits_gib:.1f} GiB"})  # fmt: skip
+                common.emit(
+                    {
+                        "bench": "topk_memory",
+                        "variant": variant,
+                        "length": length,
+                        "skipped": f"[T, V] float32 logits alone are {logits_gib:.1f} GiB",
+                    }
+                )
                 continue
             command = [sys.executable, __file__, "memory-child", variant, str(model), str(length)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
-            row = {"variant": variant, "length": length, "vocab": args.vocab, **result,
-                   "extra_mib": result["peak_rss_mib"] - result["idle_rss_mib"]}  # fmt: skip
+            row = {
+                "variant": variant,
+                "length": length,
+                "vocab": args.vocab,
+                **result,
+                "extra_mib": result["peak_rss_mib"] - result["idle_rss_mib"],
+            }
             rows.append(row)
             common.emit({"bench": "topk_memory", **row, "load_average": common.load_average()})
-    common.print_table(rows, {"variant": "variant", "length": "rollout tokens", "idle_rss_mib": "RSS loaded MiB",
-                              "peak_rss_mib": "peak RSS MiB", "extra_mib": "peak above loaded MiB",
-                              "seconds": "seconds"})  # fmt: skip
+    common.print_table(
+        rows,
+        {
+            "variant": "variant",
+            "length": "rollout tokens",
+            "idle_rss_mib": "RSS loaded MiB",
+            "peak_rss_mib": "peak RSS MiB",
+            "extra_mib": "peak above loaded MiB",
+            "seconds": "seconds",
+        },
+    )
     common.footer()
 
 

@@ -58,11 +58,13 @@ def decode(data: bytes) -> tuple[np.ndarray, ...]:
     from opd.v1 import teacher_pb2
 
     reply = teacher_pb2.ScoreResponse.FromString(data)
-    return (from_tensor(reply.ids, name="ids", dtype="int32", ndim=2),
-            from_tensor(reply.logprobs, name="logprobs", dtype="float32", ndim=2),
-            from_tensor(reply.token_logprobs, name="token_logprobs", dtype="float32", ndim=1),
-            from_tensor(reply.mask, name="mask", dtype="uint8", ndim=1),
-            from_tensor(reply.reason, name="reason", dtype="uint8", ndim=1))  # fmt: skip
+    return (
+        from_tensor(reply.ids, name="ids", dtype="int32", ndim=2),
+        from_tensor(reply.logprobs, name="logprobs", dtype="float32", ndim=2),
+        from_tensor(reply.token_logprobs, name="token_logprobs", dtype="float32", ndim=1),
+        from_tensor(reply.mask, name="mask", dtype="uint8", ndim=1),
+        from_tensor(reply.reason, name="reason", dtype="uint8", ndim=1),
+    )
 
 
 def codec(args) -> None:
@@ -73,14 +75,27 @@ def codec(args) -> None:
         data = encode(out)
         best = common.interleaved_best({"encode": lambda: encode(out), "decode": lambda: decode(data)}, args.repeats)
         mb = len(data) / 1e6
-        row = {"positions": positions, "mb": mb, "encode_ms": best["encode"]["seconds"] * 1e3,
-               "decode_ms": best["decode"]["seconds"] * 1e3,
-               "encode_ms_per_mb": best["encode"]["seconds"] * 1e3 / mb,
-               "decode_ms_per_mb": best["decode"]["seconds"] * 1e3 / mb}  # fmt: skip
+        row = {
+            "positions": positions,
+            "mb": mb,
+            "encode_ms": best["encode"]["seconds"] * 1e3,
+            "decode_ms": best["decode"]["seconds"] * 1e3,
+            "encode_ms_per_mb": best["encode"]["seconds"] * 1e3 / mb,
+            "decode_ms_per_mb": best["decode"]["seconds"] * 1e3 / mb,
+        }
         rows.append(row)
         common.emit({"bench": "wire_codec", "k": args.k, **row, "load_average": common.load_average()})
-    common.print_table(rows, {"positions": "positions", "mb": "MB", "encode_ms": "encode ms", "decode_ms": "decode ms",
-                              "encode_ms_per_mb": "encode ms/MB", "decode_ms_per_mb": "decode ms/MB"})  # fmt: skip
+    common.print_table(
+        rows,
+        {
+            "positions": "positions",
+            "mb": "MB",
+            "encode_ms": "encode ms",
+            "decode_ms": "decode ms",
+            "encode_ms_per_mb": "encode ms/MB",
+            "decode_ms_per_mb": "decode ms/MB",
+        },
+    )
     common.footer()
 
 
@@ -98,9 +113,14 @@ def serve(port: int, positions: int, k: int) -> None:
     async def fetch(request: bytes, context):
         rows = int(request) or positions
         for start in range(0, positions, rows):
-            part = ScoreResult(full.ids[start : start + rows], full.logprobs[start : start + rows],
-                               full.token_logprobs[start : start + rows], full.mask[start : start + rows],
-                               full.reason[start : start + rows], full.counts)  # fmt: skip
+            part = ScoreResult(
+                full.ids[start : start + rows],
+                full.logprobs[start : start + rows],
+                full.token_logprobs[start : start + rows],
+                full.mask[start : start + rows],
+                full.reason[start : start + rows],
+                full.counts,
+            )
             yield encode(part)
 
     async def main() -> None:
@@ -137,8 +157,11 @@ async def fetch_once(target: str, chunk_rows: int) -> dict:
 def chunks(args) -> None:
     common.header(f"(c) one response of {args.positions} positions (K={args.k}) over loopback gRPC, chunked")
     port = common.launch.free_port()
-    server = subprocess.Popen([sys.executable, __file__, "serve", str(port), str(args.positions), str(args.k)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve", str(port), str(args.positions), str(args.k)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout.readline().strip() == "ready"
         target = f"127.0.0.1:{port}"
@@ -152,14 +175,35 @@ def chunks(args) -> None:
     table = []
     for rows, samples in results.items():
         best = min(samples, key=lambda r: r["seconds"])
-        row = {"chunk_rows": rows or args.positions, "messages": best["messages"],
-               "chunk_mb": best["bytes"] / best["messages"] / 1e6, "seconds": best["seconds"],
-               "first_ms": best["first_s"] * 1e3, "mb_per_s": best["bytes"] / 1e6 / best["seconds"]}  # fmt: skip
+        row = {
+            "chunk_rows": rows or args.positions,
+            "messages": best["messages"],
+            "chunk_mb": best["bytes"] / best["messages"] / 1e6,
+            "seconds": best["seconds"],
+            "first_ms": best["first_s"] * 1e3,
+            "mb_per_s": best["bytes"] / 1e6 / best["seconds"],
+        }
         table.append(row)
-        common.emit({"bench": "wire_chunks", "positions": args.positions, "k": args.k, **row,
-                     "load_average": common.load_average()})  # fmt: skip
-    common.print_table(table, {"chunk_rows": "positions per message", "messages": "messages", "chunk_mb": "MB each",
-                               "seconds": "total s", "first_ms": "first message ms", "mb_per_s": "MB/s"})  # fmt: skip
+        common.emit(
+            {
+                "bench": "wire_chunks",
+                "positions": args.positions,
+                "k": args.k,
+                **row,
+                "load_average": common.load_average(),
+            }
+        )
+    common.print_table(
+        table,
+        {
+            "chunk_rows": "positions per message",
+            "messages": "messages",
+            "chunk_mb": "MB each",
+            "seconds": "total s",
+            "first_ms": "first message ms",
+            "mb_per_s": "MB/s",
+        },
+    )
     common.footer()
 
 

@@ -39,8 +39,7 @@ def stale_modules() -> list[str]:
         return [
             name
             for name in GENERATED
-            if not (PROTO_ROOT / name).exists()
-            or not filecmp.cmp(Path(tmp) / name, PROTO_ROOT / name, shallow=False)
+            if not (PROTO_ROOT / name).exists() or not filecmp.cmp(Path(tmp) / name, PROTO_ROOT / name, shallow=False)
         ]
 
 

@@ -18,16 +18,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with TrainConfig keys")
     parser.add_argument("--student", help="student model directory (Hugging Face format)")
-    parser.add_argument("--teacher", help="HOST:PORT of the teacher service, a comma-separated list, or dns:///NAME:PORT")
-    parser.add_argument("--teacher-api-key-file",
-                        help="file with this trainer's API key (default: $OPD_TEACHER_API_KEY)")
+    parser.add_argument(
+        "--teacher", help="HOST:PORT of the teacher service, a comma-separated list, or dns:///NAME:PORT"
+    )
+    parser.add_argument(
+        "--teacher-api-key-file", help="file with this trainer's API key (default: $OPD_TEACHER_API_KEY)"
+    )
     parser.add_argument("--teacher-tls", action="store_true", default=None, help="TLS with the system's CA roots")
     parser.add_argument("--teacher-tls-ca", help="PEM CA that signed the teacher's certificate (implies TLS)")
     parser.add_argument("--teacher-tls-cert", help="PEM client certificate (mutual TLS)")
     parser.add_argument("--teacher-tls-key", help="PEM client key (mutual TLS)")
     parser.add_argument("--teacher-tls-server-name", help="name to check the teacher's certificate against")
-    parser.add_argument("--pin-teacher", action="store_true", default=None,
-                        help="refuse a teacher whose model or weights change (a silent swap)")
+    parser.add_argument(
+        "--pin-teacher",
+        action="store_true",
+        default=None,
+        help="refuse a teacher whose model or weights change (a silent swap)",
+    )
     parser.add_argument("--prompts", help="JSONL of {'prompt': ...} or {'messages': [...]}")
     parser.add_argument("--eval-prompts", help="held-out prompts (JSONL) for the reverse-KL evaluation")
     parser.add_argument("--steps", type=int)
@@ -48,12 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallelism", choices=PARALLELISMS, help="under torchrun: ddp (default) or fsdp")
     parser.add_argument("--rollout-engine", choices=ROLLOUT_ENGINES, help="hf (default) or vllm (colocated)")
     parser.add_argument("--rollout-sync-every", type=int, help="vllm: push the weights every N steps (default 1)")
-    parser.add_argument("--overlap-scoring", action="store_true", default=None,
-                        help="sample batch i+1 while batch i is scored (one step of policy lag)")
+    parser.add_argument(
+        "--overlap-scoring",
+        action="store_true",
+        default=None,
+        help="sample batch i+1 while batch i is scored (one step of policy lag)",
+    )
     parser.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank (0: the whole model)")
     parser.add_argument("--lora-alpha", type=float)
-    parser.add_argument("--lora-target-modules", type=lambda text: text.split(","),
-                        help="comma-separated module names, e.g. q_proj,v_proj (default: all-linear)")
+    parser.add_argument(
+        "--lora-target-modules",
+        type=lambda text: text.split(","),
+        help="comma-separated module names, e.g. q_proj,v_proj (default: all-linear)",
+    )
     _add_remaining_keys(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--log-level", default="WARNING")
@@ -89,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     records = train(config, resume=resume)
     if records:
         last = records[-1]
-        summary = ", ".join(f"{name}={last[name]:.4f}" for name in ("loss", "topk_rkl", "eval_topk_rkl") if name in last)
+        summary = ", ".join(
+            f"{name}={last[name]:.4f}" for name in ("loss", "topk_rkl", "eval_topk_rkl") if name in last
+        )
         print(f"finished step {last['step']}: {summary}; metrics in {config.output}/metrics.jsonl")
 
 

@@ -240,7 +240,9 @@ class AsyncTeacherClient:
         )
         if self._pin_wanted is True and self.pin is None:
             await self.get_info()
-        self._session_request = teacher_pb2.OpenSessionRequest(tokenizer=student, temperature=temperature, **session_options)
+        self._session_request = teacher_pb2.OpenSessionRequest(
+            tokenizer=student, temperature=temperature, **session_options
+        )
         for endpoint in self.endpoints:
             endpoint.session_open = False
         # Open it wherever the teacher is up now; endpoints that are down open it on first use.
@@ -477,7 +479,9 @@ class TeacherClient:
     ) -> str:
         return self._run(self._client.open_session(tokenizer, temperature, **session_options))
 
-    def score(self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()) -> TeacherScores:
+    def score(
+        self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()
+    ) -> TeacherScores:
         return self._run(self._client.score(tokens, score_from, top_k, messages))
 
     def session_stats(self) -> teacher_pb2.SessionStats:

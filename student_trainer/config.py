@@ -108,7 +108,9 @@ class TrainConfig:
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         if self.batch_size % self.micro_batch_size:
-            problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            problems.append(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 

@@ -72,8 +72,12 @@ def merge_lora(adapter_dir: str, output: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="opd-merge-lora", description="Merge a LoRA checkpoint into a plain HF model.")
-    parser.add_argument("adapter", help="a LoRA checkpoint's model directory, e.g. OUTPUT/checkpoints/step-000100/model")
+    parser = argparse.ArgumentParser(
+        prog="opd-merge-lora", description="Merge a LoRA checkpoint into a plain HF model."
+    )
+    parser.add_argument(
+        "adapter", help="a LoRA checkpoint's model directory, e.g. OUTPUT/checkpoints/step-000100/model"
+    )
     parser.add_argument("output", help="directory for the merged model")
     args = parser.parse_args(argv)
     merge_lora(args.adapter, args.output)

@@ -47,9 +47,7 @@ def _support_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _support_valid(
-    teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def _support_valid(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Bool [..., K]: support entries that take part in the loss (masked rows: none)."""
     valid = (teacher_ids >= 0) & torch.isfinite(teacher_logprobs)
     return valid & mask.bool().unsqueeze(-1)
@@ -326,17 +324,13 @@ def support_metrics(
     return out
 
 
-def _dropped_ids(
-    special_ids: Iterable[int], keep_ids: Iterable[int], device: torch.device
-) -> torch.Tensor:
+def _dropped_ids(special_ids: Iterable[int], keep_ids: Iterable[int], device: torch.device) -> torch.Tensor:
     """Special ids minus the kept ones (e.g. EOS), as a 1-D long tensor."""
     drop = {int(i) for i in special_ids} - {int(i) for i in keep_ids}
     return torch.tensor(sorted(drop), dtype=torch.long, device=device)
 
 
-def special_token_mask(
-    tokens: torch.Tensor, special_ids: Iterable[int], keep_ids: Iterable[int] = ()
-) -> torch.Tensor:
+def special_token_mask(tokens: torch.Tensor, special_ids: Iterable[int], keep_ids: Iterable[int] = ()) -> torch.Tensor:
     """Bool, True where the token is special and not kept: such positions carry no loss.
 
     End-of-sequence / end-of-turn belong in ``keep_ids``: without them in the loss the

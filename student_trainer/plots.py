@@ -67,8 +67,9 @@ def _series(runs: list[list[dict]], key: str, smooth: int) -> tuple[list[int], l
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot_study(records: dict[str, list[list[dict]]], runs: dict[str, list[dict]], labels: dict[str, str],
-               output: Path) -> list[Path]:  # fmt: skip
+def plot_study(
+    records: dict[str, list[list[dict]]], runs: dict[str, list[dict]], labels: dict[str, str], output: Path
+) -> list[Path]:
     """curves.png (metrics over steps) and bars.png (per-run numbers) of opd-study.
 
     `records[variant]` holds one list of metric records per seed; `runs[variant]` one dict of

@@ -54,7 +54,10 @@ class RolloutEngine(Protocol):
 
 def rollout_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
     """Seeds of rollouts first .. first+count-1 of `step`'s global batch (31-bit, for every engine)."""
-    return [int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0] >> 1) for index in range(first, first + count)]
+    return [
+        int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0] >> 1)
+        for index in range(first, first + count)
+    ]
 
 
 class RowSampler(LogitsProcessor):
@@ -146,9 +149,16 @@ class HfRollouts:
         self, prompts: list[list[int]], seeds: list[int], *, top_p: float, temperature: float, max_new_tokens: int
     ) -> list[Rollout]:
         return generate_rollouts(
-            self.model, prompts, seeds=seeds, eos_ids=self.eos_ids, pad_id=self.pad_id, top_p=top_p,
-            temperature=temperature, max_new_tokens=max_new_tokens, synced_processes=self.synced_processes,
-        )  # fmt: skip
+            self.model,
+            prompts,
+            seeds=seeds,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            top_p=top_p,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            synced_processes=self.synced_processes,
+        )
 
     def push_weights(self, weights) -> None:
         """Nothing to copy: it samples with the live model."""

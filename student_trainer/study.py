@@ -68,15 +68,24 @@ VARIANTS = (
     Variant("sampled_g0", "sampled-token, gamma 0", "sampled_token", gamma=0.0),
     Variant("sampled_g0.5", "sampled-token, gamma 0.5", "sampled_token", gamma=0.5),
     Variant("sampled_g1", "sampled-token, gamma 1", "sampled_token", gamma=1.0),
-    Variant("sampled_g0_nomask", "sampled-token, gamma 0, no special-token masking", "sampled_token",
-            mask_special_tokens=False),  # fmt: skip
+    Variant(
+        "sampled_g0_nomask",
+        "sampled-token, gamma 0, no special-token masking",
+        "sampled_token",
+        mask_special_tokens=False,
+    ),
     Variant("topk_k4", "top-K rKL, K=4", "topk_rkl", top_k=4),
     Variant("recipe", "recipe: top-K rKL, K=32", "topk_rkl"),
     Variant("recipe_no_renorm", "recipe, no renormalisation", "topk_rkl_unnormalized"),
     Variant("recipe_top_p1", "recipe, top-p 1.0", "topk_rkl", top_p=1.0),
     Variant("recipe_xtok", "recipe, other student tokenizer", "topk_rkl", student="xtok"),
-    Variant("recipe_xtok_nomask", "recipe, other tokenizer, no special-token masking", "topk_rkl", student="xtok",
-            mask_special_tokens=False),  # fmt: skip
+    Variant(
+        "recipe_xtok_nomask",
+        "recipe, other tokenizer, no special-token masking",
+        "topk_rkl",
+        student="xtok",
+        mask_special_tokens=False,
+    ),
 )
 VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS}
 # What `mask_special_tokens: false` does (the trainer's masking and its session's no_special_token_masking):
@@ -109,13 +118,25 @@ class Settings:
 # ~1.5 s; the recipe reaches ~70% by step 100. Batch 32 for 100 steps was tried: the recipe reached
 # only 37%. 120 steps (the first study) would take ~30 min under that load.
 FULL = Settings(
-    variants=tuple(v.name for v in VARIANTS), seeds=(0, 1, 2), steps=100, batch_size=64, lr=1e-3,
-    eval_every=10, accuracy_problems=500, kl_rollouts=64,
-)  # fmt: skip
+    variants=tuple(v.name for v in VARIANTS),
+    seeds=(0, 1, 2),
+    steps=100,
+    batch_size=64,
+    lr=1e-3,
+    eval_every=10,
+    accuracy_problems=500,
+    kl_rollouts=64,
+)
 QUICK = Settings(
-    variants=("sampled_g0", "recipe", "recipe_xtok"), seeds=(0,), steps=6, batch_size=16, lr=1e-3,
-    eval_every=3, accuracy_problems=100, kl_rollouts=16,
-)  # fmt: skip
+    variants=("sampled_g0", "recipe", "recipe_xtok"),
+    seeds=(0,),
+    steps=6,
+    batch_size=16,
+    lr=1e-3,
+    eval_every=3,
+    accuracy_problems=100,
+    kl_rollouts=16,
+)
 
 
 class HeldoutEvaluator:
@@ -130,8 +151,14 @@ class HeldoutEvaluator:
     (they are outside the renormalised support); the last two can.
     """
 
-    def __init__(self, client: TeacherClient, tokenizer, problems: list[task.Problem], prompts: list[list[int]],
-                 config: TrainConfig) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: TeacherClient,
+        tokenizer,
+        problems: list[task.Problem],
+        prompts: list[list[int]],
+        config: TrainConfig,
+    ) -> None:
         """`client` has a session open for `tokenizer`; `prompts` are tokenized with it."""
         self.client, self.tokenizer, self.problems, self.prompts = client, tokenizer, problems, prompts
         self.config = config
@@ -140,9 +167,12 @@ class HeldoutEvaluator:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         rollouts = hf_rollouts(model, self.tokens).generate(
-            self.prompts, evaluation_seeds(self.config, len(self.prompts)), top_p=self.config.top_p,
-            temperature=self.config.temperature, max_new_tokens=self.config.max_new_tokens,
-        )  # fmt: skip
+            self.prompts,
+            evaluation_seeds(self.config, len(self.prompts)),
+            top_p=self.config.top_p,
+            temperature=self.config.temperature,
+            max_new_tokens=self.config.max_new_tokens,
+        )
         batch = score_rollouts(self.client, rollouts, self.config, self.tokens)
         logits = scored_logits(model, batch)
         on_loss = support_metrics(logits, batch.teacher_ids, batch.teacher_logprobs, batch.mask)
@@ -156,17 +186,30 @@ class HeldoutEvaluator:
         }
 
 
-def run_config(variant: Variant, seed: int, settings: Settings, *, student: Path, target: str, max_k: int,
-               output: Path) -> TrainConfig:  # fmt: skip
+def run_config(
+    variant: Variant, seed: int, settings: Settings, *, student: Path, target: str, max_k: int, output: Path
+) -> TrainConfig:
     return TrainConfig(
-        student=str(student), teacher=target, prompts=str(output / "prompts.jsonl"),
-        output=str(output / "runs" / variant.name / f"seed{seed}"), steps=settings.steps,
-        loss=variant.loss, top_k=min(variant.top_k, max_k), gamma=variant.gamma,
-        mask_special_tokens=variant.mask_special_tokens, top_p=variant.top_p, temperature=1.0,
-        max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-        micro_batch_size=settings.batch_size, lr=settings.lr, eval_every=settings.eval_every,
-        save_every=0, keep_checkpoints=1, seed=seed,
-    )  # fmt: skip
+        student=str(student),
+        teacher=target,
+        prompts=str(output / "prompts.jsonl"),
+        output=str(output / "runs" / variant.name / f"seed{seed}"),
+        steps=settings.steps,
+        loss=variant.loss,
+        top_k=min(variant.top_k, max_k),
+        gamma=variant.gamma,
+        mask_special_tokens=variant.mask_special_tokens,
+        top_p=variant.top_p,
+        temperature=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        micro_batch_size=settings.batch_size,
+        lr=settings.lr,
+        eval_every=settings.eval_every,
+        save_every=0,
+        keep_checkpoints=1,
+        seed=seed,
+    )
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -197,19 +240,26 @@ def run_one(config: TrainConfig, evaluator: HeldoutEvaluator) -> dict[str, Any]:
     return result
 
 
-def open_evaluator(stack: ExitStack, target: str, student: Path, problems: list[task.Problem], settings: Settings,
-                   heldout: Path) -> tuple[HeldoutEvaluator, int]:  # fmt: skip
+def open_evaluator(
+    stack: ExitStack, target: str, student: Path, problems: list[task.Problem], settings: Settings, heldout: Path
+) -> tuple[HeldoutEvaluator, int]:
     """A HeldoutEvaluator for `student` with its own client and session (its tokenizer's); and max_k."""
     tokenizer = AutoTokenizer.from_pretrained(student)  # as train() loads it
     client = stack.enter_context(TeacherClient(target))
     client.open_session(tokenizer_message(tokenizer))  # a cross-tokenizer session if it is not the teacher's
     max_k = client.get_info().max_k
     config = TrainConfig(
-        student=str(student), prompts="-", top_k=max_k, top_p=1.0, temperature=1.0,
-        max_new_tokens=settings.max_new_tokens, seed=0,
-    )  # fmt: skip
-    evaluator = HeldoutEvaluator(client, tokenizer, problems[: settings.accuracy_problems], load_prompts(heldout, tokenizer),
-                                 config)  # fmt: skip
+        student=str(student),
+        prompts="-",
+        top_k=max_k,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        seed=0,
+    )
+    evaluator = HeldoutEvaluator(
+        client, tokenizer, problems[: settings.accuracy_problems], load_prompts(heldout, tokenizer), config
+    )
     return evaluator, max_k
 
 
@@ -232,27 +282,36 @@ def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict
         target = stack.enter_context(TeacherProcess(teacher, log=output / "teacher.log", env=threads(1))).target
         evaluators: dict[str, HeldoutEvaluator] = {}
         for kind in dict.fromkeys(variant.student for variant in variants):
-            evaluators[kind], max_k = open_evaluator(stack, target, students[kind], problems, settings,
-                                                     output / "heldout.jsonl")  # fmt: skip
+            evaluators[kind], max_k = open_evaluator(
+                stack, target, students[kind], problems, settings, output / "heldout.jsonl"
+            )
         for index, (variant, seed) in enumerate((v, s) for v in variants for s in settings.seeds):
-            config = run_config(variant, seed, settings, student=students[variant.student], target=target,
-                                max_k=max_k, output=output)  # fmt: skip
+            config = run_config(
+                variant, seed, settings, student=students[variant.student], target=target, max_k=max_k, output=output
+            )
             result = run_one(config, evaluators[variant.student])
             runs[variant.name].append({"seed": seed, "wall_s": result["wall_s"], **result["metrics"]})
             m = result["metrics"]
-            print(f"[{index + 1}/{total}] {variant.name} seed {seed}: accuracy {m['accuracy_start']:.3f} -> "
-                  f"{m['accuracy_final']:.3f}, held-out rKL {m['heldout_rkl_final']:.3f} "
-                  f"({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[{index + 1}/{total}] {variant.name} seed {seed}: accuracy {m['accuracy_start']:.3f} -> "
+                f"{m['accuracy_final']:.3f}, held-out rKL {m['heldout_rkl_final']:.3f} "
+                f"({result['wall_s']:.0f} s)",
+                flush=True,
+            )
     summary = {
         "settings": dataclasses.asdict(settings),
         "teacher": str(teacher),
         "students": {kind: str(path) for kind, path in students.items()},
         "teacher_max_k": max_k,
         "variants": {
-            v.name: {**dataclasses.asdict(v), "top_k_sent": min(v.top_k, max_k), "runs": runs[v.name],
-                     "aggregate": aggregate(runs[v.name])}
+            v.name: {
+                **dataclasses.asdict(v),
+                "top_k_sent": min(v.top_k, max_k),
+                "runs": runs[v.name],
+                "aggregate": aggregate(runs[v.name]),
+            }
             for v in variants
-        },  # fmt: skip
+        },
         "cross_tokenizer": CROSS_TOKENIZER_NOTE,
     }
     summary["claims"] = claims(summary["variants"])
@@ -270,16 +329,24 @@ def _exit(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="opd-study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="opd-study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="3 variants, 1 seed, 6 steps: checks the pipeline, proves nothing")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the demo teacher/student are cached")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 variants, 1 seed, 6 steps: checks the pipeline, proves nothing"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the demo teacher/student are cached"
+    )
     parser.add_argument("--teacher-model", type=Path, help="teacher model directory instead of the cached demo teacher")
     parser.add_argument("--student-model", type=Path, help="student model directory instead of the cached demo student")
-    parser.add_argument("--xtok-student-model", type=Path,
-                        help="student with another tokenizer than the teacher's, for the *_xtok variants, instead of "
-                             "the cached one (demo/xtok.py)")  # fmt: skip
+    parser.add_argument(
+        "--xtok-student-model",
+        type=Path,
+        help="student with another tokenizer than the teacher's, for the *_xtok variants, instead of "
+        "the cached one (demo/xtok.py)",
+    )
     parser.add_argument("--steps", type=int, help="training steps per run (overrides the preset)")
     parser.add_argument("--seeds", type=int, help="number of seeds per variant (overrides the preset)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANT_BY_NAME)}")
@@ -311,8 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print((args.output / "summary.md").read_text())
-    print(f"summary: {args.output / 'summary.json'}  plots: {args.output / 'curves.png'}, {args.output / 'bars.png'}  "
-          f"({time.monotonic() - started:.0f} s; study {summary['wall_s']:.0f} s)")  # fmt: skip
+    print(
+        f"summary: {args.output / 'summary.json'}  plots: {args.output / 'curves.png'}, {args.output / 'bars.png'}  "
+        f"({time.monotonic() - started:.0f} s; study {summary['wall_s']:.0f} s)"
+    )
+
 
 if __name__ == "__main__":
     main()

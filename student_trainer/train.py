@@ -147,8 +147,9 @@ class PendingBatch:
     policy_lag: int
 
 
-def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: TrainConfig, tokens: StudentTokens,
-                   world: World) -> dict:  # fmt: skip
+def optimizer_step(
+    model, optimizer, scheduler, pending: PendingBatch, config: TrainConfig, tokens: StudentTokens, world: World
+) -> dict:
     """Wait for the teacher, take one optimizer step over this rank's shard; metrics of the global batch."""
     started = time.perf_counter()
     scores = pending.scores.result()  # with overlap_scoring the teacher may be done already
@@ -184,7 +185,9 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
         (loss.sum() * world.size / positions).backward()
         mask = batch.mask.to(advantages.device)
         used = max(int(mask.sum()), 1)
-        position_metrics = support_metrics(logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask, log_norm)
+        position_metrics = support_metrics(
+            logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask, log_norm
+        )
         position_metrics.pop("num_positions")
         position_metrics |= {
             "loss": float(loss.detach().sum()) / used,
@@ -226,23 +229,35 @@ def optimizer_step(model, optimizer, scheduler, pending: PendingBatch, config: T
 
 
 @torch.no_grad()
-def evaluate_heldout(model, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens,
-                     world: World) -> dict:  # fmt: skip
+def evaluate_heldout(
+    model, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens, world: World
+) -> dict:
     """Mean truncated reverse KL to the teacher on the student's own rollouts of held-out prompts,
     sampled from the live weights; each rank evaluates its share, the means are over all of them."""
     share = len(prompts) // world.size
     first = world.rank * share
-    engine = hf_rollouts(model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp")  # see make_rollout_engine
+    engine = hf_rollouts(
+        model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp"
+    )  # see make_rollout_engine
     rollouts = engine.generate(
-        prompts[first : first + share], evaluation_seeds(config, share, first),
-        top_p=config.top_p, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-    )  # fmt: skip
+        prompts[first : first + share],
+        evaluation_seeds(config, share, first),
+        top_p=config.top_p,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+    )
     batch = score_rollouts(teacher, rollouts, config, tokens)
-    metrics = support_metrics(scored_logits(unwrap(model), batch), batch.teacher_ids, batch.teacher_logprobs, batch.mask)
+    metrics = support_metrics(
+        scored_logits(unwrap(model), batch), batch.teacher_ids, batch.teacher_logprobs, batch.mask
+    )
     count = metrics.pop("num_positions")
     sums = all_reduce_sums(
         {name: value * count for name, value in metrics.items()}
-        | {"positions": count, "completion_tokens": sum(r.completion_length for r in rollouts), "rollouts": len(rollouts)},
+        | {
+            "positions": count,
+            "completion_tokens": sum(r.completion_length for r in rollouts),
+            "rollouts": len(rollouts),
+        },
         world,
     )
     positions = max(sums.pop("positions"), 1)
@@ -307,8 +322,10 @@ def load_student(config: TrainConfig, checkpoint: Path | None, world: World):
     base = config.student if config.lora_r or not saved else saved
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(rank_device(config.device, world))
     if config.lora_r:
-        model = load_lora(model, saved) if saved else add_lora(
-            model, config.lora_r, config.lora_alpha, config.lora_target_modules, config.lora_dropout
+        model = (
+            load_lora(model, saved)
+            if saved
+            else add_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, config.lora_dropout)
         )
     return wrap_model(model, config.parallelism, world), tokenizer
 
@@ -344,8 +361,10 @@ def train(config: TrainConfig, *, resume: bool = False, evaluate_task: TaskEvalu
 
 def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskEvaluator | None) -> list[dict]:
     if config.batch_size % (world.size * config.micro_batch_size):
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of world size {world.size} x "
-                         f"micro_batch_size {config.micro_batch_size}")  # fmt: skip
+        raise ValueError(
+            f"batch_size {config.batch_size} must be a multiple of world size {world.size} x "
+            f"micro_batch_size {config.micro_batch_size}"
+        )
     if evaluate_task is not None and world.distributed:
         raise ValueError("evaluate_task runs in single-process training only")
     output = Path(config.output)
@@ -412,8 +431,14 @@ def _train(config: TrainConfig, world: World, resume: bool, evaluate_task: TaskE
         teacher.open_session(tokenizer_message(tokenizer), no_special_token_masking=not config.mask_special_tokens)
         if start == 0 and (eval_prompts or evaluate_task):
             record_and_log({"step": 0, **evaluation()})
-        progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="opd", unit="step",
-                        disable=not world.is_main)  # fmt: skip
+        progress = tqdm(
+            range(start, config.steps),
+            initial=start,
+            total=config.steps,
+            desc="opd",
+            unit="step",
+            disable=not world.is_main,
+        )
         # overlap_scoring: batch i+1 is sampled (with the weights before step i) while batch i is scored.
         pending = produce(start, start) if config.overlap_scoring else None
         for step in progress:

@@ -128,8 +128,13 @@ class VllmRollouts:
         for prompt, output in zip(prompts, outputs):
             sample = output.outputs[0]
             completion = list(sample.token_ids)
-            rollouts.append(Rollout(tokens=list(prompt) + completion, prompt_length=len(prompt),
-                                    logprobs=sampled_logprobs(sample.logprobs, completion)))  # fmt: skip
+            rollouts.append(
+                Rollout(
+                    tokens=list(prompt) + completion,
+                    prompt_length=len(prompt),
+                    logprobs=sampled_logprobs(sample.logprobs, completion),
+                )
+            )
         return rollouts
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -141,8 +146,7 @@ class VllmRollouts:
 
         # In process, the iterator reaches the worker as is; vLLM fuses q/k/v and gate/up itself,
         # skips lm_head.weight when the embeddings are tied, and repacks the CPU kernels.
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": detached(), "is_checkpoint_format": True})  # fmt: skip
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": detached(), "is_checkpoint_format": True})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache after a weight push")
 
@@ -160,8 +164,10 @@ class VllmRollouts:
 def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:
     """The sampled tokens' log-probs from vLLM's FlatLogprobs or list of {token_id: Logprob}."""
     if logprobs is None or len(logprobs) != len(token_ids):
-        raise RuntimeError(f"vLLM returned logprobs for {0 if logprobs is None else len(logprobs)} of "
-                           f"{len(token_ids)} completion tokens")  # fmt: skip
+        raise RuntimeError(
+            f"vLLM returned logprobs for {0 if logprobs is None else len(logprobs)} of "
+            f"{len(token_ids)} completion tokens"
+        )
     if hasattr(logprobs, "start_indices"):  # flat: with logprobs=0, the sampled token first at each position
         if [logprobs.token_ids[i] for i in logprobs.start_indices] != token_ids:
             raise RuntimeError("vLLM's flat logprobs do not start with the sampled tokens")

@@ -27,42 +27,89 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=engine_defaults.device, help="cpu, cuda or cuda:N")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=engine_defaults.dtype)
     run.add_argument("--max-k", type=int, default=server.max_k, help="largest top_k a request may ask for")
-    run.add_argument("--chunk-size", type=int, default=engine_defaults.chunk_size, help="positions per lm-head chunk (bounds memory)")
-    run.add_argument("--max-batch-tokens", type=int, default=limits.max_batch_tokens, help="padded tokens per forward pass")
+    run.add_argument(
+        "--chunk-size", type=int, default=engine_defaults.chunk_size, help="positions per lm-head chunk (bounds memory)"
+    )
+    run.add_argument(
+        "--max-batch-tokens", type=int, default=limits.max_batch_tokens, help="padded tokens per forward pass"
+    )
     run.add_argument("--max-batch-size", type=int, default=limits.max_batch_size, help="sequences per forward pass")
-    run.add_argument("--max-queued-jobs", type=int, default=limits.max_queued_jobs, help="queued requests before RESOURCE_EXHAUSTED")
+    run.add_argument(
+        "--max-queued-jobs", type=int, default=limits.max_queued_jobs, help="queued requests before RESOURCE_EXHAUSTED"
+    )
     run.add_argument("--grace", type=float, default=server.grace_s, help="seconds in-flight requests get on shutdown")
     tenants = run.add_argument_group("tenants, limits and security")
-    tenants.add_argument("--api-keys", metavar="FILE",
-                         help="one 'TENANT KEY' per line; clients send 'authorization: Bearer KEY' "
-                              "(without it the server is open to anyone who can reach it)")
+    tenants.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help="one 'TENANT KEY' per line; clients send 'authorization: Bearer KEY' "
+        "(without it the server is open to anyone who can reach it)",
+    )
     tenants.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain of the server (TLS)")
     tenants.add_argument("--tls-key", metavar="FILE", help="PEM private key of the server (TLS)")
     tenants.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA bundle: require client certificates (mTLS)")
-    tenants.add_argument("--quantum-tokens", type=int, default=limits.quantum_tokens,
-                         help="fair-scheduling credit per tenant turn, in tokens (deficit round robin)")
-    tenants.add_argument("--max-tenant-queued-tokens", type=int, default=limits.max_tenant_queued_tokens,
-                         help="tokens one tenant may have waiting before RESOURCE_EXHAUSTED")
-    tenants.add_argument("--max-tenant-in-flight", type=int, default=limits.max_tenant_in_flight,
-                         help="requests one tenant may have queued or running before RESOURCE_EXHAUSTED")
-    tenants.add_argument("--max-request-tokens", type=int, default=limits.max_request_tokens, help="tokens in one request")
-    tenants.add_argument("--max-request-bytes", type=int, default=server.max_request_bytes, help="bytes in one request message")
-    tenants.add_argument("--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant")
+    tenants.add_argument(
+        "--quantum-tokens",
+        type=int,
+        default=limits.quantum_tokens,
+        help="fair-scheduling credit per tenant turn, in tokens (deficit round robin)",
+    )
+    tenants.add_argument(
+        "--max-tenant-queued-tokens",
+        type=int,
+        default=limits.max_tenant_queued_tokens,
+        help="tokens one tenant may have waiting before RESOURCE_EXHAUSTED",
+    )
+    tenants.add_argument(
+        "--max-tenant-in-flight",
+        type=int,
+        default=limits.max_tenant_in_flight,
+        help="requests one tenant may have queued or running before RESOURCE_EXHAUSTED",
+    )
+    tenants.add_argument(
+        "--max-request-tokens", type=int, default=limits.max_request_tokens, help="tokens in one request"
+    )
+    tenants.add_argument(
+        "--max-request-bytes", type=int, default=server.max_request_bytes, help="bytes in one request message"
+    )
+    tenants.add_argument(
+        "--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant"
+    )
     ops = run.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     ops.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
-    ops.add_argument("--log-format", choices=["text", "json"], default="text",
-                     help="json: one JSON object per line (structured logs)")
+    ops.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (structured logs)",
+    )
     engine = run.add_argument_group("vllm / sglang engines")
-    engine.add_argument("--tensor-parallel-size", type=int, default=engine_defaults.tensor_parallel_size, help="GPUs the model is sharded over")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=engine_defaults.gpu_memory_utilization,
-                        help="fraction of GPU memory the engine may take (sglang: mem_fraction_static)")
+    engine.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=engine_defaults.tensor_parallel_size,
+        help="GPUs the model is sharded over",
+    )
+    engine.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=engine_defaults.gpu_memory_utilization,
+        help="fraction of GPU memory the engine may take (sglang: mem_fraction_static)",
+    )
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    engine.add_argument("--max-num-batched-tokens", type=int,
-                        help="prompt tokens per engine step; bounds the float32 [tokens, vocab] log-softmax "
-                             "of prompt logprobs (sglang: chunked_prefill_size)")
-    engine.add_argument("--engine-args", type=json.loads, default={},
-                        help='further keyword arguments for vllm.LLM / sglang.Engine, as JSON, e.g. \'{"enforce_eager": true}\'')
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="prompt tokens per engine step; bounds the float32 [tokens, vocab] log-softmax "
+        "of prompt logprobs (sglang: chunked_prefill_size)",
+    )
+    engine.add_argument(
+        "--engine-args",
+        type=json.loads,
+        default={},
+        help="further keyword arguments for vllm.LLM / sglang.Engine, as JSON, e.g. '{\"enforce_eager\": true}'",
+    )
     run.add_argument("--log-level", default="INFO")
     return parser
 

@@ -47,4 +47,3 @@ class Unavailable(TeacherError):
 
 class Unauthenticated(TeacherError):
     code = grpc.StatusCode.UNAUTHENTICATED
-

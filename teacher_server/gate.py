@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
-        self, keys: ApiKeys | None, identity: Callable[[], TeacherIdentity | None], metrics: TeacherMetrics | None = None
+        self,
+        keys: ApiKeys | None,
+        identity: Callable[[], TeacherIdentity | None],
+        metrics: TeacherMetrics | None = None,
     ) -> None:
         self.authenticator = Authenticator(keys, metrics)
         self.identity = identity

@@ -27,7 +27,6 @@ from opd.metadata import PIN, UNPINNED_METHODS
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TeacherIdentity:
     model: str

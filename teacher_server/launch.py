@@ -35,14 +35,34 @@ class TeacherProcess:
     for the teacher's output (None: discarded); `python`: the interpreter (another venv's).
     """
 
-    def __init__(self, model: Path | str, *, port: int | None = None, extra: Iterable[str] = (),
-                 env: dict[str, str] | None = None, log: Path | None = None, python: str = sys.executable,
-                 cwd: Path | None = None, timeout_s: float = 120.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: Path | str,
+        *,
+        port: int | None = None,
+        extra: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        python: str = sys.executable,
+        cwd: Path | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
         self.port = port or free_port()
         self.target = f"{HOST}:{self.port}"
         self.log_path = log
-        command = [python, "-m", "teacher_server.cli", "serve", "--model", str(model), "--host", HOST,
-                   "--port", str(self.port), *extra]  # fmt: skip
+        command = [
+            python,
+            "-m",
+            "teacher_server.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         self._output = open(log, "w") if log else subprocess.DEVNULL
         self.process = subprocess.Popen(
             command, stdout=self._output, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}

@@ -38,17 +38,23 @@ class TeacherMetrics:
             "opd_requests", "RPCs and stream requests by final status", ["tenant", "method", "code"], registry=registry
         )
         self._latency = Histogram(
-            "opd_request_latency_seconds", "time from arrival to answer", ["tenant", "method"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "opd_request_latency_seconds",
+            "time from arrival to answer",
+            ["tenant", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self._tokens = Counter("opd_tokens_scored", "positions scored", ["tenant"], registry=registry)
         self._queue_depth = Gauge("opd_queue_depth", "jobs waiting for the engine", ["tenant"], registry=registry)
         self._queued_tokens = Gauge("opd_queued_tokens", "tokens waiting for the engine", ["tenant"], registry=registry)
         self._in_flight = Gauge("opd_in_flight_requests", "requests queued or scored", ["tenant"], registry=registry)
         self._queue_wait = Histogram(
-            "opd_queue_wait_seconds", "time in the queue before the engine", ["tenant"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "opd_queue_wait_seconds",
+            "time in the queue before the engine",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self._batch_size = Histogram("opd_batch_size", "jobs per forward pass", buckets=SIZE_BUCKETS, registry=registry)
         self._batch_tokens = Histogram(
             "opd_batch_tokens", "tokens per forward pass", buckets=TOKEN_BUCKETS, registry=registry
@@ -57,13 +63,19 @@ class TeacherMetrics:
             "opd_batch_seconds", "engine time per forward pass", buckets=LATENCY_BUCKETS, registry=registry
         )
         self._coverage = Histogram(
-            "opd_alignment_coverage", "per request: share of scored positions with a teacher distribution",
-            ["tenant"], buckets=FRACTION_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "opd_alignment_coverage",
+            "per request: share of scored positions with a teacher distribution",
+            ["tenant"],
+            buckets=FRACTION_BUCKETS,
+            registry=registry,
+        )
         self._support_mass = Histogram(
-            "opd_support_mass", "per request: mean teacher mass on the returned support", ["tenant"],
-            buckets=FRACTION_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "opd_support_mass",
+            "per request: mean teacher mass on the returned support",
+            ["tenant"],
+            buckets=FRACTION_BUCKETS,
+            registry=registry,
+        )
         self._rejected = Counter("opd_rejected", "requests refused by a limit", ["tenant", "limit"], registry=registry)
         self._auth_failures = Counter(
             "opd_auth_failures", "calls refused for a missing or invalid API key", ["reason"], registry=registry

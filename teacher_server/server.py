@@ -117,8 +117,9 @@ class TeacherServer:
             log.warning(
                 "NO AUTHENTICATION: started without --api-keys, so anyone who can reach %s:%d can use this "
                 "teacher, as one shared tenant. Pass --api-keys FILE (one 'TENANT KEY' per line) to require keys.",
-                config.host, self.port,
-            )  # fmt: skip
+                config.host,
+                self.port,
+            )
         else:
             tenants = config.api_keys.tenants
             log.info("API keys required; %d tenant(s): %s", len(tenants), ", ".join(tenants))
@@ -135,7 +136,9 @@ class TeacherServer:
         self.scheduler = Scheduler(engine, config.limits, self.metrics)
         self.scheduler.start()
         owners = SessionOwners(config.max_sessions_per_tenant)
-        self.servicer.set_service(TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics))
+        self.servicer.set_service(
+            TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics)
+        )
         self.identity = TeacherIdentity(engine.model_name, sha)
         self.metrics.teacher(engine.model_name, engine.name, sha)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -153,8 +156,10 @@ class TeacherServer:
                 log.info(
                     "drained: every accepted request was answered "
                     "(%d accepted, %d scored, %d dropped by their callers)",
-                    stats.jobs_accepted, stats.jobs_scored, stats.jobs_dropped,
-                )  # fmt: skip
+                    stats.jobs_accepted,
+                    stats.jobs_scored,
+                    stats.jobs_dropped,
+                )
             else:
                 log.warning("drain: accepted requests still running after %.0f s; cancelling them", self.config.grace_s)
         # Answers of finished jobs may still be on their way out: give RPCs the rest of the grace.

@@ -23,6 +23,7 @@ from teacher_server.tenancy import OPEN_TENANT, SessionOwners
 if TYPE_CHECKING:
     from teacher_server.metrics import TeacherMetrics
 
+
 @dataclass(frozen=True)
 class ScoreInput:
     session_id: str
@@ -157,4 +158,3 @@ class TeacherService:
             )
         if not 1 <= request.top_k <= self.max_k:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_k} (GetInfo.max_k), got {request.top_k}")
-

@@ -105,7 +105,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         async def answer(request: teacher_pb2.ScoreRequest) -> None:
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                reply = teacher_pb2.ScoreStreamResponse(request_id=request.request_id, response=await self._score(request))
+                reply = teacher_pb2.ScoreStreamResponse(
+                    request_id=request.request_id, response=await self._score(request)
+                )
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -187,6 +189,9 @@ def _coverage(counts: Coverage) -> teacher_pb2.Coverage:
 
 def _alignment_options(message: teacher_pb2.AlignmentOptions) -> CrossOptions:
     return CrossOptions.requested(
-        candidates=message.candidates, inside_candidates=message.inside_candidates, rounds=message.expansion_rounds,
-        branch_token_factor=message.branch_token_factor, min_branch_prob=message.min_branch_prob,
+        candidates=message.candidates,
+        inside_candidates=message.inside_candidates,
+        rounds=message.expansion_rounds,
+        branch_token_factor=message.branch_token_factor,
+        min_branch_prob=message.min_branch_prob,
     )

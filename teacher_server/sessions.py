@@ -30,6 +30,7 @@ from teacher_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TeacherVocabulary:
     """What the service needs to know of the teacher's own tokenizer."""
@@ -208,7 +209,9 @@ class SessionRegistry:
         else:
             try:
                 table = byte_table(teacher.tokenizer_json, teacher.special_tokens)
-                text = TeacherText(table, teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token)
+                text = TeacherText(
+                    table, teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token
+                )
             except UnsupportedTokenizer as reason:
                 error = f"the teacher's tokenizer cannot be aligned byte for byte: {reason}"
         with self._lock:
@@ -236,13 +239,23 @@ class SessionRegistry:
         teacher = self.teacher
         try:
             specials = special_map(
-                table, text.table, student.eos_tokens, sorted(teacher.eos_ids), settings.special_token_pairs,
-                settings.pair_eos, settings.mask_specials,
+                table,
+                text.table,
+                student.eos_tokens,
+                sorted(teacher.eos_ids),
+                settings.special_token_pairs,
+                settings.pair_eos,
+                settings.mask_specials,
             )
         except PairError as reason:
             raise InvalidArgument(str(reason)) from None
         cross = CrossTokenizer.build(
-            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options,
+            table,
+            text,
+            specials,
+            teacher.model_vocab_size,
+            self.max_sequence_length,
+            settings.options,
             unowned_rows=teacher.unowned_rows,
         )
         return Session(**common, alignment=cross, special_token_pairs=specials.pairs)
@@ -274,7 +287,11 @@ def _identity_pairs(teacher: TeacherVocabulary, settings: SessionSettings) -> di
     """The special tokens a same-tokenizer session keeps in the loss and the support, by string:
     the teacher's EOS (unless no_eos_pairing) and each token of special_token_pairs, which
     with one tokenizer can only be paired with itself."""
-    kept = {token: index for token, index in teacher.vocab.items() if index in teacher.eos_ids} if settings.pair_eos else {}
+    kept = (
+        {token: index for token, index in teacher.vocab.items() if index in teacher.eos_ids}
+        if settings.pair_eos
+        else {}
+    )
     for student_token, teacher_token in settings.special_token_pairs:
         if student_token != teacher_token:
             raise InvalidArgument(

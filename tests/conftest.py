@@ -19,9 +19,14 @@ SPECIAL_TOKEN = "<|think|>"  # a control token: masked as a target, never in the
 
 
 def build_tiny_model(
-    path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, head_rows: int = TINY_VOCAB,
+    path: Path,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    head_rows: int = TINY_VOCAB,
     extra_special_tokens: tuple[str, ...] = (),
-) -> Path:  # fmt: skip
+) -> Path:
     """head_rows other than TINY_VOCAB pads the lm head; extra_special_tokens get ids past TINY_VOCAB
     (past the head's rows unless it is padded), as in real checkpoints whose tokenizer and head disagree."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -96,9 +101,14 @@ def server_config(model: Path, **overrides):
     from teacher_server.server import ServerConfig
 
     engine_config = EngineConfig(model=str(model), chunk_size=overrides.pop("chunk_size", 16))
-    return ServerConfig(engine_config=engine_config, host="127.0.0.1", port=overrides.pop("port", 0),
-                        max_k=overrides.pop("max_k", 32),
-                        grace_s=1.0, **overrides)
+    return ServerConfig(
+        engine_config=engine_config,
+        host="127.0.0.1",
+        port=overrides.pop("port", 0),
+        max_k=overrides.pop("max_k", 32),
+        grace_s=1.0,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -83,8 +83,13 @@ class ModelRows:
             ends[(at, extra)] = start + n - 1
             start += n
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        out = engine.backbone(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                              **{engine._cache_argument: self.cache}).last_hidden_state[0]  # fmt: skip
+        out = engine.backbone(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{engine._cache_argument: self.cache},
+        ).last_hidden_state[0]
         self.cache.crop(-width)  # the branch tokens go: the teacher sequence stays as it was
         return {key: out[end] for key, end in ends.items()}
 
@@ -96,7 +101,9 @@ class BigramRows:
         self.engine, self.teacher_ids = engine, teacher_ids
 
     def rows(self, contexts: list[tuple[int, tuple[int, ...]]]) -> list[np.ndarray]:
-        return [self.engine.distribution(int(extra[-1] if extra else self.teacher_ids[at - 1])) for at, extra in contexts]
+        return [
+            self.engine.distribution(int(extra[-1] if extra else self.teacher_ids[at - 1])) for at, extra in contexts
+        ]
 
 
 def first_word(text: bytes) -> tuple[int, bool]:
@@ -109,7 +116,9 @@ def first_word(text: bytes) -> tuple[int, bool]:
     before a word is "\n", "\n"), so the text is past the first word once it has changed class
     twice after it began."""
     classes = BYTE_CLASS[np.frombuffer(text, np.uint8)]
-    lead = len(text) > 1 and ((text[:1] == b" " and classes[1] != SPACE) or (classes[0] == OTHER and classes[1] == LETTER))
+    lead = len(text) > 1 and (
+        (text[:1] == b" " and classes[1] != SPACE) or (classes[0] == OTHER and classes[1] == LETTER)
+    )
     rest = classes[int(lead) :]
     return int(rest[0]), bool(np.count_nonzero(rest[1:] != rest[:-1]) >= 2)
 
@@ -130,7 +139,11 @@ class StudentFirstToken:
 
         todo = [text for text in dict.fromkeys(texts) if text not in self.cache]
         if todo:
-            first = first_tokens(self.student, self.trie, self.tokenizer, todo) if self.tokenizer else np.full(len(todo), -1)
+            first = (
+                first_tokens(self.student, self.trie, self.tokenizer, todo)
+                if self.tokenizer
+                else np.full(len(todo), -1)
+            )
             data = np.frombuffer(b"".join(todo), np.uint8).astype(np.int64)
             ends = np.cumsum([len(text) for text in todo])
             _, longest, _ = self.trie.walk(np.zeros(len(todo), np.int64), data, ends - [len(t) for t in todo], ends)
@@ -211,7 +224,9 @@ class BruteForce:
 
     def _consistent(self, p: np.ndarray, need: bytes) -> np.ndarray:
         some = np.flatnonzero(self.writes & (p > self.PRUNE * 1e-3))
-        return np.asarray([p[i] for i in some.tolist() if self.tokens[i].startswith(need) or need.startswith(self.tokens[i])])
+        return np.asarray(
+            [p[i] for i in some.tolist() if self.tokens[i].startswith(need) or need.startswith(self.tokens[i])]
+        )
 
     def _write_r(self, path: Path, p: np.ndarray) -> list[Path]:
         target, need = path.target, path.need
@@ -296,25 +311,44 @@ class Fidelity:
 
     def summary(self) -> dict:
         chain, tv, kind = np.asarray(self.chain_diff), np.asarray(self.tv), np.asarray(self.kind, dtype=np.int64)
-        out = {"positions": self.positions, "coverage": self.coverage.coverage, "retained_mass": self.coverage.mean_retained_mass,
-               "boundary_positions": len(chain), "boundary_masked": self.boundary_masked}
+        out = {
+            "positions": self.positions,
+            "coverage": self.coverage.coverage,
+            "retained_mass": self.coverage.mean_retained_mass,
+            "boundary_positions": len(chain),
+            "boundary_masked": self.boundary_masked,
+        }
         if len(chain):
-            out |= {"chain_mean": float(chain.mean()), "chain_p99": float(np.quantile(chain, 0.99)),
-                    "chain_share_over_0.05": float((chain > 0.05).mean()), "chain_max": float(chain.max())}  # fmt: skip
+            out |= {
+                "chain_mean": float(chain.mean()),
+                "chain_p99": float(np.quantile(chain, 0.99)),
+                "chain_share_over_0.05": float((chain > 0.05).mean()),
+                "chain_max": float(chain.max()),
+            }
             excess = np.asarray(self.entry_excess)
             out |= {"entry_excess_mean": float(excess.mean()), "entry_share_over_0.05": float((excess > 0.05).mean())}
         if len(tv):
-            out |= {"tv_positions": len(tv), "tv_mean": float(tv.mean()), "tv_p99": float(np.quantile(tv, 0.99)),
-                    "covered_mean": float(np.mean(self.covered)), "reference_unsettled": float(np.mean(self.unsettled))}  # fmt: skip
+            out |= {
+                "tv_positions": len(tv),
+                "tv_mean": float(tv.mean()),
+                "tv_p99": float(np.quantile(tv, 0.99)),
+                "covered_mean": float(np.mean(self.covered)),
+                "reference_unsettled": float(np.mean(self.unsettled)),
+            }
             for index, name in enumerate(KINDS):
                 chosen = kind == index
                 if chosen.any():
-                    out[f"tv_{name}"] = (int(chosen.sum()), float(tv[chosen].mean()), float(np.quantile(tv[chosen], 0.99)))
+                    out[f"tv_{name}"] = (
+                        int(chosen.sum()),
+                        float(tv[chosen].mean()),
+                        float(np.quantile(tv[chosen], 0.99)),
+                    )
         return out
 
 
-def measure(cross, engine, rows_of, tokenizer, examples, top_k: int = 32, tv_positions: int = 500,
-            chat: bool = True) -> Fidelity:  # fmt: skip
+def measure(
+    cross, engine, rows_of, tokenizer, examples, top_k: int = 32, tv_positions: int = 500, chat: bool = True
+) -> Fidelity:
     """Score each GSM8K example (question as the prompt, answer as the completion) and compare:
     the chain rule at every boundary position of every example, brute force at every position of
     the first examples until `tv_positions` are compared."""
@@ -361,8 +395,13 @@ def _chain_rule(found: Fidelity, plan, result, rows) -> None:
 def _brute_force(found: Fidelity, reference: BruteForce, plan, result) -> None:
     kinds = position_kinds(plan)
     chosen = np.flatnonzero(result.mask == 1).tolist()
-    positions = [(plan.teacher_from + int(plan.row[p]), plan.units[plan.s[p] - plan.rho[p] : plan.s[p]].astype(np.uint8).tobytes())
-                 for p in chosen]  # fmt: skip
+    positions = [
+        (
+            plan.teacher_from + int(plan.row[p]),
+            plan.units[plan.s[p] - plan.rho[p] : plan.s[p]].astype(np.uint8).tobytes(),
+        )
+        for p in chosen
+    ]
     for p, target in zip(chosen, reference.targets(positions)):
         ids = result.ids[p][result.ids[p] >= 0].tolist()
         brute = np.asarray([target.mass.get(v, 0.0) for v in ids])

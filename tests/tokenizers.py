@@ -31,10 +31,28 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd" /
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # The control tokens of tekken files that predate the "special_tokens" key (mistral_common's
 # Tekkenizer.DEPRECATED_SPECIAL_TOKENS, ranks 0..19); ranks up to 999 are "<SPECIAL_{rank}>".
-TEKKEN_CONTROL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                  "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                  "[TOOL_CONTENT]"]  # fmt: skip
+TEKKEN_CONTROL = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+]
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
@@ -106,11 +124,22 @@ def load(name: str):
 
     backend = Tokenizer.from_file(str(cached))
     if name == "mistral-sp-v1":
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                       chat_template=MISTRAL_TEMPLATE)  # fmt: skip
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            chat_template=MISTRAL_TEMPLATE,
+        )
     if name == "tekken":
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                       pad_token="<pad>", chat_template=TEKKEN_TEMPLATE)  # fmt: skip
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            chat_template=TEKKEN_TEMPLATE,
+        )
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
@@ -158,7 +187,10 @@ def _byte_level_bpe(ranks: list[bytes], pattern: str, specials: list[str], first
     vocab = {string: rank + first_id for rank, string in enumerate(strings)}
     backend = Tokenizer(models.BPE(vocab, [(strings[l], strings[r]) for _, l, r in merges], ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     if first_id:  # the control tokens come first: give them their ids in the vocabulary
@@ -268,6 +300,7 @@ class BigramTeacher:
 
         results = []
         for job in jobs:
+
             def rows(contexts, targets):
                 ids, lps, tlp = [], [], []
                 for prev, target in zip(contexts, targets):
@@ -276,8 +309,12 @@ class BigramTeacher:
                     top_ids, top_lps = self._top(int(prev), job)
                     ids.append(top_ids)
                     lps.append(top_lps)
-                return (np.asarray(ids, dtype=np.int32).reshape(-1, job.top_k),
-                        np.asarray(lps, dtype=np.float32).reshape(-1, job.top_k), np.asarray(tlp, dtype=np.float32))
+                return (
+                    np.asarray(ids, dtype=np.int32).reshape(-1, job.top_k),
+                    np.asarray(lps, dtype=np.float32).reshape(-1, job.top_k),
+                    np.asarray(tlp, dtype=np.float32),
+                )
+
             tokens = job.token_ids
             ids, lps, tlp = rows(tokens[job.score_from - 1 : -1], tokens[job.score_from :])
             result = TeacherScores(ids=ids, logprobs=lps, token_logprobs=tlp)
@@ -313,7 +350,9 @@ def teacher_text(name: str):
 
     tokenizer = load(name)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    return TeacherText(table(name), tokenizer.backend_tokenizer.to_str(), template, tokenizer.bos_token, tokenizer.eos_token)
+    return TeacherText(
+        table(name), tokenizer.backend_tokenizer.to_str(), template, tokenizer.bos_token, tokenizer.eos_token
+    )
 
 
 def cross(student: str, teacher: str, engine, options=None, pairs=(), pair_eos: bool = True):
@@ -323,8 +362,14 @@ def cross(student: str, teacher: str, engine, options=None, pairs=(), pair_eos: 
 
     s, t = load(student), load(teacher)
     specials = special_map(table(student), table(teacher), [s.eos_token], [t.eos_token_id], pairs, pair_eos)
-    return CrossTokenizer.build(table(student), teacher_text(teacher), specials, engine.vocab_size,
-                                engine.max_sequence_length, options or CrossOptions())  # fmt: skip
+    return CrossTokenizer.build(
+        table(student),
+        teacher_text(teacher),
+        specials,
+        engine.vocab_size,
+        engine.max_sequence_length,
+        options or CrossOptions(),
+    )
 
 
 class ScriptedTeacher:
@@ -368,17 +413,24 @@ class ScriptedTeacher:
         results = []
         for job in jobs:
             start = self.prompt_length_of(job)
+
             def rows(contexts, targets):
                 ids, lps, tlp = [], [], []
                 for context, target in zip(contexts, targets):
-                    logp, masked = self._row(self.table.token_bytes(np.asarray(context[start:], dtype=np.int64)), job.exclude_ids)
+                    logp, masked = self._row(
+                        self.table.token_bytes(np.asarray(context[start:], dtype=np.int64)), job.exclude_ids
+                    )
                     top = np.argsort(-masked, kind="stable")[: job.top_k]
                     pad = job.top_k - len(top)  # K above a small vocabulary: padded as the engines do
                     ids.append(np.concatenate([top, np.full(pad, -1)]))
                     lps.append(np.concatenate([masked[top], np.full(pad, -np.inf)]))
                     tlp.append(logp[target] if target >= 0 else 0.0)
-                return (np.asarray(ids, np.int32).reshape(-1, job.top_k), np.asarray(lps, np.float32).reshape(-1, job.top_k),
-                        np.asarray(tlp, np.float32))  # fmt: skip
+                return (
+                    np.asarray(ids, np.int32).reshape(-1, job.top_k),
+                    np.asarray(lps, np.float32).reshape(-1, job.top_k),
+                    np.asarray(tlp, np.float32),
+                )
+
             tokens = list(job.token_ids)
             contexts = [tokens[:t] for t in range(job.score_from, len(tokens))]
             result = TeacherScores(*rows(contexts, tokens[job.score_from :]))

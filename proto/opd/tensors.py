@@ -23,9 +23,7 @@ def to_tensor(array: np.ndarray) -> teacher_pb2.Tensor:
     if array.dtype.name not in WIRE_DTYPES:
         raise MalformedTensor(f"dtype {array.dtype.name} is not one of {sorted(WIRE_DTYPES)}")
     little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return teacher_pb2.Tensor(
-        dtype=array.dtype.name, shape=list(array.shape), data=little_endian.tobytes()
-    )
+    return teacher_pb2.Tensor(dtype=array.dtype.name, shape=list(array.shape), data=little_endian.tobytes())
 
 
 def from_tensor(

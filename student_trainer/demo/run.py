@@ -56,9 +56,13 @@ def write_prompts(path: Path, problems: list[task.Problem]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="opd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="opd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained teacher/student are cached")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained teacher/student are cached"
+    )
     parser.add_argument("--steps", type=int, default=task.OPD_RECIPE.steps)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the other core runs the teacher

@@ -58,8 +58,12 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        model_max_length=32, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=32,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -106,15 +110,24 @@ def heldout_problems(n: int = 1000) -> list[Problem]:
 
 def _config(vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None) -> transformers.LlamaConfig:
     """`tokenizer` gives the special ids of another vocabulary than the demo's."""
-    ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if tokenizer is not None else (
-        VOCAB.index(PAD), VOCAB.index(BOS), VOCAB.index(EOS))  # fmt: skip
+    ids = (
+        (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        if tokenizer is not None
+        else (VOCAB.index(PAD), VOCAB.index(BOS), VOCAB.index(EOS))
+    )
     return transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,  # 1 layer cannot learn reversal (DESIGN.md section 9)
-        num_attention_heads=heads, num_key_value_heads=heads,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         head_dim=32,  # >= 32 so the model also loads in vLLM's CPU backend
-        max_position_embeddings=32, tie_word_embeddings=False,
-        pad_token_id=ids[0], bos_token_id=ids[1], eos_token_id=ids[2],
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        pad_token_id=ids[0],
+        bos_token_id=ids[1],
+        eos_token_id=ids[2],
     )
 
 
@@ -162,15 +175,24 @@ def answer_loss(model, seqs: torch.Tensor, answer: int | torch.Tensor) -> torch.
     logits = model(input_ids=seqs[:, :-1], use_cache=False).logits
     if isinstance(answer, int):
         # logits[:, t] predicts seqs[:, t + 1]; the answer starts at position prompt_len.
-        pred = logits[:, answer - 1:]
+        pred = logits[:, answer - 1 :]
         target = seqs[:, answer:]
     else:
         pred, target = logits, answer[:, 1:]
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def train_supervised(model, tokenizer, problems: list[Problem], *, steps: int,
-                     batch_size: int, lr: float, seed: int, warmup_frac: float = 0.05) -> list[float]:
+def train_supervised(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    warmup_frac: float = 0.05,
+) -> list[float]:
     """Teacher-forced training on the answer tokens; returns the loss of every step.
 
     AdamW with linear warm-up and cosine decay (a constant 5e-3 is less reliable at
@@ -210,7 +232,7 @@ def greedy_answers(model, tokenizer, problems: list[Problem], *, batch_size: int
     eos = tokenizer.eos_token_id
     out: list[str | None] = []
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
+        chunk = problems[start : start + batch_size]
         prompts = tokenizer([p.prompt for p in chunk])["input_ids"]
         max_new = max(len(p.answer) for p in chunk) + 1  # answer plus <eos> (a token holds >= 1 digit)
         # Prompts of one length decode together, unpadded: with the demo tokenizer that is the
@@ -226,7 +248,7 @@ def greedy_answers(model, tokenizer, problems: list[Problem], *, batch_size: int
                 next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
                 ids = torch.cat([ids, next_ids[:, None]], dim=1)
             for row, new in zip(rows, ids[:, -max_new:].tolist()):
-                answers[row] = tokenizer.decode(new[:new.index(eos)]) if eos in new else None
+                answers[row] = tokenizer.decode(new[: new.index(eos)]) if eos in new else None
         out += answers
     return out
 
@@ -240,7 +262,8 @@ def accuracy(model, tokenizer, problems: list[Problem], *, batch_size: int = 256
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines a cached model; its hash names the cache directory."""
-    name: str               # "teacher" or "student"
+
+    name: str  # "teacher" or "student"
     hidden: int
     heads: int
     intermediate: int
@@ -258,20 +281,43 @@ class Recipe:
         fields = asdict(self)
         if fields["tokenizer"] == "demo":
             del fields["tokenizer"]  # the demo models keep the keys (and caches) they had before the field
-        blob = json.dumps({"task_version": TASK_VERSION, "vocab": VOCABULARIES[self.tokenizer], **fields}, sort_keys=True)
+        blob = json.dumps(
+            {"task_version": TASK_VERSION, "vocab": VOCABULARIES[self.tokenizer], **fields}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Calibrated with torch.set_num_threads(1) on the 2-core dev machine (held-out = 1000
 # problems). Teacher: 100% held-out after 400 steps (~35-45 s; 800 steps, the DESIGN.md
 # figure, also gives 100% but takes ~70 s and the loss is ~1e-3 by step 200 already).
-TEACHER_RECIPE = Recipe(name="teacher", hidden=128, heads=4, intermediate=256, train_problems=50_000,
-                        steps=400, batch_size=128, lr=5e-3, seed=0, min_accuracy=0.99)
+TEACHER_RECIPE = Recipe(
+    name="teacher",
+    hidden=128,
+    heads=4,
+    intermediate=256,
+    train_problems=50_000,
+    steps=400,
+    batch_size=128,
+    lr=5e-3,
+    seed=0,
+    min_accuracy=0.99,
+)
 # Student: reversal is learned in a sudden jump (65 steps: 8%, 70: 17%, 72: 22%, 75: 29%,
 # 80: 54%, 100: 100%), so a short run gives a weak start with the right output format.
 # The bounds catch numerical drift (another torch build) moving it off the useful range.
-STUDENT_RECIPE = Recipe(name="student", hidden=64, heads=2, intermediate=128, train_problems=50_000,
-                        steps=72, batch_size=128, lr=5e-3, seed=1, min_accuracy=0.05, max_accuracy=0.5)
+STUDENT_RECIPE = Recipe(
+    name="student",
+    hidden=64,
+    heads=2,
+    intermediate=128,
+    train_problems=50_000,
+    steps=72,
+    batch_size=128,
+    lr=5e-3,
+    seed=1,
+    min_accuracy=0.05,
+    max_accuracy=0.5,
+)
 # The cross-tokenizer student (opd-study's *_xtok variants): the same model and training with
 # xtok.py's tokenizer. Its jump comes later (100 steps: 9%, 110: 11%, 116: 14%, 118: 17%,
 # 120: 69%; each a separate run, the schedule spans its steps); 118 is a start close to the
@@ -293,6 +339,7 @@ class OpdRecipe:
         for a teacher this sure of itself, and the truncated loss cannot push that mass down.
       lr 1.5e-3 (K=12) was worse (69% at 150); DESIGN.md reports lr 3e-3 collapsing.
     """
+
     steps: int = 200
     batch_size: int = 64
     lr: float = 1e-3
@@ -310,8 +357,9 @@ def build_and_train(recipe: Recipe, tokenizer) -> tuple[transformers.LlamaForCau
     config = _config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
     model = build_model(config, recipe.seed)
     problems = make_problems(recipe.train_problems, recipe.seed, split="train")
-    train_supervised(model, tokenizer, problems, steps=recipe.steps, batch_size=recipe.batch_size,
-                     lr=recipe.lr, seed=recipe.seed)
+    train_supervised(
+        model, tokenizer, problems, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed
+    )
     return model, accuracy(model, tokenizer, heldout_problems(EVAL_PROBLEMS))
 
 
@@ -338,8 +386,9 @@ def prepare(cache_dir: Path, recipe: Recipe) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Written last: its presence marks a complete directory.
-        (tmp / "demo_recipe.json").write_text(json.dumps(
-            {**asdict(recipe), "task_version": TASK_VERSION, "heldout_accuracy": acc}, indent=2))
+        (tmp / "demo_recipe.json").write_text(
+            json.dumps({**asdict(recipe), "task_version": TASK_VERSION, "heldout_accuracy": acc}, indent=2)
+        )
         try:
             os.rename(tmp, final)
         except OSError:

@@ -44,6 +44,11 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=[THINK],
-        model_max_length=32, clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[THINK],
+        model_max_length=32,
+        clean_up_tokenization_spaces=False,
+    )

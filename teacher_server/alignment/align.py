@@ -61,7 +61,9 @@ def student_units(
     tokens = np.asarray(tokens, dtype=np.int64)
     lengths = table.lengths[tokens].copy()
     special_units = np.zeros(len(tokens), dtype=np.int64)
-    for student_id, unit in ((s, specials.unit_of_student(s)) for s in np.unique(tokens[table.special[tokens]]).tolist()):
+    for student_id, unit in (
+        (s, specials.unit_of_student(s)) for s in np.unique(tokens[table.special[tokens]]).tolist()
+    ):
         if unit is not None:
             where = tokens == student_id
             lengths[where] = 1
@@ -79,7 +81,11 @@ def student_units(
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     source = np.repeat(table.starts[tokens] + skip - offsets[:-1], lengths) + np.arange(offsets[-1])
-    units = table.data[np.minimum(source, max(len(table.data) - 1, 0))].astype(np.uint16) if len(source) else np.zeros(0, np.uint16)
+    units = (
+        table.data[np.minimum(source, max(len(table.data) - 1, 0))].astype(np.uint16)
+        if len(source)
+        else np.zeros(0, np.uint16)
+    )
     mapped = np.flatnonzero(special_units)
     units[offsets[mapped]] = special_units[mapped]
     for student_id, raw in text_twins.items():
@@ -140,7 +146,11 @@ def align(
     if len(prompt_ids) == 0:
         prompt_ids = text.start_ids()
     if len(prompt_ids) == 0:  # the teacher needs one token before the first scored one
-        fallback = [i for i in (text.table.ids.get(text.bos_token or ""), text.table.ids.get(text.eos_token or "")) if i is not None]
+        fallback = [
+            i
+            for i in (text.table.ids.get(text.bos_token or ""), text.table.ids.get(text.eos_token or ""))
+            if i is not None
+        ]
         prompt_ids = np.asarray(fallback[:1] or [0], dtype=np.int64)
     completion_ids, completion_lengths, trusted = teacher_tokens(completion, text, specials)
 

@@ -46,7 +46,9 @@ class UnsupportedTokenizer(ValueError):
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode (printable characters stand for bytes)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -88,7 +90,9 @@ class ByteTable:
         starts = self.starts[ids]
         lengths = self.starts[ids + 1] - starts
         ends = np.cumsum(lengths)
-        return self.data[np.repeat(starts - ends + lengths, lengths) + np.arange(ends[-1] if len(ends) else 0)].tobytes()
+        return self.data[
+            np.repeat(starts - ends + lengths, lengths) + np.arange(ends[-1] if len(ends) else 0)
+        ].tobytes()
 
 
 WINDOW = 16  # bytes compared at once in the vectorised prefix tests
@@ -112,7 +116,9 @@ def _kind(spec: dict) -> tuple[str, str]:
     model_type = model.get("type")
     supported = "cross-tokenizer scoring needs a byte-level BPE, SentencePiece/Metaspace, plain BPE/Unigram or WordLevel+Fuse tokenizer"
     if model_type == "WordPiece":
-        raise UnsupportedTokenizer(f"WordPiece tokenizers drop whitespace, so their text cannot be rebuilt byte for byte; {supported}")
+        raise UnsupportedTokenizer(
+            f"WordPiece tokenizers drop whitespace, so their text cannot be rebuilt byte for byte; {supported}"
+        )
     if model_type not in ("BPE", "Unigram", "WordLevel"):
         raise UnsupportedTokenizer(f"unknown tokenizer model type {model_type!r}")
     decoder = {part["type"] for part in _components(spec.get("decoder"))}
@@ -122,11 +128,15 @@ def _kind(spec: dict) -> tuple[str, str]:
             f"WordLevel tokenizers are aligned only with a Fuse decoder (the text is the tokens back to back), "
             f"this one decodes with {sorted(decoder) or 'spaces between the words'}; {supported}"
         )
-    parts = _components(spec.get("normalizer")) + _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder"))
+    parts = (
+        _components(spec.get("normalizer")) + _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder"))
+    )
     types = {part["type"] for part in parts}
     dropping = types & {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
     if dropping:
-        raise UnsupportedTokenizer(f"pre-tokenizer {sorted(dropping)} drops whitespace; the text cannot be rebuilt from tokens")
+        raise UnsupportedTokenizer(
+            f"pre-tokenizer {sorted(dropping)} drops whitespace; the text cannot be rebuilt from tokens"
+        )
     if "ByteLevel" in types:
         return "byte-level", ""
     for part in parts:

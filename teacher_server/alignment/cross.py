@@ -57,9 +57,13 @@ class CrossOptions:
 
     @classmethod
     def requested(
-        cls, candidates: int = 0, inside_candidates: int = 0, rounds: int = 0, branch_token_factor: float = 0.0,
+        cls,
+        candidates: int = 0,
+        inside_candidates: int = 0,
+        rounds: int = 0,
+        branch_token_factor: float = 0.0,
         min_branch_prob: float = 0.0,
-    ) -> "CrossOptions":  # fmt: skip
+    ) -> "CrossOptions":
         """A client's options (0 = the default; rounds < 0 = none), within the server's bounds:
         each multiplies the work of every request of the session."""
         problems = []
@@ -124,9 +128,15 @@ class CrossTokenizer:
 
     @classmethod
     def build(
-        cls, student: ByteTable, text: TeacherText, specials: SpecialMap, model_vocab_size: int,
-        max_sequence_length: int, options: CrossOptions = CrossOptions(), unowned_rows: np.ndarray = NO_ROWS,
-    ) -> "CrossTokenizer":  # fmt: skip
+        cls,
+        student: ByteTable,
+        text: TeacherText,
+        specials: SpecialMap,
+        model_vocab_size: int,
+        max_sequence_length: int,
+        options: CrossOptions = CrossOptions(),
+        unowned_rows: np.ndarray = NO_ROWS,
+    ) -> "CrossTokenizer":
         return cls(
             student=student,
             text=text,
@@ -171,7 +181,12 @@ class CrossTokenizer:
     def start(self, plan: Alignment, scores: TeacherScores) -> Projection:
         rows = len(plan.t_start)
         return Projection.start(
-            plan, self.tables, self.specials, scores.ids[:rows], scores.logprobs[:rows], scores.token_logprobs[:rows],
+            plan,
+            self.tables,
+            self.specials,
+            scores.ids[:rows],
+            scores.logprobs[:rows],
+            scores.token_logprobs[:rows],
             candidates=self.options.candidates,
         )
 
@@ -182,7 +197,9 @@ class CrossTokenizer:
         limit = self.max_sequence_length
         return [(at, extra) for at, extra in requests if at + len(extra) <= limit]
 
-    def branch_job(self, plan: Alignment, requests: list[tuple[int, tuple[int, ...]]], temperature: float = 1.0) -> ScoringJob:
+    def branch_job(
+        self, plan: Alignment, requests: list[tuple[int, tuple[int, ...]]], temperature: float = 1.0
+    ) -> ScoringJob:
         # Only the prefix the branches need, and a single scored row: the pass is for the branches.
         end = min(max(max(at for at, _ in requests), 2), len(plan.teacher_ids))
         return ScoringJob(
@@ -206,14 +223,25 @@ class CrossTokenizer:
             fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass)
         stats = projection.stats
         return result_from(
-            ids, logprobs, token_logprobs, reason, mass, branch_sequences=stats.branch_sequences,
-            branch_tokens=stats.branch_tokens, unresolved_paths=stats.unresolved_paths,
-        )  # fmt: skip
+            ids,
+            logprobs,
+            token_logprobs,
+            reason,
+            mass,
+            branch_sequences=stats.branch_sequences,
+            branch_tokens=stats.branch_tokens,
+            unresolved_paths=stats.unresolved_paths,
+        )
 
     def steps(
-        self, tokens: np.ndarray, score_from: int, top_k: int, temperature: float,
-        messages: Sequence[tuple[str, str]] = (), rounds: int | None = None,
-    ) -> Steps:  # fmt: skip
+        self,
+        tokens: np.ndarray,
+        score_from: int,
+        top_k: int,
+        temperature: float,
+        messages: Sequence[tuple[str, str]] = (),
+        rounds: int | None = None,
+    ) -> Steps:
         """Align, the teacher pass, up to `rounds` branch rounds (None: the session's), the result."""
         try:
             plan = self.align(tokens, score_from, messages)

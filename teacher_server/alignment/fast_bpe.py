@@ -57,9 +57,19 @@ def tiktoken_twin(spec: dict, backend, table: ByteTable) -> TiktokenTwin | None:
     """
     pattern = _split_pattern(spec)
     model = spec.get("model") or {}
-    if table.kind != "byte-level" or pattern is None or spec.get("normalizer") is not None or model.get("type") != "BPE":
+    if (
+        table.kind != "byte-level"
+        or pattern is None
+        or spec.get("normalizer") is not None
+        or model.get("type") != "BPE"
+    ):
         return None
-    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback"):
+    if (
+        model.get("dropout")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+        or model.get("byte_fallback")
+    ):
         return None
     if any(not token.get("special") for token in spec.get("added_tokens") or []):
         return None  # plain added tokens are matched before the regex: tiktoken has no such step
@@ -93,8 +103,14 @@ def _split_pattern(spec: dict) -> str | None:
         return None
     split, byte_level = steps
     regex = (split.get("pattern") or {}).get("Regex")
-    if (split.get("type") != "Split" or regex is None or split.get("behavior") != "Isolated" or split.get("invert")
-            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True)):  # fmt: skip
+    if (
+        split.get("type") != "Split"
+        or regex is None
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or byte_level.get("type") != "ByteLevel"
+        or byte_level.get("use_regex", True)
+    ):
         return None
     return regex
 

@@ -26,9 +26,14 @@ class IdentityAlignment:
     max_sequence_length: int
 
     def steps(
-        self, tokens: np.ndarray, score_from: int, top_k: int, temperature: float,
-        messages: Sequence[tuple[str, str]] = (), rounds: int | None = None,
-    ) -> Steps:  # fmt: skip
+        self,
+        tokens: np.ndarray,
+        score_from: int,
+        top_k: int,
+        temperature: float,
+        messages: Sequence[tuple[str, str]] = (),
+        rounds: int | None = None,
+    ) -> Steps:
         if len(tokens) > self.max_sequence_length:
             raise InvalidArgument(
                 f"tokens has {len(tokens)} ids but the teacher's context holds {self.max_sequence_length}; "

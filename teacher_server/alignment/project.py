@@ -87,17 +87,37 @@ class Paths:
     @staticmethod
     def empty() -> "Paths":
         z = np.zeros(0, dtype=np.int64)
-        return Paths(z, np.zeros(0), z, np.zeros(0, bool), z, z, z, z, np.zeros((0, MAX_EXTRA), np.int64), z, np.zeros(0, np.uint64))
+        return Paths(
+            z,
+            np.zeros(0),
+            z,
+            np.zeros(0, bool),
+            z,
+            z,
+            z,
+            z,
+            np.zeros((0, MAX_EXTRA), np.int64),
+            z,
+            np.zeros(0, np.uint64),
+        )
 
     def __len__(self) -> int:
         return len(self.pos)
 
     def take(self, index: np.ndarray) -> "Paths":
         return Paths(
-            self.pos[index], self.logp[index], self.blen[index], self.follows[index], self.node[index],
-            self.best[index], self.main_row[index], self.attach[index], self.extra[index], self.extra_len[index],
+            self.pos[index],
+            self.logp[index],
+            self.blen[index],
+            self.follows[index],
+            self.node[index],
+            self.best[index],
+            self.main_row[index],
+            self.attach[index],
+            self.extra[index],
+            self.extra_len[index],
             self.hash[index],
-        )  # fmt: skip
+        )
 
     @staticmethod
     def concat(parts: list["Paths"]) -> "Paths":
@@ -105,9 +125,23 @@ class Paths:
         if not parts:
             return Paths.empty()
         return Paths(
-            *(np.concatenate([getattr(p, name) for p in parts])
-              for name in ("pos", "logp", "blen", "follows", "node", "best", "main_row", "attach", "extra", "extra_len", "hash")),
-        )  # fmt: skip
+            *(
+                np.concatenate([getattr(p, name) for p in parts])
+                for name in (
+                    "pos",
+                    "logp",
+                    "blen",
+                    "follows",
+                    "node",
+                    "best",
+                    "main_row",
+                    "attach",
+                    "extra",
+                    "extra_len",
+                    "hash",
+                )
+            ),
+        )
 
 
 @dataclass
@@ -138,9 +172,15 @@ class Projection:
 
     @classmethod
     def start(
-        cls, alignment: Alignment, tables: PairTables, specials: SpecialMap, ids, logprobs, token_logprobs,
+        cls,
+        alignment: Alignment,
+        tables: PairTables,
+        specials: SpecialMap,
+        ids,
+        logprobs,
+        token_logprobs,
         candidates: int | None = None,
-    ) -> "Projection":  # fmt: skip
+    ) -> "Projection":
         """Project the rows of the rollout's own teacher sequence; rows are completion teacher tokens.
 
         `candidates`: the columns of `ids` read at a teacher boundary (None: all). A position
@@ -162,10 +202,18 @@ class Projection:
         n = len(todo)
         zeros = np.zeros(n, dtype=np.int64)
         roots = Paths(
-            pos=todo, logp=np.zeros(n), blen=zeros.copy(), follows=np.ones(n, bool), node=zeros - 1, best=zeros - 1,
-            main_row=a.row[todo], attach=zeros - 1, extra=np.full((n, MAX_EXTRA), -1, np.int64), extra_len=zeros.copy(),
+            pos=todo,
+            logp=np.zeros(n),
+            blen=zeros.copy(),
+            follows=np.ones(n, bool),
+            node=zeros - 1,
+            best=zeros - 1,
+            main_row=a.row[todo],
+            attach=zeros - 1,
+            extra=np.full((n, MAX_EXTRA), -1, np.int64),
+            extra_len=zeros.copy(),
             hash=np.zeros(n, np.uint64),
-        )  # fmt: skip
+        )
         inside = a.rho[todo] > 0
         projection._follow_rollout(roots.take(np.flatnonzero(~inside)), main_ids, main_logp)
         projection._follow_rollout(roots.take(np.flatnonzero(inside)), wide_ids, wide_logp)
@@ -205,7 +253,9 @@ class Projection:
         first = np.sort(first)  # distinct branches, most probable path first
         spent = np.cumsum(paths.extra_len[worth[first]])
         first = first[spent <= budget_tokens]
-        return [(int(keys[i, 0]), tuple(int(t) for t in keys[i, 1 : 1 + paths.extra_len[worth[i]]])) for i in first.tolist()]
+        return [
+            (int(keys[i, 0]), tuple(int(t) for t in keys[i, 1 : 1 + paths.extra_len[worth[i]]])) for i in first.tolist()
+        ]
 
     @staticmethod
     def _open_mass_from(paths: Paths) -> np.ndarray:
@@ -237,7 +287,9 @@ class Projection:
         scored = np.flatnonzero(slot >= 0)
         paths = self.open.take(scored)
         self.open = self.open.take(np.flatnonzero(slot < 0))
-        children = self._extend(paths, np.asarray(ids, np.int64)[slot[scored]], np.asarray(logprobs, np.float64)[slot[scored]])
+        children = self._extend(
+            paths, np.asarray(ids, np.int64)[slot[scored]], np.asarray(logprobs, np.float64)[slot[scored]]
+        )
         self.open = Paths.concat([self.open, children])
 
     # ------------------------------------------------------------------ one step
@@ -307,9 +359,13 @@ class Projection:
         m = np.where(prior_follow, np.minimum(covered[d], y_bytes[d]), 0)
         y_base = trie.token_starts[np.maximum(y[d], 0)]
         start_node = np.where(prior_follow, trie.prefix_nodes[y_base + np.maximum(m, 0)], paths.node[flat[d]])
-        start_best = np.where(prior_follow, np.where(m > 0, t.prefix_best[y_base + np.maximum(m, 0)], -1), paths.best[flat[d]])
+        start_best = np.where(
+            prior_follow, np.where(m > 0, t.prefix_best[y_base + np.maximum(m, 0)], -1), paths.best[flat[d]]
+        )
         skip = np.where(prior_follow, np.maximum(agree[d] - np.maximum(covered[d] - m, 0), 0), 0)
-        node, found, _depth = trie.walk(start_node, teacher.data, teacher.starts[c[d]] + skip, teacher.starts[c[d]] + length[d])
+        node, found, _depth = trie.walk(
+            start_node, teacher.data, teacher.starts[c[d]] + skip, teacher.starts[c[d]] + length[d]
+        )
         best = np.where(found >= 0, found, start_best)
         # A path that is one teacher token from the boundary lands where the student's tokenizer
         # starts on that token's text (pair.py); deeper paths take the longest match.
@@ -350,9 +406,18 @@ class Projection:
         attach = np.where(off, attach, -1)
         # A rollout path that reached the end of the teacher sequence continues as a branch after it.
         return Paths(
-            pos=pos[cont], logp=lp[cont], blen=new_blen[cont], follows=cont_follows, node=cont_node, best=cont_best,
-            main_row=next_row, attach=attach, extra=extra, extra_len=extra_len, hash=path_hash(paths.hash[parent], c[cont]),
-        )  # fmt: skip
+            pos=pos[cont],
+            logp=lp[cont],
+            blen=new_blen[cont],
+            follows=cont_follows,
+            node=cont_node,
+            best=cont_best,
+            main_row=next_row,
+            attach=attach,
+            extra=extra,
+            extra_len=extra_len,
+            hash=path_hash(paths.hash[parent], c[cont]),
+        )
 
     def _land_after_target(self, pos: np.ndarray, y: np.ndarray, logp: np.ndarray, row: np.ndarray) -> None:
         """Land paths that wrote the rollout's text up to the end of the target y, split by the

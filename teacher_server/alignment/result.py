@@ -62,9 +62,13 @@ class ScoreResult:
 
 
 def result_from(
-    ids: np.ndarray, logprobs: np.ndarray, token_logprobs: np.ndarray, reason: np.ndarray, mass: np.ndarray,
+    ids: np.ndarray,
+    logprobs: np.ndarray,
+    token_logprobs: np.ndarray,
+    reason: np.ndarray,
+    mass: np.ndarray,
     **work: int,
-) -> ScoreResult:  # fmt: skip
+) -> ScoreResult:
     """The result with its mask and counts; `mass` is the support's teacher mass per row, `work`
     the branch counts of a cross-tokenizer request."""
     mask = (reason == 0).astype(np.uint8)
@@ -86,9 +90,14 @@ class TeacherAlignment(Protocol):
     """How a session reads a student's rollouts against the teacher."""
 
     def steps(
-        self, tokens: np.ndarray, score_from: int, top_k: int, temperature: float,
-        messages: Sequence[tuple[str, str]], rounds: int | None,
-    ) -> Steps:  # fmt: skip
+        self,
+        tokens: np.ndarray,
+        score_from: int,
+        top_k: int,
+        temperature: float,
+        messages: Sequence[tuple[str, str]],
+        rounds: int | None,
+    ) -> Steps:
         """rounds: branch rounds at most (None: the session's own; 0 where the engine scores no branches)."""
 
 

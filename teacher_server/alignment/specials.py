@@ -115,7 +115,9 @@ def special_map(
             to_teacher.pop(student_id, None)
             student_bytes[student_id] = text_twins[student_id]
 
-    teacher_units = {teacher_id: SPECIAL_UNIT + rank for rank, teacher_id in enumerate(sorted(set(to_teacher.values())))}
+    teacher_units = {
+        teacher_id: SPECIAL_UNIT + rank for rank, teacher_id in enumerate(sorted(set(to_teacher.values())))
+    }
     teacher_to_student: dict[int, int] = {}
     for student_id in sorted(kept):
         teacher_id = to_teacher.get(student_id)

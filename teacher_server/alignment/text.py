@@ -112,7 +112,9 @@ class TeacherText:
         self._plain = Tokenizer.from_str(json.dumps(spec))
         # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what
         # the post-processor adds around a text.
-        sample = next((t.decode() for t, p in zip(self.table.tokens, self.table.preferred.tolist()) if p and len(t) == 1), "a")
+        sample = next(
+            (t.decode() for t, p in zip(self.table.tokens, self.table.preferred.tolist()) if p and len(t) == 1), "a"
+        )
         with_special = self._default.encode(sample, add_special_tokens=True).ids
         without = self._default.encode(sample, add_special_tokens=False).ids
         cut = len(with_special) - len(without)
@@ -147,7 +149,11 @@ class TeacherText:
                 return self._plain.encode(text, add_special_tokens=False).ids
             pieces = [piece for piece in re.split(f"([{re.escape(self._separators)}])", text) if piece]
             # encode_batch_fast: no offsets, which this does not read (a third faster)
-            return list(chain.from_iterable(encoding.ids for encoding in self._plain.encode_batch_fast(pieces, add_special_tokens=False)))
+            return list(
+                chain.from_iterable(
+                    encoding.ids for encoding in self._plain.encode_batch_fast(pieces, add_special_tokens=False)
+                )
+            )
         except Exception:  # a WordLevel vocabulary without an unknown token refuses a word it lacks
             return encodable_prefix(self._plain, text)
 

@@ -31,7 +31,9 @@ from teacher_server.engines.base import Branch, EngineConfig, ScoringJob, Teache
 log = logging.getLogger(__name__)
 
 BRANCH_CHUNK = 512  # branch tokens per job in one pass (bounds the [chunk, sequence] mask)
-SHARED_PREFIX_MIN = 128  # tokens a group must share before its prefix runs once (shorter: rarely a gain, bench/groups.py)
+SHARED_PREFIX_MIN = (
+    128  # tokens a group must share before its prefix runs once (shorter: rarely a gain, bench/groups.py)
+)
 SUFFIX_SEGMENT = 2048  # tokens of a job's own part per pass on the shared prefix (bounds the mask)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,8 +95,10 @@ class HFEngine:
         if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
             # Sliding-window (or other) cache layers do not crop back to the prefix exactly. The
             # model's cache is the same every time: stop sharing, so this prefix pass is the only one wasted.
-            log.info("the model's KV cache has %s layers: rollout groups are scored as plain batches",
-                     sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}))  # fmt: skip
+            log.info(
+                "the model's KV cache has %s layers: rollout groups are scored as plain batches",
+                sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}),
+            )
             self.share_prefixes = False
             return self._score_batch(jobs)
         prefix_hidden = output.last_hidden_state[0]
@@ -108,15 +112,20 @@ class HFEngine:
                 parts.append(state.last_hidden_state[0])
             cache.crop(-len(suffix))  # back to the shared prefix for the next job
             hidden = torch.cat(parts)
-            results.append(self._score_rows(hidden[job.score_from - 1 : len(job.token_ids) - 1], job,
-                                            job.token_ids[job.score_from :]))  # fmt: skip
+            results.append(
+                self._score_rows(
+                    hidden[job.score_from - 1 : len(job.token_ids) - 1], job, job.token_ids[job.score_from :]
+                )
+            )
         return results
 
     def _score_batch(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         with_branches = any(job.branches for job in jobs)
         hidden, cache = self._final_hidden_states(jobs, keep_cache=with_branches)
         results = [
-            self._score_rows(hidden[row, job.score_from - 1 : len(job.token_ids) - 1], job, job.token_ids[job.score_from :])
+            self._score_rows(
+                hidden[row, job.score_from - 1 : len(job.token_ids) - 1], job, job.token_ids[job.score_from :]
+            )
             for row, job in enumerate(jobs)
         ]
         if with_branches:
@@ -136,7 +145,9 @@ class HFEngine:
             cache = getattr(output, "past_key_values", None)
         return output.last_hidden_state, (cache if keep_cache else None)
 
-    def _score_branches(self, jobs: Sequence[ScoringJob], hidden: torch.Tensor, cache, results: list[TeacherScores]) -> None:
+    def _score_branches(
+        self, jobs: Sequence[ScoringJob], hidden: torch.Tensor, cache, results: list[TeacherScores]
+    ) -> None:
         """Every branch token of the batch on top of the main pass's KV cache.
 
         Branch tokens go through in chunks of whole branches (at most BRANCH_CHUNK tokens
@@ -209,7 +220,9 @@ class HFEngine:
         cache.crop(-width)  # the next pass sees the main sequence only
         return [states[row, :size] for row, size in enumerate(sizes)]
 
-    def _score_rows(self, hidden: torch.Tensor, job: ScoringJob, targets: np.ndarray, top_k: int | None = None) -> TeacherScores:
+    def _score_rows(
+        self, hidden: torch.Tensor, job: ScoringJob, targets: np.ndarray, top_k: int | None = None
+    ) -> TeacherScores:
         """Top-K and target log-probabilities for hidden states [P, H] of one job.
 
         Per chunk of rows, on the float32 logits [chunk, V] (in a reused buffer, see
@@ -226,7 +239,11 @@ class HFEngine:
         ids = np.full((rows, top_k), -1, dtype=np.int32)
         logprobs = np.full((rows, top_k), -np.inf, dtype=np.float32)
         token_logprobs = np.empty(rows, dtype=np.float32)
-        ids_out, logprobs_out, token_out = torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(token_logprobs)
+        ids_out, logprobs_out, token_out = (
+            torch.from_numpy(ids),
+            torch.from_numpy(logprobs),
+            torch.from_numpy(token_logprobs),
+        )
         targets = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(self.device)
         exclude = torch.from_numpy(exclude_np).to(self.device) if len(exclude_np) else None
         for start in range(0, rows, self.chunk_size):
@@ -307,4 +324,3 @@ def _chunks(branches: Sequence[Branch]) -> list[tuple[Branch, ...]]:
     if current:
         groups.append(tuple(current))
     return groups
-

@@ -74,8 +74,11 @@ class SGLangEngine:
         self.dtype = config.dtype
         # sglang.Engine.generate drives SGLang's asyncio tokenizer manager with the event loop of
         # the thread that created it: one thread of its own, with its own loop, does everything.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang",
-                                          initializer=lambda: asyncio.set_event_loop(asyncio.new_event_loop()))  # fmt: skip
+        self._thread = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="sglang",
+            initializer=lambda: asyncio.set_event_loop(asyncio.new_event_loop()),
+        )
         self._thread.submit(self._load, config).result()
         log.info("sglang engine: %s (%s), vocab %d", self.model_name, self.dtype, self.vocab_size)
 
@@ -170,13 +173,16 @@ def parse_meta_info(meta_info: dict, token_ids: np.ndarray, score_from: int, num
         t = score_from + row
         logprob, token_id = token_entries[row + 1][0], token_entries[row + 1][1]
         if int(token_id) != int(token_ids[t]) or logprob is None:
-            raise RuntimeError(f"SGLang's input_token_logprobs at position {t} is {token_entries[row + 1][:2]}, "
-                               f"expected a log-probability for token {int(token_ids[t])}")  # fmt: skip
+            raise RuntimeError(
+                f"SGLang's input_token_logprobs at position {t} is {token_entries[row + 1][:2]}, "
+                f"expected a log-probability for token {int(token_ids[t])}"
+            )
         token_values[row] = logprob
         top = top_entries[row + 1]
         if top is None or len(top) < num:
-            raise RuntimeError(f"SGLang returned {0 if top is None else len(top)} top logprobs at position {t}, "
-                               f"expected {num}")  # fmt: skip
+            raise RuntimeError(
+                f"SGLang returned {0 if top is None else len(top)} top logprobs at position {t}, expected {num}"
+            )
         top = sorted(top, key=lambda entry: -entry[0])[:num]  # best first (stable for ties)
         values[row] = [entry[0] for entry in top]
         ids[row] = [entry[1] for entry in top]

@@ -41,8 +41,9 @@ def prompts_of(job: ScoringJob) -> list[Prompt]:
     prompts = [Prompt(np.asarray(job.token_ids), job.score_from)]
     for branch in job.branches:
         if len(branch.token_ids) < 1 or not 1 <= branch.attach <= len(job.token_ids):
-            raise ValueError(f"bad branch: attach {branch.attach}, {len(branch.token_ids)} tokens, "
-                             f"sequence of {len(job.token_ids)}")  # fmt: skip
+            raise ValueError(
+                f"bad branch: attach {branch.attach}, {len(branch.token_ids)} tokens, sequence of {len(job.token_ids)}"
+            )
         sequence = np.concatenate([job.token_ids[: branch.attach], branch.token_ids]).astype(job.token_ids.dtype)
         prompts.append(Prompt(sequence, branch.attach, with_next=True))
     return prompts
@@ -79,8 +80,13 @@ def assemble(job: ScoringJob, answers: Sequence[Rows], excluded: np.ndarray, voc
     scores = TeacherScores(ids=main[0], logprobs=main[1], token_logprobs=np.asarray(token_logprobs, np.float32))
     if job.branches:
         # Row i of a branch: after token_ids[:attach] + branch[: i + 1], i.e. prompt rows 1 .. m.
-        rows = select_support(np.concatenate([a[0][1:] for a in answers[1:]]),
-                              np.concatenate([a[1][1:] for a in answers[1:]]), job.top_k, excluded, vocab_size)  # fmt: skip
+        rows = select_support(
+            np.concatenate([a[0][1:] for a in answers[1:]]),
+            np.concatenate([a[1][1:] for a in answers[1:]]),
+            job.top_k,
+            excluded,
+            vocab_size,
+        )
         if rows is None:
             return None
         scores.branch_ids, scores.branch_logprobs = rows
@@ -88,8 +94,9 @@ def assemble(job: ScoringJob, answers: Sequence[Rows], excluded: np.ndarray, voc
     return scores
 
 
-def score_jobs(jobs: Sequence[ScoringJob], vocab_size: int,
-               run: Callable[[list[Prompt], list[int]], list[Rows]]) -> list[TeacherScores]:  # fmt: skip
+def score_jobs(
+    jobs: Sequence[ScoringJob], vocab_size: int, run: Callable[[list[Prompt], list[int]], list[Rows]]
+) -> list[TeacherScores]:
     """Score jobs with `run(prompts, counts)`, which returns the top-counts[i] rows of prompts[i]."""
     jobs = list(jobs)
     excluded = [excluded_ids(job, vocab_size) for job in jobs]

@@ -68,8 +68,13 @@ class VLLMEngine:
         # vLLM is driven from one thread of its own, whichever thread calls score().
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
         self._thread.submit(self._load, config).result()
-        log.info("vllm engine: %s (%s), vocab %d, max length %d", self.model_name, self.dtype,
-                 self.vocab_size, self.max_sequence_length)  # fmt: skip
+        log.info(
+            "vllm engine: %s (%s), vocab %d, max length %d",
+            self.model_name,
+            self.dtype,
+            self.vocab_size,
+            self.max_sequence_length,
+        )
 
     def _load(self, config: EngineConfig) -> None:
         try:
@@ -116,15 +121,23 @@ class VLLMEngine:
         # max_tokens=1: vLLM samples one token after the prompt (greedy, thrown away); its
         # `logprobs` (raw, like the prompt ones) are the row after the last token when a branch needs it.
         params = [
-            self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=n, logprobs=n if p.with_next else None,
-                                  detokenize=False, **self._flat)  # fmt: skip
+            self._sampling_params(
+                max_tokens=1,
+                temperature=0.0,
+                prompt_logprobs=n,
+                logprobs=n if p.with_next else None,
+                detokenize=False,
+                **self._flat,
+            )
             for p, n in zip(prompts, counts)
         ]
         requests = [{"prompt_token_ids": p.token_ids.astype(np.int64).tolist()} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         answers = []
         for prompt, n, output in zip(prompts, counts, outputs):
-            ids, logprobs, token_logprobs = parse_prompt_logprobs(output.prompt_logprobs, prompt.token_ids, prompt.start, n)
+            ids, logprobs, token_logprobs = parse_prompt_logprobs(
+                output.prompt_logprobs, prompt.token_ids, prompt.start, n
+            )
             if prompt.with_next:
                 sample = output.outputs[0]
                 flat = hasattr(sample.logprobs, "start_indices")
@@ -170,8 +183,10 @@ def parse_entry(entry, actual: int, num: int) -> tuple[np.ndarray, np.ndarray]:
         begin, end = entry.start_indices[0], entry.end_indices[0]
         if end - begin != num + 1 or entry.token_ids[begin] != actual:
             raise RuntimeError(f"vLLM returned {end - begin} flat logprobs, expected {num + 1} starting with {actual}")
-        return (np.asarray(entry.token_ids[begin + 1 : end], dtype=np.int64),
-                np.asarray(entry.logprobs[begin + 1 : end], dtype=np.float32))  # fmt: skip
+        return (
+            np.asarray(entry.token_ids[begin + 1 : end], dtype=np.int64),
+            np.asarray(entry.logprobs[begin + 1 : end], dtype=np.float32),
+        )
     # The actual token is merged into the top-num when it is one of them, else it is one more key.
     items = [(tid, lp) for tid, lp in entry.items() if not (tid == actual and len(entry) == num + 1)]
     if len(items) != num:

@@ -12,9 +12,22 @@ import transformers
 
 from student_trainer.demo import task
 from student_trainer.demo.task import (
-    BOS, EOS, PAD, VOCAB, Recipe, accuracy, build_model, build_tokenizer, greedy_answers,
-    heldout_problems, make_problems, prepare_student, prepare_teacher, student_config,
-    teacher_config, train_supervised,
+    BOS,
+    EOS,
+    PAD,
+    VOCAB,
+    Recipe,
+    accuracy,
+    build_model,
+    build_tokenizer,
+    greedy_answers,
+    heldout_problems,
+    make_problems,
+    prepare_student,
+    prepare_teacher,
+    student_config,
+    teacher_config,
+    train_supervised,
 )
 
 
@@ -36,6 +49,7 @@ def _id(char: str) -> int:
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 def _check_tokenizer(t) -> None:
     bos, eos, pad = _id(BOS), _id(EOS), _id(PAD)
@@ -68,6 +82,7 @@ def test_tokenizer_save_load_round_trip(tok, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- problems
 
+
 def test_problems_are_reversals_and_deterministic() -> None:
     problems = make_problems(200, seed=7)
     assert problems == make_problems(200, seed=7)
@@ -92,6 +107,7 @@ def test_train_and_heldout_are_disjoint() -> None:
 
 # ---------------------------------------------------------------- models and training
 
+
 def test_configs() -> None:
     for cfg, hidden in ((teacher_config(14), 128), (student_config(14), 64)):
         assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim) == (2, hidden, 32)
@@ -113,6 +129,7 @@ def test_supervised_training_lowers_loss_and_is_deterministic(tok) -> None:
 
 # ---------------------------------------------------------------- evaluation
 
+
 class _Oracle(torch.nn.Module):
     """A 'model' that reverses the prompt by construction, wrong when the prompt starts with `bad`."""
 
@@ -121,8 +138,8 @@ class _Oracle(torch.nn.Module):
         self.bad = None if bad is None else _id(bad)
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = False):
-        digits = input_ids[:, 1:7]                    # after <bos>
-        n_gen = input_ids.shape[1] - 8                # tokens after "<bos>dddddd>"
+        digits = input_ids[:, 1:7]  # after <bos>
+        n_gen = input_ids.shape[1] - 8  # tokens after "<bos>dddddd>"
         if n_gen < 6:
             nxt = digits[:, 5 - n_gen].clone()
             if self.bad is not None and n_gen == 0:  # answer starts with the last prompt digit
@@ -132,7 +149,8 @@ class _Oracle(torch.nn.Module):
             nxt = torch.full((input_ids.shape[0],), _id(EOS))
         logits = torch.nn.functional.one_hot(nxt, len(VOCAB)).float()
         return transformers.modeling_outputs.CausalLMOutput(
-            logits=logits[:, None, :].expand(-1, input_ids.shape[1], -1))
+            logits=logits[:, None, :].expand(-1, input_ids.shape[1], -1)
+        )
 
 
 def test_accuracy_on_oracles(tok) -> None:
@@ -150,10 +168,16 @@ def test_greedy_matches_generate(tok) -> None:
     batched = greedy_answers(model, tok, problems, batch_size=4)
     for p, got in zip(problems, batched):
         ids = torch.tensor([tok(p.prompt)["input_ids"]])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=7, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
-        want = tok.decode(new[:new.index(tok.eos_token_id)]) if tok.eos_token_id in new else None
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=7,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[0, ids.shape[1] :].tolist()
+        want = tok.decode(new[: new.index(tok.eos_token_id)]) if tok.eos_token_id in new else None
         assert got == want
     expected = sum(a == p.answer for a, p in zip(batched, problems)) / len(problems)
     assert accuracy(model, tok, problems) == expected
@@ -161,8 +185,9 @@ def test_greedy_matches_generate(tok) -> None:
 
 # ---------------------------------------------------------------- cache
 
-SMALL = Recipe(name="student", hidden=64, heads=2, intermediate=64, train_problems=200,
-               steps=3, batch_size=16, lr=1e-3, seed=0)
+SMALL = Recipe(
+    name="student", hidden=64, heads=2, intermediate=64, train_problems=200, steps=3, batch_size=16, lr=1e-3, seed=0
+)
 
 
 def test_prepare_caches_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

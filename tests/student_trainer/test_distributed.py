@@ -34,11 +34,36 @@ TOL = 1e-4  # loss agreement between world sizes: float reduction order only
 def run_trainer(student: Path, prompts: Path, teacher: str, output: Path, *extra: str, nproc: int = 1) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = (launcher if nproc > 1 else [sys.executable]) + [
-        "-m", "student_trainer", "--student", str(student), "--prompts", str(prompts), "--teacher", teacher,
-        "--output", str(output), "--steps", str(STEPS), "--top-k", "8", "--batch-size", "4",
-        "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--save-every", "1",
-        "--eval-prompts", str(prompts), "--eval-every", "2", *extra,
-    ]  # fmt: skip
+        "-m",
+        "student_trainer",
+        "--student",
+        str(student),
+        "--prompts",
+        str(prompts),
+        "--teacher",
+        teacher,
+        "--output",
+        str(output),
+        "--steps",
+        str(STEPS),
+        "--top-k",
+        "8",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "1",
+        "--eval-prompts",
+        str(prompts),
+        "--eval-every",
+        "2",
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
@@ -80,7 +105,9 @@ def test_two_processes_match_the_single_process_loss_curve(runs, parallelism):
     evaluated = [(r["step"], r["eval_topk_rkl"]) for r in records if "eval_topk_rkl" in r]
     single_evaluated = [(r["step"], r["eval_topk_rkl"]) for r in single_records if "eval_topk_rkl" in r]
     assert [step for step, _ in evaluated] == [step for step, _ in single_evaluated] == [0, 2, 3]
-    assert [value for _, value in evaluated] == pytest.approx([value for _, value in single_evaluated], rel=TOL, abs=TOL)
+    assert [value for _, value in evaluated] == pytest.approx(
+        [value for _, value in single_evaluated], rel=TOL, abs=TOL
+    )
 
 
 def test_fsdp_checkpoint_resumes_exactly_with_two_processes(runs, deterministic_server, student, prompts, tmp_path):

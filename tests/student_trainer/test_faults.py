@@ -39,11 +39,35 @@ KILL_AFTER_STEPS = (1, 3, 5)  # the teacher dies after the trainer has logged th
 
 def trainer_command(student: Path, prompts: Path, teacher: str, output: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "student_trainer.cli", "--student", str(student), "--teacher", teacher,
-        "--prompts", str(prompts), "--steps", str(STEPS), "--output", str(output), "--top-k", "8",
-        "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "3e-3",
-        "--save-every", "2", "--log-level", "WARNING", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "student_trainer.cli",
+        "--student",
+        str(student),
+        "--teacher",
+        teacher,
+        "--prompts",
+        str(prompts),
+        "--steps",
+        str(STEPS),
+        "--output",
+        str(output),
+        "--top-k",
+        "8",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "2",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
 
 
 def start_trainer(command: list[str], log: Path) -> subprocess.Popen:
@@ -103,9 +127,22 @@ def test_teacher_and_trainer_killed_mid_run_end_bitwise_equal(tiny_model, studen
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            train(load_config(None, student=str(student), teacher=target, prompts=str(prompts), steps=STEPS,
-                              output=str(straight), top_k=8, batch_size=4, micro_batch_size=2, max_new_tokens=6,
-                              lr=3e-3, save_every=2))  # fmt: skip
+            train(
+                load_config(
+                    None,
+                    student=str(student),
+                    teacher=target,
+                    prompts=str(prompts),
+                    steps=STEPS,
+                    output=str(straight),
+                    top_k=8,
+                    batch_size=4,
+                    micro_batch_size=2,
+                    max_new_tokens=6,
+                    lr=3e-3,
+                    save_every=2,
+                )
+            )
         finally:
             torch.set_num_threads(threads)
         reference = final_weights(straight)
@@ -139,8 +176,10 @@ def test_teacher_and_trainer_killed_mid_run_end_bitwise_equal(tiny_model, studen
         kill_teacher_after(6, run, logs[1])
         finish(run, logs[1])
 
-        print(f"\nfaults: teacher SIGKILLed after trainer steps {teacher_killed_at} of {STEPS} and restarted each "
-              f"time; trainer SIGKILLed after step {trainer_killed_at} and resumed from {resumed_from}")  # fmt: skip
+        print(
+            f"\nfaults: teacher SIGKILLed after trainer steps {teacher_killed_at} of {STEPS} and restarted each "
+            f"time; trainer SIGKILLed after step {trainer_killed_at} and resumed from {resumed_from}"
+        )
         assert len(teacher_killed_at) == 3 and max(teacher_killed_at) < STEPS
         assert trainer_killed_at < STEPS, "the trainer finished before it could be killed"
         assert "lost the session" in logs[0].read_text()  # the restarts were noticed and the session re-opened
@@ -162,8 +201,9 @@ def test_two_teachers_failover_gives_the_same_numbers(tiny_model):
         with TeacherClient(first.target, timeout_s=30) as single:
             single.open_session()
             expected = single.score_many(rollouts, top_k=8)
-        client = TeacherClient(f"{first.target},{second.target}", timeout_s=30,
-                               retry=RetryPolicy(max_backoff_s=0.5, max_elapsed_s=60))  # fmt: skip
+        client = TeacherClient(
+            f"{first.target},{second.target}", timeout_s=30, retry=RetryPolicy(max_backoff_s=0.5, max_elapsed_s=60)
+        )
         with client:
             client.open_session()
             jobs_before = first.server.scheduler.stats.jobs_scored

@@ -19,10 +19,21 @@ from student_trainer.train import train
 def lora_run(live_server, student, prompts, tmp_path_factory):
     output = tmp_path_factory.mktemp("lora")
     settings = dict(
-        student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(output), top_k=8,
-        batch_size=4, micro_batch_size=2, max_new_tokens=6, lr=1e-2, save_every=1, keep_checkpoints=3,
-        lora_r=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj"],
-    )  # fmt: skip
+        student=str(student),
+        teacher=live_server.target,
+        prompts=str(prompts),
+        output=str(output),
+        top_k=8,
+        batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=6,
+        lr=1e-2,
+        save_every=1,
+        keep_checkpoints=3,
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
     train(load_config(None, **settings, steps=2))
     train(load_config(None, **settings, steps=3), resume=True)
     return output

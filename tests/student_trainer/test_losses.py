@@ -43,8 +43,8 @@ def make_inputs(shape: tuple[int, ...], vocab: int, k: int, seed: int, dtype=tor
     lps = teacher_full.gather(-1, ids).to(torch.float32)
     for r in range(0, n, 3):
         n_pad = r % k if r % k else 2
-        ids[r, k - n_pad:] = -1
-        lps[r, k - n_pad:] = NEG_INF
+        ids[r, k - n_pad :] = -1
+        lps[r, k - n_pad :] = NEG_INF
     ids[0] = -1
     lps[0] = NEG_INF
     mask = torch.ones(n, dtype=torch.bool)
@@ -133,8 +133,7 @@ SHAPES = [(7,), (2, 5), (3, 4)]
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_topk_rkl_matches_reference_float64(shape, renormalize):
-    logits, ids, lps, mask = make_inputs(shape, vocab=41, k=8, seed=len(shape) * 10 + shape[0],
-                                         dtype=torch.float64)
+    logits, ids, lps, mask = make_inputs(shape, vocab=41, k=8, seed=len(shape) * 10 + shape[0], dtype=torch.float64)
     loss, grad = loss_and_grad(logits, ids, lps, mask, renormalize)
     ref_loss, ref_grad = ref_rkl(logits, ids, lps, mask, renormalize)
     assert loss.dtype == torch.float64 and loss.shape == mask.shape
@@ -410,7 +409,9 @@ def test_support_metrics_hand_computed():
 def test_shared_log_normalizer_gives_the_same_metrics_and_token_logprobs():
     logits, ids, lps, mask = make_inputs((3, 4), 40, 5, seed=5)
     log_norm = log_normalizer(logits)
-    assert support_metrics(logits, ids, lps, mask, log_norm) == pytest.approx(support_metrics(logits, ids, lps, mask), rel=1e-6)
+    assert support_metrics(logits, ids, lps, mask, log_norm) == pytest.approx(
+        support_metrics(logits, ids, lps, mask), rel=1e-6
+    )
     tokens = torch.randint(0, 40, (3, 4), generator=torch.Generator().manual_seed(1))
     expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(student_token_logprobs(logits, tokens, log_norm), expected)
@@ -466,7 +467,8 @@ def test_drop_special_support_pads_special_entries_and_copies():
     # The loss then renormalises over what is left: same as a support without them.
     logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, dtype=torch.bool)
-    without = topk_reverse_kl(logits, torch.tensor([[5, EOS, 7], [9, EOS, -1]]),
-                              new_lps[[[0], [1]], [[0, 2, 3], [1, 3, 2]]], mask)
+    without = topk_reverse_kl(
+        logits, torch.tensor([[5, EOS, 7], [9, EOS, -1]]), new_lps[[[0], [1]], [[0, 2, 3], [1, 3, 2]]], mask
+    )
     got = topk_reverse_kl(logits, new_ids, new_lps, mask)
     torch.testing.assert_close(got, without, rtol=0, atol=1e-7)

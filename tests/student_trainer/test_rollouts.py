@@ -66,10 +66,20 @@ def test_small_top_p_is_greedy_and_eos_ends_a_rollout(engine):
 
 def test_overlap_scoring_trains_with_one_step_of_policy_lag(live_server, student, prompts, tmp_path):
     config = load_config(
-        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
-        steps=3, top_k=8, batch_size=4, micro_batch_size=2, max_new_tokens=6, overlap_scoring=True, save_every=2,
+        None,
+        student=str(student),
+        teacher=live_server.target,
+        prompts=str(prompts),
+        output=str(tmp_path),
+        steps=3,
+        top_k=8,
+        batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=6,
+        overlap_scoring=True,
+        save_every=2,
         lr=1e-2,
-    )  # fmt: skip
+    )
     records = train(config)
     assert [r["policy_lag"] for r in records] == [0, 1, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)

@@ -39,8 +39,19 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
     teacher, student = untrained(tmp_path / "teacher", seed=0), untrained(tmp_path / "student", seed=1)
     xtok_student = untrained(tmp_path / "xtok", seed=2, tokenizer="xtok")  # another tokenizer than the teacher's
     output = tmp_path / "study"
-    study.main(["--output", str(output), "--quick", "--teacher-model", str(teacher), "--student-model", str(student),
-                "--xtok-student-model", str(xtok_student)])  # fmt: skip
+    study.main(
+        [
+            "--output",
+            str(output),
+            "--quick",
+            "--teacher-model",
+            str(teacher),
+            "--student-model",
+            str(student),
+            "--xtok-student-model",
+            str(xtok_student),
+        ]
+    )
 
     settings = study.QUICK
     summary = json.loads((output / "summary.json").read_text())
@@ -50,8 +61,17 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
     for name, variant in summary["variants"].items():
         assert variant["top_k_sent"] == min(study.VARIANT_BY_NAME[name].top_k, len(task.VOCAB))
         assert [run["seed"] for run in variant["runs"]] == list(settings.seeds)
-        for key in ("accuracy_final", "heldout_rkl_final", "heldout_masked_final", "heldout_support_mass_final",
-                    "grad_norm_mean", "grad_norm_var", "student_support_mass", "negative_advantage_share", "masked"):  # fmt: skip
+        for key in (
+            "accuracy_final",
+            "heldout_rkl_final",
+            "heldout_masked_final",
+            "heldout_support_mass_final",
+            "grad_norm_mean",
+            "grad_norm_var",
+            "student_support_mass",
+            "negative_advantage_share",
+            "masked",
+        ):
             stats = variant["aggregate"][key]
             assert stats["n"] == len(settings.seeds) and math.isfinite(stats["mean"]), (name, key)
         for seed in settings.seeds:
@@ -64,7 +84,13 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
             assert config["loss"] == variant["loss"]
             assert config["student"] == summary["students"][variant["student"]]
     verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
-    assert len(verdicts) == 7 and set(verdicts.values()) <= {"held", "weakly held", "not held", "not evaluated", "not tested"}
+    assert len(verdicts) == 7 and set(verdicts.values()) <= {
+        "held",
+        "weakly held",
+        "not held",
+        "not evaluated",
+        "not tested",
+    }
 
     table = (output / "summary.md").read_text()
     assert table.count("| `") == len(settings.variants) and "± " in table
@@ -88,8 +114,15 @@ def records_of(accuracies: list[float], grad_norms: list[float], eval_every: int
     """Synthetic metrics.jsonl lines: evaluations at 0, eval_every, ...; one training record per step."""
     records = [{"step": 0, "accuracy": accuracies[0], "heldout_rkl": 1.0}]
     for step, grad in enumerate(grad_norms, start=1):
-        record = {"step": step, "grad_norm": grad, "student_support_mass": step / 10, "negative_advantage_share": 0.5,
-                  "masked": 0.1, "response_length": 7.0, "step_s": 0.2}  # fmt: skip
+        record = {
+            "step": step,
+            "grad_norm": grad,
+            "student_support_mass": step / 10,
+            "negative_advantage_share": 0.5,
+            "masked": 0.1,
+            "response_length": 7.0,
+            "step_s": 0.2,
+        }
         if step % eval_every == 0:
             record |= {"accuracy": accuracies[step // eval_every], "heldout_rkl": 1.0 / (step + 1)}
         records.append(record)
@@ -136,16 +169,33 @@ def test_compare_verdicts() -> None:
 
 def variant(name: str, runs: list[dict]) -> dict:
     spec = study.VARIANT_BY_NAME[name]
-    return {"loss": spec.loss, "top_k_sent": 14, "top_p": spec.top_p, "gamma": spec.gamma, "runs": runs,
-            "aggregate": aggregate(runs)}  # fmt: skip
+    return {
+        "loss": spec.loss,
+        "top_k_sent": 14,
+        "top_p": spec.top_p,
+        "gamma": spec.gamma,
+        "runs": runs,
+        "aggregate": aggregate(runs),
+    }
 
 
 def run(final: float, drawdown: float = 0.0, grad_var: float = 1.0, start: float = 0.2) -> dict:
-    return {"seed": 0, "accuracy_start": start, "accuracy_final": final, "accuracy_drawdown": drawdown,
-            "heldout_rkl_final": 1.0, "heldout_masked_final": 0.0, "grad_norm_var": 0.0, "grad_norm_mean": 1.0, "grad_norm_cv": 1.0,
-            "grad_norm_var_live": grad_var, "grad_norm_mean_live": 1.0, "live_steps": 10.0,
-            "student_support_mass": 0.9, **{key: 0.0 for key in ("accuracy_best", "negative_advantage_share",
-                                                                 "masked")}}  # fmt: skip
+    return {
+        "seed": 0,
+        "accuracy_start": start,
+        "accuracy_final": final,
+        "accuracy_drawdown": drawdown,
+        "heldout_rkl_final": 1.0,
+        "heldout_masked_final": 0.0,
+        "grad_norm_var": 0.0,
+        "grad_norm_mean": 1.0,
+        "grad_norm_cv": 1.0,
+        "grad_norm_var_live": grad_var,
+        "grad_norm_mean_live": 1.0,
+        "live_steps": 10.0,
+        "student_support_mass": 0.9,
+        **{key: 0.0 for key in ("accuracy_best", "negative_advantage_share", "masked")},
+    }
 
 
 def test_claims_on_synthetic_variants() -> None:

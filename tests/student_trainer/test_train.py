@@ -23,11 +23,32 @@ def read_metrics(output: Path) -> list[dict]:
 def test_opd_train_cli_lowers_heldout_reverse_kl(live_server, student, prompts, tmp_path):
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "student_trainer.cli",
-        "--student", str(student), "--teacher", live_server.target, "--prompts", str(prompts),
-        "--eval-prompts", str(prompts), "--steps", "20", "--output", str(output),
-        "--top-k", "8", "--lr", "3e-3", "--batch-size", "8", "--max-new-tokens", "12", "--eval-every", "10",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "student_trainer.cli",
+        "--student",
+        str(student),
+        "--teacher",
+        live_server.target,
+        "--prompts",
+        str(prompts),
+        "--eval-prompts",
+        str(prompts),
+        "--steps",
+        "20",
+        "--output",
+        str(output),
+        "--top-k",
+        "8",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--eval-every",
+        "10",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     records = read_metrics(output)
@@ -37,9 +58,20 @@ def test_opd_train_cli_lowers_heldout_reverse_kl(live_server, student, prompts, 
     assert evals[-1][1] < 0.8 * evals[0][1]
     assert "finished step 20" in result.stdout
     step_keys = set(records[1])
-    for key in ("loss", "topk_rkl", "teacher_support_mass", "student_support_mass", "topk_overlap", "masked",
-                "masked_special", "negative_advantage_share", "response_length", "grad_norm", "tokens_per_s",
-                "teacher_latency_s"):  # fmt: skip
+    for key in (
+        "loss",
+        "topk_rkl",
+        "teacher_support_mass",
+        "student_support_mass",
+        "topk_overlap",
+        "masked",
+        "masked_special",
+        "negative_advantage_share",
+        "response_length",
+        "grad_norm",
+        "tokens_per_s",
+        "teacher_latency_s",
+    ):
         assert key in step_keys, key
     assert (output / "checkpoints" / "step-000020" / "model" / "config.json").exists()
 
@@ -47,9 +79,19 @@ def test_opd_train_cli_lowers_heldout_reverse_kl(live_server, student, prompts, 
 @pytest.mark.parametrize("loss", ["sampled_token", "topk_rkl_unnormalized"])
 def test_other_losses_train(live_server, student, prompts, tmp_path, loss):
     config = load_config(
-        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
-        steps=2, loss=loss, gamma=0.5, top_k=8, batch_size=4, micro_batch_size=2, max_new_tokens=6,
-    )  # fmt: skip
+        None,
+        student=str(student),
+        teacher=live_server.target,
+        prompts=str(prompts),
+        output=str(tmp_path),
+        steps=2,
+        loss=loss,
+        gamma=0.5,
+        top_k=8,
+        batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=6,
+    )
     records = train(config)
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
@@ -60,9 +102,16 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly(deterministic_server, student, prompts, tmp_path):
     settings = dict(
-        student=str(student), teacher=deterministic_server.target, prompts=str(prompts), top_k=8,
-        batch_size=4, micro_batch_size=2, max_new_tokens=6, lr=3e-3, save_every=2,
-    )  # fmt: skip
+        student=str(student),
+        teacher=deterministic_server.target,
+        prompts=str(prompts),
+        top_k=8,
+        batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=6,
+        lr=3e-3,
+        save_every=2,
+    )
     train(load_config(None, **settings, steps=4, output=str(tmp_path / "straight")))
     train(load_config(None, **settings, steps=2, output=str(tmp_path / "resumed")))
     train(load_config(None, **settings, steps=4, output=str(tmp_path / "resumed")), resume=True)
@@ -82,8 +131,17 @@ def test_resumed_run_keeps_its_teacher_pin(live_server, tiny_model, student, pro
     from teacher_server.identity import weights_sha256
     from tests.conftest import LiveServer, build_tiny_model, server_config
 
-    settings = dict(student=str(student), prompts=str(prompts), output=str(tmp_path / "run"), top_k=8, batch_size=2,
-                    micro_batch_size=2, max_new_tokens=4, save_every=1, pin_teacher=True)  # fmt: skip
+    settings = dict(
+        student=str(student),
+        prompts=str(prompts),
+        output=str(tmp_path / "run"),
+        top_k=8,
+        batch_size=2,
+        micro_batch_size=2,
+        max_new_tokens=4,
+        save_every=1,
+        pin_teacher=True,
+    )
     train(load_config(None, **settings, teacher=live_server.target, steps=1))
     state = checkpoint_module.load_trainer_state(checkpoint_module.latest_checkpoint(tmp_path / "run"))
     assert state.teacher_pin == f"{tiny_model}@{weights_sha256(str(tiny_model))}"
@@ -100,9 +158,18 @@ def test_resumed_run_keeps_its_teacher_pin(live_server, tiny_model, student, pro
 
 def test_failed_checkpoint_write_leaves_previous_intact(live_server, student, prompts, tmp_path, monkeypatch):
     config = load_config(
-        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
-        steps=2, top_k=8, batch_size=2, micro_batch_size=2, max_new_tokens=4, save_every=1,
-    )  # fmt: skip
+        None,
+        student=str(student),
+        teacher=live_server.target,
+        prompts=str(prompts),
+        output=str(tmp_path),
+        steps=2,
+        top_k=8,
+        batch_size=2,
+        micro_batch_size=2,
+        max_new_tokens=4,
+        save_every=1,
+    )
     real_save = torch.save
     calls = {"count": 0}
 

@@ -31,10 +31,21 @@ TOL = 1e-3  # vLLM's float32 sampling log-probs against the trainer's, same weig
 @pytest.mark.parametrize("sync_every", [1, 2])
 def test_inprocess_vllm_rollouts_sample_with_the_pushed_weights(live_server, student, prompts, tmp_path, sync_every):
     config = load_config(
-        None, student=str(student), teacher=live_server.target, prompts=str(prompts), output=str(tmp_path),
-        steps=3, top_k=8, batch_size=4, micro_batch_size=2, max_new_tokens=8, lr=1e-2, save_every=0,
-        rollout_engine="vllm", rollout_sync_every=sync_every,
-    )  # fmt: skip
+        None,
+        student=str(student),
+        teacher=live_server.target,
+        prompts=str(prompts),
+        output=str(tmp_path),
+        steps=3,
+        top_k=8,
+        batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=8,
+        lr=1e-2,
+        save_every=0,
+        rollout_engine="vllm",
+        rollout_sync_every=sync_every,
+    )
     records = train(config)
     lags = [r["policy_lag"] for r in records]
     gaps = [r["behaviour_logprob_gap_max"] for r in records]

@@ -144,9 +144,11 @@ def test_inprocess_pushed_weights_are_the_trained_ones(engines, kind):
     engine.hf = base
     restored_vs_base = max_diff(base, engine.rollouts.generate(prompts, seeds, **sample))
 
-    print(f"\n[vllm rollouts, {kind}] max |vLLM - HF| log-prob: before the push vs base {old_vs_base:.2e}, "
-          f"vs trained {old_vs_trained:.2e}; after the push vs trained {new_vs_trained:.2e}; "
-          f"after pushing the base back {restored_vs_base:.2e}")  # fmt: skip
+    print(
+        f"\n[vllm rollouts, {kind}] max |vLLM - HF| log-prob: before the push vs base {old_vs_base:.2e}, "
+        f"vs trained {old_vs_trained:.2e}; after the push vs trained {new_vs_trained:.2e}; "
+        f"after pushing the base back {restored_vs_base:.2e}"
+    )
     assert old_vs_base <= TOL and new_vs_trained <= TOL and restored_vs_base <= TOL
     assert old_vs_trained > 50 * TOL, "the trained weights barely differ from the base: the test proves nothing"
 
@@ -181,8 +183,10 @@ def test_inprocess_rollouts_depend_on_prompt_and_seed_only_and_sampling_options_
     hot = rollouts.generate(prompts, seeds, top_p=1.0, temperature=2.0, max_new_tokens=30)
     mean = [sum(sum(r.logprobs) for r in rs) / sum(r.completion_length for r in rs) for rs in (cold, hot)]
     cold_diff, hot_diff = max_diff(engine.hf, cold), max_diff(engine.hf, hot)
-    print(f"[vllm rollouts] mean raw log-prob of sampled tokens: temperature 0.3 {mean[0]:.3f}, 2.0 {mean[1]:.3f}; "
-          f"max |vLLM - HF| {cold_diff:.2e}, {hot_diff:.2e}")  # fmt: skip
+    print(
+        f"[vllm rollouts] mean raw log-prob of sampled tokens: temperature 0.3 {mean[0]:.3f}, 2.0 {mean[1]:.3f}; "
+        f"max |vLLM - HF| {cold_diff:.2e}, {hot_diff:.2e}"
+    )
     assert mean[0] > mean[1] + 1.0
     assert cold_diff <= TOL and hot_diff <= TOL  # raw log_softmax (temperature 1), not the sampling one
 

@@ -173,6 +173,7 @@ def test_lm_head_never_sees_more_than_chunk_size_rows(engine, reference_model, r
     for before, after in zip(expected, recorded):
         np.testing.assert_array_equal(before.ids, after.ids)
         np.testing.assert_array_equal(before.logprobs, after.logprobs)
+
     # And the backbone never produced logits itself: the full model's forward is not used.
     def full_forward(*args, **kwargs):
         raise AssertionError("the engine ran the full model forward, which builds [T, V] logits")

@@ -102,8 +102,9 @@ class DocumentedSGLang:
     def generate(self, **request):
         self.calls.append(request)
         outputs = []
-        for ids, params, start, top_n in zip(request["input_ids"], request["sampling_params"],
-                                             request["logprob_start_len"], request["top_logprobs_num"]):  # fmt: skip
+        for ids, params, start, top_n in zip(
+            request["input_ids"], request["sampling_params"], request["logprob_start_len"], request["top_logprobs_num"]
+        ):
             assert params["max_new_tokens"] == 0, "prefill only"
             tokens = np.asarray(ids)
             meta = documented_meta_info(next_token_logprobs(self.model, tokens), tokens, start, top_n)
@@ -121,8 +122,12 @@ def adapter(model) -> SGLangEngine:
 
 
 def test_request_uses_token_ids_prefill_only_and_starts_one_before_score_from():
-    job = ScoringJob(token_ids=np.array([5, 6, 7, 8], dtype=np.int32), score_from=2, top_k=4,
-                     branches=(Branch(attach=3, token_ids=np.array([40, 41], dtype=np.int32)),))  # fmt: skip
+    job = ScoringJob(
+        token_ids=np.array([5, 6, 7, 8], dtype=np.int32),
+        score_from=2,
+        top_k=4,
+        branches=(Branch(attach=3, token_ids=np.array([40, 41], dtype=np.int32)),),
+    )
     prompts = prompts_of(job)
     request = generate_request(prompts, [4 + 3, 4 + 3])
     assert request == {
@@ -139,13 +144,26 @@ def test_request_uses_token_ids_prefill_only_and_starts_one_before_score_from():
 
 
 def test_engine_options_map_our_flags_to_sglang_server_args():
-    config = EngineConfig(model="/models/t", dtype="bfloat16", tensor_parallel_size=4, gpu_memory_utilization=0.8,
-                          max_model_len=32768, max_num_batched_tokens=4096, engine_args={"attention_backend": "fa3"})
+    config = EngineConfig(
+        model="/models/t",
+        dtype="bfloat16",
+        tensor_parallel_size=4,
+        gpu_memory_utilization=0.8,
+        max_model_len=32768,
+        max_num_batched_tokens=4096,
+        engine_args={"attention_backend": "fa3"},
+    )
     assert engine_options(config) == {
-        "model_path": "/models/t", "dtype": "bfloat16", "tp_size": 4, "mem_fraction_static": 0.8,
-        "skip_tokenizer_init": True, "random_seed": 0, "context_length": 32768, "chunked_prefill_size": 4096,
+        "model_path": "/models/t",
+        "dtype": "bfloat16",
+        "tp_size": 4,
+        "mem_fraction_static": 0.8,
+        "skip_tokenizer_init": True,
+        "random_seed": 0,
+        "context_length": 32768,
+        "chunked_prefill_size": 4096,
         "attention_backend": "fa3",
-    }  # fmt: skip
+    }
     assert "context_length" not in engine_options(EngineConfig(model="m"))
 
 
@@ -200,11 +218,21 @@ def test_adapter_scores_like_the_reference_and_the_hf_engine(reference_model, ti
         tokens = rng.integers(0, TINY_VOCAB, int(rng.integers(2, 90))).astype(np.int32)
         exclude = np.array([0, 1, 3]) if i % 2 else np.zeros(0, dtype=np.int64)
         branches = tuple(
-            Branch(attach=int(rng.integers(1, len(tokens) + 1)), token_ids=rng.integers(4, TINY_VOCAB, int(m)).astype(np.int32))
+            Branch(
+                attach=int(rng.integers(1, len(tokens) + 1)),
+                token_ids=rng.integers(4, TINY_VOCAB, int(m)).astype(np.int32),
+            )
             for m in rng.integers(1, 5, size=i % 3)
         )
-        jobs.append(ScoringJob(token_ids=tokens, score_from=int(rng.integers(1, len(tokens))),
-                               top_k=int(rng.integers(1, 33)), exclude_ids=exclude, branches=branches))  # fmt: skip
+        jobs.append(
+            ScoringJob(
+                token_ids=tokens,
+                score_from=int(rng.integers(1, len(tokens))),
+                top_k=int(rng.integers(1, 33)),
+                exclude_ids=exclude,
+                branches=branches,
+            )
+        )
     assert sum(len(job.branches) for job in jobs) >= 3
     got = engine.score(jobs)
     assert len(engine.engine.calls) == 1  # one batch, one generate call (branches included)

@@ -73,7 +73,6 @@ class Rows:
     token_logprobs: np.ndarray
 
 
-
 def agreement(got, expected) -> dict:
     """Compare two results of one rollout (objects with ids, logprobs, token_logprobs)."""
     assert got.ids.shape == expected.ids.shape
@@ -84,8 +83,11 @@ def agreement(got, expected) -> dict:
     common = []
     for row in range(got.ids.shape[0]):
         theirs = dict(zip(expected.ids[row].tolist(), expected.logprobs[row].tolist()))
-        common += [abs(lp - theirs[i]) for i, lp in zip(got.ids[row].tolist(), got.logprobs[row].tolist())
-                   if i >= 0 and i in theirs]  # fmt: skip
+        common += [
+            abs(lp - theirs[i])
+            for i, lp in zip(got.ids[row].tolist(), got.logprobs[row].tolist())
+            if i >= 0 and i in theirs
+        ]
     return dict(
         positions=int(len(same_rows)),
         identical=int(same_rows.sum()),
@@ -161,7 +163,10 @@ def test_inprocess_vllm_matches_the_float64_reference_and_the_hf_engine(vllm_eng
     jobs = []
     for i, (tokens, start, k) in enumerate(random_rollouts(12, seed=3, low=0)):
         branches = tuple(  # base.py branches: continuations of token_ids[:attach]
-            Branch(attach=int(rng.integers(1, len(tokens) + 1)), token_ids=rng.integers(4, TINY_VOCAB, int(m)).astype(np.int32))
+            Branch(
+                attach=int(rng.integers(1, len(tokens) + 1)),
+                token_ids=rng.integers(4, TINY_VOCAB, int(m)).astype(np.int32),
+            )
             for m in rng.integers(1, 5, size=i % 3)
         )
         exclude = np.array([0, 1, 3]) if i % 2 else np.zeros(0, dtype=np.int64)
@@ -174,9 +179,12 @@ def test_inprocess_vllm_matches_the_float64_reference_and_the_hf_engine(vllm_eng
         check_against_reference(scores, job, reference(reference_model, job.token_ids, job.score_from))
         figures.append(agreement(scores, expected))
         if job.branches:
-            branch_figures.append(agreement(Rows(scores.branch_ids, scores.branch_logprobs, scores.branch_token_logprobs),
-                                            Rows(expected.branch_ids, expected.branch_logprobs,
-                                                 expected.branch_token_logprobs)))  # fmt: skip
+            branch_figures.append(
+                agreement(
+                    Rows(scores.branch_ids, scores.branch_logprobs, scores.branch_token_logprobs),
+                    Rows(expected.branch_ids, expected.branch_logprobs, expected.branch_token_logprobs),
+                )
+            )
         else:
             assert scores.branch_ids is None and scores.branch_token_logprobs is None
     assert_agreement(summarise("tiny model, in-process", figures))
@@ -206,7 +214,9 @@ def test_inprocess_prompt_logprobs_containers_and_temperature_as_measured(vllm_e
     assert sizes == {num, num + 1}, f"expected both merged and extra actual tokens, got sizes {sizes}"
     flat = prompt_logprobs(temperature=1.0, flat_logprobs=True)
     for start in (1, 30, len(tokens) - 1):
-        for a, b in zip(parse_prompt_logprobs(as_dicts, tokens, start, num), parse_prompt_logprobs(flat, tokens, start, num)):
+        for a, b in zip(
+            parse_prompt_logprobs(as_dicts, tokens, start, num), parse_prompt_logprobs(flat, tokens, start, num)
+        ):
             np.testing.assert_array_equal(a, b)
     ids, logprobs, token_logprobs = parse_prompt_logprobs(as_dicts, tokens, 1, num)
     ref = reference(reference_model, tokens, 1)
@@ -263,10 +273,14 @@ def vllm_teacher(python: Path, model: Path, tmp_path: Path) -> TeacherProcess:
     """`opd-teacher serve --engine vllm` under the vLLM environment's Python, on 127.0.0.1."""
     started = time.monotonic()
     server = TeacherProcess(
-        model, python=str(python), extra=("--engine", "vllm", "--max-k", str(MAX_K), "--grace", "1", *EAGER),
-        env={"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "proto")])}, log=tmp_path / "vllm-teacher.log",
-        cwd=REPO, timeout_s=420.0,
-    )  # fmt: skip
+        model,
+        python=str(python),
+        extra=("--engine", "vllm", "--max-k", str(MAX_K), "--grace", "1", *EAGER),
+        env={"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "proto")])},
+        log=tmp_path / "vllm-teacher.log",
+        cwd=REPO,
+        timeout_s=420.0,
+    )
     print(f"\n[vllm server] {model.name} serving after {time.monotonic() - started:.1f} s")
     return server
 
@@ -340,12 +354,15 @@ def gsm8k_rollouts(tokenizer, count: int) -> list[tuple[np.ndarray, int, int]]:
         lines = GSM8K.read_text().splitlines()[:count]
         pairs = [(json.loads(line)["question"], json.loads(line)["answer"]) for line in lines]
     else:  # shared data missing: still real text
-        pairs = [(f"What is {i} plus {i + 7}?", f"{i} + {i + 7} = {2 * i + 7}. The answer is {2 * i + 7}.")
-                 for i in range(count)]  # fmt: skip
+        pairs = [
+            (f"What is {i} plus {i + 7}?", f"{i} + {i + 7} = {2 * i + 7}. The answer is {2 * i + 7}.")
+            for i in range(count)
+        ]
     rollouts = []
     for i, (question, answer) in enumerate(pairs):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)  # fmt: skip
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         tokens = np.array(prompt_ids + answer_ids, dtype=np.int32)
@@ -379,8 +396,11 @@ def test_grpc_concurrent_sessions_are_served_through_the_scheduler(tiny_vllm_ser
     tokenizer_json = (tiny_model / "tokenizer.json").read_text()
     sessions = [
         None,
-        teacher_pb2.HFTokenizer(tokenizer_json=tokenizer_json, special_tokens=["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN],
-                                eos_tokens=["<eos>"]),  # fmt: skip
+        teacher_pb2.HFTokenizer(
+            tokenizer_json=tokenizer_json,
+            special_tokens=["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN],
+            eos_tokens=["<eos>"],
+        ),
         teacher_pb2.HFTokenizer(tokenizer_json=tokenizer_json, eos_tokens=["<eos>"], chat_template="{{ messages }}"),
     ]
     rollouts = [(tokens, start, MAX_K) for tokens, start, _ in random_rollouts(30, seed=77)]
@@ -427,11 +447,21 @@ def test_grpc_status_codes_match_the_hf_engine(tiny_vllm_server, tiny_hf_server)
         with grpc.insecure_channel(target) as channel:
             stub = teacher_pb2_grpc.TeacherStub(channel)
             try:
-                opened = stub.OpenSession(teacher_pb2.OpenSessionRequest(
-                    tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=temperature), timeout=30)
-                stub.Score(teacher_pb2.ScoreRequest(
-                    session_id=session or opened.session_id, tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
-                    score_from=score_from, top_k=top_k), timeout=60)  # fmt: skip
+                opened = stub.OpenSession(
+                    teacher_pb2.OpenSessionRequest(
+                        tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=temperature
+                    ),
+                    timeout=30,
+                )
+                stub.Score(
+                    teacher_pb2.ScoreRequest(
+                        session_id=session or opened.session_id,
+                        tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
+                        score_from=score_from,
+                        top_k=top_k,
+                    ),
+                    timeout=60,
+                )
             except grpc.RpcError as error:
                 return error.code(), error.details()
             return grpc.StatusCode.OK, ""

@@ -63,8 +63,10 @@ seeds = st.integers(0, 2**32 - 1)
 unicode = st.characters(blacklist_categories=["Cs"])  # protobuf strings cannot hold lone surrogates
 int32s = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 300), st.sampled_from([0, 1, -1, 2**31 - 1]))
 dims = st.one_of(st.integers(-5, 400), st.sampled_from([2**31, 2**40, 2**62, -(2**62)]))
-dtypes = st.one_of(st.sampled_from(["int32", "int64", "float32", "uint8", "", "int31", "float64", "<i4", "object"]),
-                   st.text(unicode, max_size=12))  # fmt: skip
+dtypes = st.one_of(
+    st.sampled_from(["int32", "int64", "float32", "uint8", "", "int31", "float64", "<i4", "object"]),
+    st.text(unicode, max_size=12),
+)
 texts = st.text(unicode, max_size=64)
 session_ids = st.one_of(st.just(SESSION), texts, st.integers(1000, 6000).map(lambda n: "s" * n))
 temperatures = st.one_of(
@@ -112,9 +114,13 @@ def valid_scores(draw) -> teacher_pb2.ScoreRequest:
 
 
 fuzzed_scores = st.builds(
-    teacher_pb2.ScoreRequest, request_id=st.integers(0, 2**64 - 1), session_id=session_ids, tokens=tensors(),
-    score_from=int32s, top_k=int32s,
-)  # fmt: skip
+    teacher_pb2.ScoreRequest,
+    request_id=st.integers(0, 2**64 - 1),
+    session_id=session_ids,
+    tokens=tensors(),
+    score_from=int32s,
+    top_k=int32s,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
@@ -124,9 +130,11 @@ json_values = st.recursive(
 # A valid tokenizer.json, damaged (cut, spliced, truncated, contradictory vocabulary): "$TOKENIZER|op|at|n|text".
 tokenizer_mutations = st.builds(
     lambda op, at, n, text: f"{TOKENIZER}|{op}|{at}|{n}|{text}",
-    st.sampled_from(["cut", "splice", "truncate", "contradict"]), st.integers(0, 5000), st.integers(1, 200),
+    st.sampled_from(["cut", "splice", "truncate", "contradict"]),
+    st.integers(0, 5000),
+    st.integers(1, 200),
     st.text(alphabet=st.characters(blacklist_characters="|", blacklist_categories=["Cs"]), max_size=30),
-)  # fmt: skip
+)
 tokenizer_sources = st.one_of(
     tokenizer_mutations,
     tokenizer_mutations,
@@ -154,15 +162,19 @@ def open_sessions(draw) -> teacher_pb2.OpenSessionRequest:
 
 bad_headers = st.builds(
     lambda scheme, key: scheme + key,
-    st.sampled_from(["Bearer ", "bearer ", "Basic ", ""]), st.text(alphabet="abcdef0123456789-", max_size=40),
-)  # fmt: skip
+    st.sampled_from(["Bearer ", "bearer ", "Basic ", ""]),
+    st.text(alphabet="abcdef0123456789-", max_size=40),
+)
 
 
 @st.composite
 def recipes(draw):
     """(method, request message or raw bytes, metadata)."""
-    kind = draw(st.sampled_from(["valid-score", "fuzzed-score", "fuzzed-score", "open", "close", "raw", "bad-auth",
-                                 "stream-score", "info"]))  # fmt: skip
+    kind = draw(
+        st.sampled_from(
+            ["valid-score", "fuzzed-score", "fuzzed-score", "open", "close", "raw", "bad-auth", "stream-score", "info"]
+        )
+    )
     if kind == "valid-score":
         return "Score", draw(valid_scores()), AUTH
     if kind == "fuzzed-score":
@@ -242,8 +254,9 @@ def rss_kib(pid: int) -> int:
 class Sender:
     def __init__(self, target: str, session_id: str, tokenizer_json: str, channels: int = 4) -> None:
         self.session_id, self.tokenizer_json = session_id, tokenizer_json
-        self.channels = [grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 8 << 20)])
-                         for _ in range(channels)]  # fmt: skip
+        self.channels = [
+            grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 8 << 20)]) for _ in range(channels)
+        ]
         self.codes: Counter = Counter()
         self.stream_errors: Counter = Counter()
         self.sent = 0
@@ -306,8 +319,18 @@ def fuzz_teacher(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     keys = tmp / "keys.txt"
     keys.write_text(f"fuzzer {KEY}\n")
-    teacher = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-request-bytes", str(1 << 20),
-                            "--max-sessions-per-tenant", "32", "--log-level", "ERROR")  # fmt: skip
+    teacher = start_teacher(
+        tiny_model,
+        tmp,
+        "--api-keys",
+        str(keys),
+        "--max-request-bytes",
+        str(1 << 20),
+        "--max-sessions-per-tenant",
+        "32",
+        "--log-level",
+        "ERROR",
+    )
     yield teacher.process, teacher.target
     teacher.close(timeout_s=60)
     assert teacher.returncode == 0, teacher.log_path.read_text()[-3000:]
@@ -328,8 +351,14 @@ def test_ten_thousand_malformed_requests_get_documented_codes(fuzz_teacher, tiny
     sender = Sender(target, session_id, tokenizer_json)
     state = {"batches": 0, "rss_after_warmup": 0, "measured_before": 0}
 
-    @settings(max_examples=WARMUP_BATCHES + MEASURED_BATCHES, phases=[Phase.generate], derandomize=True,
-              deadline=None, database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=WARMUP_BATCHES + MEASURED_BATCHES,
+        phases=[Phase.generate],
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(st.tuples(seeds, recipes()), min_size=RECIPES, max_size=RECIPES))
     def fuzz(batch):
         sender.send(batch)
@@ -351,9 +380,11 @@ def test_ten_thousand_malformed_requests_get_documented_codes(fuzz_teacher, tiny
     measured = sender.sent - state["measured_before"]
     growth = rss_end / state["rss_after_warmup"] - 1
     codes = {code.name: count for code, count in sender.codes.most_common()}
-    print(f"\nfuzz: {sender.sent} requests ({measured} after a warm-up of {state['measured_before']}), "
-          f"status codes {codes}; teacher RSS {state['rss_after_warmup'] / 1024:.1f} MiB -> {rss_end / 1024:.1f} MiB "
-          f"({100 * growth:+.2f}%)")  # fmt: skip
+    print(
+        f"\nfuzz: {sender.sent} requests ({measured} after a warm-up of {state['measured_before']}), "
+        f"status codes {codes}; teacher RSS {state['rss_after_warmup'] / 1024:.1f} MiB -> {rss_end / 1024:.1f} MiB "
+        f"({100 * growth:+.2f}%)"
+    )
     assert measured >= 10_000
     assert set(sender.codes) <= DOCUMENTED, codes
     assert sender.codes[grpc.StatusCode.OK] > 0 and sender.codes[grpc.StatusCode.INVALID_ARGUMENT] > 0

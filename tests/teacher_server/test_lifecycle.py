@@ -29,8 +29,9 @@ def auth(key: str) -> list[tuple[str, str]]:
 
 def score_request(session_id: str, rng: np.random.Generator, request_id: int = 0) -> teacher_pb2.ScoreRequest:
     tokens = rng.integers(4, 96, size=int(rng.integers(20, 60))).astype(np.int32)
-    return teacher_pb2.ScoreRequest(request_id=request_id, session_id=session_id, tokens=to_tensor(tokens),
-                                    score_from=4, top_k=8)  # fmt: skip
+    return teacher_pb2.ScoreRequest(
+        request_id=request_id, session_id=session_id, tokens=to_tensor(tokens), score_from=4, top_k=8
+    )
 
 
 def open_session(stub, key: str) -> str:
@@ -43,7 +44,9 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
     keys.write_text(f"a {KEY_A}\nb {KEY_B}\n")
     # One sequence per forward pass: the queue takes a while to drain, so SIGTERM lands with
     # plenty of accepted work queued and running, and new work keeps arriving during the drain.
-    teacher = start_teacher(tiny_model, tmp_path, "--api-keys", str(keys), "--max-batch-size", "1", "--log-format", "json")
+    teacher = start_teacher(
+        tiny_model, tmp_path, "--api-keys", str(keys), "--max-batch-size", "1", "--log-format", "json"
+    )
     process, target = teacher.process, teacher.target
     outcomes: list[tuple[str, str]] = []  # (status name, details) of every request sent
     lock = threading.Lock()
@@ -62,8 +65,9 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
             session_id = open_session(stub, key)
             deadline = time.monotonic() + 60  # bounded, whatever happens
             while not stop_sending.is_set() and time.monotonic() < deadline:
-                futures = [stub.Score.future(score_request(session_id, rng), metadata=auth(key), timeout=60)
-                           for _ in range(8)]  # fmt: skip
+                futures = [
+                    stub.Score.future(score_request(session_id, rng), metadata=auth(key), timeout=60) for _ in range(8)
+                ]
                 refused = False
                 for future in futures:
                     try:
@@ -86,8 +90,10 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
             try:
                 for reply in stub.ScoreStream(iter(requests), metadata=auth(key), timeout=60):
                     if reply.HasField("error"):
-                        record(grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == reply.error.code)),
-                               reply.error.message)  # fmt: skip
+                        record(
+                            grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == reply.error.code)),
+                            reply.error.message,
+                        )
                     else:
                         record(grpc.StatusCode.OK)
             except grpc.RpcError as error:  # the stream itself cut: its unanswered requests are lost
@@ -132,8 +138,10 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
     accepted, scored, dropped = map(int, re.search(r"(\d+) accepted, (\d+) scored, (\d+) dropped", drained[0]).groups())
     codes = {code: sum(1 for c, _ in outcomes if c == code) for code in {c for c, _ in outcomes}}
     refused = [details for code, details in outcomes if code == "UNAVAILABLE"]
-    print(f"\ndrain: {len(outcomes)} requests sent, statuses {codes}; the teacher accepted {accepted}, "
-          f"scored {scored}, dropped {dropped}; health statuses seen {sorted(set(health_seen))}")  # fmt: skip
+    print(
+        f"\ndrain: {len(outcomes)} requests sent, statuses {codes}; the teacher accepted {accepted}, "
+        f"scored {scored}, dropped {dropped}; health statuses seen {sorted(set(health_seen))}"
+    )
     # Every accepted request was scored and its answer arrived: nothing accepted was lost.
     assert dropped == 0 and scored == accepted == codes["OK"]
     # Everything else was refused before it was accepted: UNAVAILABLE while draining, and when

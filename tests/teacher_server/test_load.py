@@ -80,8 +80,9 @@ async def open_sessions(stub, tenant: str, count: int) -> list[str]:
     return sessions
 
 
-async def windowed_stream(stub, tenant: str, sessions: list[str], count: int, window: int, seed: int,
-                          on_answer) -> list[int]:  # fmt: skip
+async def windowed_stream(
+    stub, tenant: str, sessions: list[str], count: int, window: int, seed: int, on_answer
+) -> list[int]:
     """`count` requests over one ScoreStream with at most `window` unanswered; returns error codes."""
     rng = np.random.default_rng(seed)
     slots = asyncio.Semaphore(window)
@@ -115,11 +116,18 @@ def test_equal_demand_is_served_fairly_without_errors(teacher):
         try:
             started = time.perf_counter()
             clients = [
-                windowed_stream(teacher_pb2_grpc.TeacherStub(channels[4 * t + c]), tenant, sessions[tenant], 200, 8,
-                                seed=4 * t + c, on_answer=lambda who, at: answers[who].append(at))
+                windowed_stream(
+                    teacher_pb2_grpc.TeacherStub(channels[4 * t + c]),
+                    tenant,
+                    sessions[tenant],
+                    200,
+                    8,
+                    seed=4 * t + c,
+                    on_answer=lambda who, at: answers[who].append(at),
+                )
                 for t, tenant in enumerate(TENANTS)
                 for c in range(4)
-            ]  # fmt: skip
+            ]
             errors = [code for result in await asyncio.gather(*clients) for code in result]
             elapsed = time.perf_counter() - started
         finally:
@@ -133,8 +141,10 @@ def test_equal_demand_is_served_fairly_without_errors(teacher):
     window_end = min(max(times) for times in answers.values())
     served = [sum(at <= window_end for at in times) for times in answers.values()]
     index = jain([float(count) for count in served])
-    print(f"\nload, equal demand: 16 clients x 200 requests, 0 errors, {3200 / elapsed:.0f} requests/s, "
-          f"answers per tenant in the common window {served}, Jain index {index:.4f}")  # fmt: skip
+    print(
+        f"\nload, equal demand: 16 clients x 200 requests, 0 errors, {3200 / elapsed:.0f} requests/s, "
+        f"answers per tenant in the common window {served}, Jain index {index:.4f}"
+    )
     assert index >= 0.95
 
 
@@ -161,9 +171,12 @@ def test_a_flooding_tenant_does_not_slow_a_light_one_beyond_3x(teacher):
             # in the machine's other load affects both alike.
             flood = subprocess.Popen(
                 [sys.executable, "-m", "tests.teacher_server.flood", teacher, KEYS["t0"], heavy_session, "120"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
                 env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            )  # fmt: skip
+            )
             alone, flooded = [], []
             try:
                 await asyncio.sleep(3.0)  # the flood is in full swing: 128 requests in flight
@@ -181,9 +194,11 @@ def test_a_flooding_tenant_does_not_slow_a_light_one_beyond_3x(teacher):
 
     alone, flooded, output = asyncio.run(main())
     unloaded, loaded = statistics.median(alone), statistics.median(flooded)
-    print(f"\nload, flooding: light tenant median latency {1000 * unloaded:.1f} ms alone, {1000 * loaded:.1f} ms "
-          f"while another tenant kept 128 requests in flight (flood: {output.strip()}): "
-          f"ratio {loaded / unloaded:.2f}")  # fmt: skip
+    print(
+        f"\nload, flooding: light tenant median latency {1000 * unloaded:.1f} ms alone, {1000 * loaded:.1f} ms "
+        f"while another tenant kept 128 requests in flight (flood: {output.strip()}): "
+        f"ratio {loaded / unloaded:.2f}"
+    )
     answered, errors = (int(part.split("=")[1]) for part in output.split())
     assert answered > 100 and errors == 0
     assert loaded <= 3 * unloaded

@@ -51,8 +51,10 @@ async def run_until_blocked(scheduler: Scheduler, engine: RecordingEngine, submi
     scheduler.start()
     blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "blocker"))
     await asyncio.to_thread(engine.entered.wait, 30)
-    tasks = [asyncio.ensure_future(scheduler.submit(session, job(tag, tokens), tenant))
-             for tenant, session, tag, tokens in submissions]  # fmt: skip
+    tasks = [
+        asyncio.ensure_future(scheduler.submit(session, job(tag, tokens), tenant))
+        for tenant, session, tag, tokens in submissions
+    ]
     await asyncio.sleep(0)
     engine.gate.set()
     await asyncio.gather(blocker, *tasks)
@@ -179,8 +181,10 @@ def test_one_failing_job_does_not_fail_the_jobs_batched_with_it():
         scheduler.start()
         blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "t0"))
         await asyncio.to_thread(engine.entered.wait, 30)
-        tasks = [asyncio.ensure_future(scheduler.submit(f"s{i}", job(tag, 8), f"t{i}"))
-                 for i, tag in enumerate(["good1", "bad", "good2"], start=1)]  # fmt: skip
+        tasks = [
+            asyncio.ensure_future(scheduler.submit(f"s{i}", job(tag, 8), f"t{i}"))
+            for i, tag in enumerate(["good1", "bad", "good2"], start=1)
+        ]
         await asyncio.sleep(0)
         engine.gate.set()
         results = await asyncio.gather(blocker, *tasks, return_exceptions=True)

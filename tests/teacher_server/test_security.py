@@ -88,9 +88,7 @@ def call_every_rpc(stub, metadata, session_id: str) -> dict[str, grpc.StatusCode
         "ScoreStream": status(
             lambda: stub.ScoreStream(iter([score_request(session_id)]), metadata=metadata, timeout=30)
         ),
-        "CloseSession": status(
-            lambda: stub.CloseSession(close_request, metadata=metadata, timeout=30)
-        ),
+        "CloseSession": status(lambda: stub.CloseSession(close_request, metadata=metadata, timeout=30)),
     }
 
 
@@ -266,8 +264,12 @@ def tls_client(target, tls, key=ALICE_KEY) -> TeacherClient:
 
 
 def test_tls_with_api_keys(tiny_model, tmp_path_factory, pki):
-    config = server_config(tiny_model, api_keys=ApiKeys.load(key_file(tmp_path_factory)),
-                           tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))  # fmt: skip
+    config = server_config(
+        tiny_model,
+        api_keys=ApiKeys.load(key_file(tmp_path_factory)),
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+    )
     server = LiveServer(config)
     try:
         with tls_client(server.target, TlsOptions(root_certificates=str(pki.ca))) as client:
@@ -297,17 +299,22 @@ def test_tls_with_api_keys(tiny_model, tmp_path_factory, pki):
 
 
 def test_mutual_tls(tiny_model, pki):
-    config = server_config(tiny_model, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-                           tls_client_ca=str(pki.ca))  # fmt: skip
+    config = server_config(
+        tiny_model, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
+    )
     server = LiveServer(config)
     try:
-        with_cert = TlsOptions(root_certificates=str(pki.ca), certificate_chain=str(pki.client_cert),
-                               private_key=str(pki.client_key))  # fmt: skip
+        with_cert = TlsOptions(
+            root_certificates=str(pki.ca), certificate_chain=str(pki.client_cert), private_key=str(pki.client_key)
+        )
         with tls_client(server.target, with_cert) as client:
             client.open_session()
             assert client.score(TOKENS, 2, 4).ids.shape == (5, 4)
-        rogue = TlsOptions(root_certificates=str(pki.ca), certificate_chain=str(pki.rogue_client_cert),
-                           private_key=str(pki.rogue_client_key))  # fmt: skip
+        rogue = TlsOptions(
+            root_certificates=str(pki.ca),
+            certificate_chain=str(pki.rogue_client_cert),
+            private_key=str(pki.rogue_client_key),
+        )
         for options in (TlsOptions(root_certificates=str(pki.ca)), rogue):
             with tls_client(server.target, options) as client:
                 with pytest.raises(TeacherRequestError) as caught:
@@ -329,8 +336,9 @@ def test_a_pinned_client_refuses_a_swapped_teacher(tiny_model, tmp_path_factory)
     shutil.copytree(tiny_model, teacher)
     port = free_port()
     server = LiveServer(server_config(teacher, port=port))
-    client = TeacherClient(f"127.0.0.1:{port}", timeout_s=30, pin_teacher=True,
-                           retry=RetryPolicy(attempts=40, max_backoff_s=0.5))  # fmt: skip
+    client = TeacherClient(
+        f"127.0.0.1:{port}", timeout_s=30, pin_teacher=True, retry=RetryPolicy(attempts=40, max_backoff_s=0.5)
+    )
     try:
         info = client.get_info()
         assert info.weights_sha256 == weights_sha256(str(tiny_model)) and len(info.weights_sha256) == 64
@@ -382,17 +390,22 @@ def test_refused_requests_leave_no_reference_cycles(keyed_server, stub):
     raw_stream = keyed_server_raw_stream(keyed_server.target)
     gc.collect()
     for _ in range(20):
-        for call in (lambda: stub.GetInfo(teacher_pb2.GetInfoRequest(), metadata=auth(WRONG_KEY), timeout=30),
-                     lambda: stub.Score(bad_tokens, metadata=auth(ALICE_KEY), timeout=30),
-                     lambda: list(stub.ScoreStream(iter([bad_tokens]), metadata=auth(WRONG_KEY), timeout=30)),
-                     lambda: raw_stream(b"\xff\xff not a protobuf message")):  # fmt: skip
+        for call in (
+            lambda: stub.GetInfo(teacher_pb2.GetInfoRequest(), metadata=auth(WRONG_KEY), timeout=30),
+            lambda: stub.Score(bad_tokens, metadata=auth(ALICE_KEY), timeout=30),
+            lambda: list(stub.ScoreStream(iter([bad_tokens]), metadata=auth(WRONG_KEY), timeout=30)),
+            lambda: raw_stream(b"\xff\xff not a protobuf message"),
+        ):
             with pytest.raises(grpc.RpcError):
                 call()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
-        server_frames = [f"{g.f_code.co_filename}:{g.f_code.co_name}" for g in gc.garbage
-                         if type(g).__name__ == "frame" and g.f_code.co_filename.startswith(package)]  # fmt: skip
+        server_frames = [
+            f"{g.f_code.co_filename}:{g.f_code.co_name}"
+            for g in gc.garbage
+            if type(g).__name__ == "frame" and g.f_code.co_filename.startswith(package)
+        ]
         errors = [type(g).__name__ for g in gc.garbage if isinstance(g, (TeacherError, grpc.aio.AbortError))]
     finally:
         gc.set_debug(0)

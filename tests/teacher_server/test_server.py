@@ -21,7 +21,15 @@ from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.hf import HFEngine
 from teacher_server.launch import free_port
 from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB, LiveServer, server_config
-from tests.helpers import EOS, EXCLUDED, THINK, check_against_reference, reference, score_request, teacher_tokenizer_message
+from tests.helpers import (
+    EOS,
+    EXCLUDED,
+    THINK,
+    check_against_reference,
+    reference,
+    score_request,
+    teacher_tokenizer_message,
+)
 
 MAX_K = 32  # server_config's default
 
@@ -135,7 +143,9 @@ def other_tokenizer_json() -> str:
 
 def test_teacher_tokenizer_sent_explicitly_scores_bit_for_bit_like_same_as_teacher(stub, session_id, tiny_model):
     opened = stub.OpenSession(
-        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_tokenizer_message(tiny_model))),
+        teacher_pb2.OpenSessionRequest(
+            tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_tokenizer_message(tiny_model))
+        ),
         timeout=30,
     )
     assert opened.same_as_teacher
@@ -282,8 +292,10 @@ def test_same_tokenizer_sessions_honour_eos_and_special_token_pairing(stub):
     assert np.isin(think.ids, [THINK]).any()  # offered as support again
     np.testing.assert_allclose(think.token_logprobs, default.token_logprobs, atol=1e-6)
 
-    for bad in (teacher_pb2.SpecialTokenPair(student_token=SPECIAL_TOKEN, teacher_token="<eos>"),
-                teacher_pb2.SpecialTokenPair(student_token="w5", teacher_token="w5")):  # fmt: skip
+    for bad in (
+        teacher_pb2.SpecialTokenPair(student_token=SPECIAL_TOKEN, teacher_token="<eos>"),
+        teacher_pb2.SpecialTokenPair(student_token="w5", teacher_token="w5"),
+    ):
         with pytest.raises(grpc.RpcError) as refused:
             stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=same, special_token_pairs=[bad]), timeout=30)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -526,8 +538,10 @@ def test_concurrent_requests_from_several_clients_are_matched(live_server, stub,
             own = teacher_pb2_grpc.TeacherStub(channel)
             own.GetInfo(teacher_pb2.GetInfoRequest(), timeout=30)  # connect first
             start.wait()
-            futures = [own.Score.future(score_request(session_id, *rollout, request_id=i), timeout=60)
-                       for i, rollout in enumerate(unary_part)]
+            futures = [
+                own.Score.future(score_request(session_id, *rollout, request_id=i), timeout=60)
+                for i, rollout in enumerate(unary_part)
+            ]
             return [TeacherScores.from_proto(future.result()) for future in futures]
 
     def stream_client():
@@ -621,8 +635,10 @@ def test_cancelled_and_expired_requests_never_reach_the_engine(tiny_model):
             first = stub.Score.future(score_request(sid, *rollouts[0]), timeout=60)
             assert blocker.entered.wait(30), "the first request never reached the engine"
 
-            kept = [stub.Score.future(score_request(sid, *r, request_id=10 + i), timeout=60)
-                    for i, r in enumerate(rollouts[1:5])]
+            kept = [
+                stub.Score.future(score_request(sid, *r, request_id=10 + i), timeout=60)
+                for i, r in enumerate(rollouts[1:5])
+            ]
             cancelled = [stub.Score.future(score_request(sid, *r), timeout=60) for r in rollouts[5:8]]
             stream_open = threading.Event()
 

@@ -20,7 +20,9 @@ from tests.helpers import PIECES
 
 # Pieces that stress byte alignment: emoji (4-byte, ZWJ sequences), CJK, combining marks,
 # whitespace runs, digits, and text that looks like special tokens.
-texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(min_size=1, max_size=4)), min_size=1, max_size=12).map("".join)
+texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(min_size=1, max_size=4)), min_size=1, max_size=12).map(
+    "".join
+)
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
@@ -74,8 +76,12 @@ def test_multibyte_character_split_over_tokens_round_trips():
 
 
 def test_table_kinds_and_specials():
-    expected = {"mistral-sp-v1": ("metaspace", True), "tekken": ("byte-level", False), "gpt2": ("byte-level", False),
-                "smollm2": ("byte-level", False)}  # fmt: skip
+    expected = {
+        "mistral-sp-v1": ("metaspace", True),
+        "tekken": ("byte-level", False),
+        "gpt2": ("byte-level", False),
+        "smollm2": ("byte-level", False),
+    }
     for name in T.available():
         tokenizer = T.load(name)
         table = table_of(tokenizer)
@@ -101,8 +107,16 @@ def test_tables_are_cached_by_content_hash():
     [
         ("not json", "JSON"),
         (json.dumps({"model": {"type": "Nope"}}), "Nope"),
-        (json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"},
-                     "pre_tokenizer": {"type": "WhitespaceSplit"}}), "WordLevel"),  # fmt: skip
+        (
+            json.dumps(
+                {
+                    "version": "1.0",
+                    "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"},
+                    "pre_tokenizer": {"type": "WhitespaceSplit"},
+                }
+            ),
+            "WordLevel",
+        ),
     ],
 )
 def test_unusable_tokenizers_are_refused_with_the_reason(payload, needle):
@@ -147,7 +161,9 @@ def test_alignment_offsets_are_consistent(student_name, teacher_name):
     def check(prompt, completion):
         assume(representable(s_table, prompt + completion) and representable(text.table, prompt + completion))
         p = student(prompt, add_special_tokens=True)["input_ids"] or [student.eos_token_id]
-        c = student(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [student.eos_token_id]
+        c = student(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [
+            student.eos_token_id
+        ]
         tokens = np.asarray(p + c)
         plan = align(tokens, len(p), s_table, text, specials)
         units = plan.units[: plan.num_units]
@@ -167,7 +183,9 @@ def test_alignment_offsets_are_consistent(student_name, teacher_name):
         assert ok.all()
         assert (plan.t_start[plan.row] <= plan.s).all() and (plan.s < plan.t_end[plan.row]).all()
         assert (plan.rho == plan.s - plan.t_start[plan.row]).all()
-        assert (plan.e - plan.s == np.diff(np.concatenate([[0], np.cumsum([max(len(s_table.tokens[i]), 1) for i in c])]))).all()
+        assert (
+            plan.e - plan.s == np.diff(np.concatenate([[0], np.cumsum([max(len(s_table.tokens[i]), 1) for i in c])]))
+        ).all()
 
     check()
 

@@ -69,9 +69,11 @@ def test_coverage_on_gsm8k_answers(student, teacher, answers):
     need(student, teacher)
     examples = answers[1::2][:12]
     total = coverage_of(student, teacher, bigram(teacher, answers), examples)
-    print(f"\n{student} -> {teacher} (bigram teacher): coverage {total.coverage:.4f} of {total.positions} positions, "
-          f"mean retained mass {total.mean_retained_mass:.3f}, low_mass {total.low_mass}, unaligned {total.unaligned}, "
-          f"branches {total.branch_sequences}")  # fmt: skip
+    print(
+        f"\n{student} -> {teacher} (bigram teacher): coverage {total.coverage:.4f} of {total.positions} positions, "
+        f"mean retained mass {total.mean_retained_mass:.3f}, low_mass {total.low_mass}, unaligned {total.unaligned}, "
+        f"branches {total.branch_sequences}"
+    )
     # Every position is aligned. LOW_MASS (inside a teacher token, the consistent paths read carry
     # less than the unread candidates could) depends on the teacher: this bigram stand-in spreads
     # much of its mass outside any top 64, so its masked share is reported, not bounded here.
@@ -85,12 +87,17 @@ def test_student_130_gets_its_own_token_from_the_real_teacher(smollm2):
     need("gpt2")
     engine = T.smollm2_engine()
     gpt2 = T.load("gpt2")
-    prompt = gpt2("Q: A shirt costs 80 dollars and a hat 50 dollars. What do both cost?\nA: 80 + 50 =",
-                  add_special_tokens=False)["input_ids"]  # fmt: skip
+    prompt = gpt2(
+        "Q: A shirt costs 80 dollars and a hat 50 dollars. What do both cost?\nA: 80 + 50 =", add_special_tokens=False
+    )["input_ids"]
     completion = gpt2(" 130 dollars.", add_special_tokens=False)["input_ids"]
     position = gpt2.convert_ids_to_tokens(completion).index("Ġ130")
     result = T.cross("gpt2", "smollm2", engine).score(engine, prompt + completion, len(prompt), 8)
-    support = {gpt2.convert_ids_to_tokens(int(i)): float(np.exp(lp)) for i, lp in zip(result.ids[position], result.logprobs[position]) if i >= 0}
+    support = {
+        gpt2.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+        for i, lp in zip(result.ids[position], result.logprobs[position])
+        if i >= 0
+    }
     print(f"\nsupport at ' 130': {support}")
     assert "Ġ130" in support
     multi_digit = [token for token in support if token.lstrip("Ġ").isdigit() and len(token.lstrip("Ġ")) > 1]
@@ -134,16 +141,24 @@ def hf_message(tokenizer) -> teacher_pb2.HFTokenizer:
 
 def score(stub, session_id, tokens, score_from, top_k=8, messages=()):
     request = teacher_pb2.ScoreRequest(
-        request_id=1, session_id=session_id, tokens=to_tensor(np.asarray(tokens, np.int32)), score_from=score_from,
-        top_k=top_k, messages=[teacher_pb2.ChatMessage(role=r, content=c) for r, c in messages],
-    )  # fmt: skip
+        request_id=1,
+        session_id=session_id,
+        tokens=to_tensor(np.asarray(tokens, np.int32)),
+        score_from=score_from,
+        top_k=top_k,
+        messages=[teacher_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+    )
     return stub.Score(request, timeout=120)
 
 
 def test_teacher_tokenizer_sent_explicitly_is_bit_for_bit_the_same_path(stub):
     smol = T.load("smollm2")
-    same = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True)), timeout=60)
-    explicit = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(smol))), timeout=60)
+    same = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True)), timeout=60
+    )
+    explicit = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(smol))), timeout=60
+    )
     assert explicit.same_as_teacher and explicit.student_vocab_size == same.student_vocab_size
     tokens = smol("Q: 3 + 4?\nA: 3 + 4 = 7.", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
     a, b = score(stub, same.session_id, tokens, 6), score(stub, explicit.session_id, tokens, 6)
@@ -154,7 +169,9 @@ def test_teacher_tokenizer_sent_explicitly_is_bit_for_bit_the_same_path(stub):
 def test_cross_tokenizer_session_over_grpc(stub, answers):
     need("gpt2")
     gpt2 = T.load("gpt2")
-    opened = stub.OpenSession(teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120)
+    opened = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120
+    )
     assert not opened.same_as_teacher and opened.student_vocab_size == len(gpt2)
     assert [(p.student_token, p.teacher_token) for p in opened.special_token_pairs] == [("<|endoftext|>", "<|im_end|>")]
     example = answers[1]
@@ -167,18 +184,31 @@ def test_cross_tokenizer_session_over_grpc(stub, answers):
     assert reply.coverage >= MIN_COVERAGE and reply.counts.branch_sequences > 0
     stats = stub.GetSessionStats(teacher_pb2.GetSessionStatsRequest(session_id=opened.session_id), timeout=30)
     assert stats.requests == 1 and stats.totals.positions == reply.counts.positions
-    assert stats.coverage == pytest.approx(reply.coverage) and stats.mean_retained_mass == pytest.approx(reply.mean_support_mass)
+    assert stats.coverage == pytest.approx(reply.coverage) and stats.mean_retained_mass == pytest.approx(
+        reply.mean_support_mass
+    )
 
 
-@pytest.mark.parametrize("payload, needle", [("{}", "tokenizer"), ('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}', "WordLevel")])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ("{}", "tokenizer"),
+        (
+            '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}',
+            "WordLevel",
+        ),
+    ],
+)
 def test_bad_student_tokenizer_is_invalid_argument_with_the_reason(stub, payload, needle):
     import grpc
 
     with pytest.raises(grpc.RpcError) as caught:
         stub.OpenSession(
-            teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_pb2.HFTokenizer(tokenizer_json=payload))),
+            teacher_pb2.OpenSessionRequest(
+                tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_pb2.HFTokenizer(tokenizer_json=payload))
+            ),
             timeout=60,
-        )  # fmt: skip
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in caught.value.details()
 
 
@@ -196,14 +226,23 @@ def test_chat_template_and_think_tokens_give_no_spurious_penalties(stub):
     backend = Tokenizer.from_str(T.load("gpt2").backend_tokenizer.to_str())
     specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
-    student = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                      additional_special_tokens=specials, chat_template=template)  # fmt: skip
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    student = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=specials,
+        chat_template=template,
+    )
     messages = [("user", "What is 12 + 30?")]
     prompt = student.apply_chat_template([{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
     prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) or hasattr(prompt, "keys") else list(prompt)
-    completion = student("<think>\n12 + 30 = 42\n</think>\nThe answer is 42.<|im_end|>", add_special_tokens=False)["input_ids"]
+    completion = student("<think>\n12 + 30 = 42\n</think>\nThe answer is 42.<|im_end|>", add_special_tokens=False)[
+        "input_ids"
+    ]
     tokens = prompt + completion
     think = {student.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
 
@@ -228,11 +267,17 @@ def test_chat_template_and_think_tokens_give_no_spurious_penalties(stub):
     assert mask[~masked].all(), "everything else, the EOS included, stays in the loss"
     assert not set(ids[ids >= 0].tolist()) & (think | {student.convert_tokens_to_ids("<|im_start|>")})
     eos_lp = float(token_lp[-1])
-    print(f"\nthink tokens masked; token log-probs of the kept positions: min {token_lp[mask == 1].min():.2f}, "
-          f"EOS {eos_lp:.2f}")  # fmt: skip
+    print(
+        f"\nthink tokens masked; token log-probs of the kept positions: min {token_lp[mask == 1].min():.2f}, "
+        f"EOS {eos_lp:.2f}"
+    )
     assert token_lp[mask == 1].min() > -12.0
     # The same rollout with <think> read as text by the teacher: a large penalty at that position.
-    literal = score(stub, session(pairs=[("<think>", "<think>"), ("</think>", "</think>")]), tokens, len(prompt), messages=messages)
+    literal = score(
+        stub, session(pairs=[("<think>", "<think>"), ("</think>", "</think>")]), tokens, len(prompt), messages=messages
+    )
     literal_lp = from_tensor(literal.token_logprobs, name="token_logprobs", dtype="float32", ndim=1)
-    print(f"<think> read as text: token log-prob {literal_lp[0]:.2f} at <think>, {literal_lp[is_think].min():.2f} worst")
+    print(
+        f"<think> read as text: token log-prob {literal_lp[0]:.2f} at <think>, {literal_lp[is_think].min():.2f} worst"
+    )
     assert literal_lp[is_think].min() < token_lp[mask == 1].min() - 2.0

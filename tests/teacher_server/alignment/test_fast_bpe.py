@@ -19,9 +19,12 @@ BYTE_LEVEL = ("tekken", "gpt2", "smollm2")
 # Random Unicode (any code point hypothesis draws, control characters included) and pieces
 # that stress the pre-tokenizing regexes: contractions, digit runs, whitespace before text.
 texts = st.lists(
-    st.one_of(st.sampled_from([*PIECES, "'s", "'ll", "I'M", " 12345", "\t\t x", "  \n  y", "a\u200db"]), st.text(max_size=6)),
-    min_size=1, max_size=16,
-).map("".join)  # fmt: skip
+    st.one_of(
+        st.sampled_from([*PIECES, "'s", "'ll", "I'M", " 12345", "\t\t x", "  \n  y", "a\u200db"]), st.text(max_size=6)
+    ),
+    min_size=1,
+    max_size=16,
+).map("".join)
 
 
 def plain_tokenizer(name: str):
@@ -60,7 +63,9 @@ def test_twin_encodes_gsm8k_like_hugging_face(twin_and_backend):
     except FileNotFoundError:
         pytest.skip("shared/data/gsm8k/test.jsonl not found")
     texts = [example[field] for example in examples for field in ("question", "answer")]
-    assert [twin.encode(text) for text in texts] == [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    assert [twin.encode(text) for text in texts] == [
+        encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)
+    ]
 
 
 def test_bytes_without_a_token_are_left_to_hugging_face():

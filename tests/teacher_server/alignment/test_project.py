@@ -31,8 +31,17 @@ def teacher_id(name: str, text: str) -> int:
     return ids[0]
 
 
-def run(student: str, teacher: str, completion_ids: list[int], script: dict, top_k: int = 8, rounds: int = 1,
-        prompt: str = "Q:", pairs=(), pair_eos=True):  # fmt: skip
+def run(
+    student: str,
+    teacher: str,
+    completion_ids: list[int],
+    script: dict,
+    top_k: int = 8,
+    rounds: int = 1,
+    prompt: str = "Q:",
+    pairs=(),
+    pair_eos=True,
+):
     """Score `completion_ids` (student ids) after `prompt` with a teacher that follows `script`."""
     s = T.load(student)
     prompt_ids = s(prompt, add_special_tokens=False)["input_ids"]
@@ -40,8 +49,10 @@ def run(student: str, teacher: str, completion_ids: list[int], script: dict, top
     engine = T.ScriptedTeacher(T.table(teacher), None, None)
     cross = T.cross(student, teacher, engine, CrossOptions(rounds=rounds), pairs=pairs, pair_eos=pair_eos)
     plan = cross.align(tokens, len(prompt_ids))
-    by_text = {key.encode(): {teacher_id(teacher, tok) if isinstance(tok, str) else tok: p for tok, p in value.items()}
-               for key, value in script.items()}  # fmt: skip
+    by_text = {
+        key.encode(): {teacher_id(teacher, tok) if isinstance(tok, str) else tok: p for tok, p in value.items()}
+        for key, value in script.items()
+    }
     engine.prompt_length_of = lambda job: plan.teacher_from
     engine.script = lambda context: by_text.get(context, {})
     return cross, cross.score(engine, tokens, len(prompt_ids), top_k)
@@ -81,7 +92,13 @@ def test_student_token_spanning_several_teacher_tokens_gets_the_chain_rule():
     # Along the rollout: " " "1" "3" "0" is the student's own " 130" (chain rule); " 13" then " "
     # lands on " 13"; the alternatives " 15.." and " 2.." are followed by two rounds of branches to
     # " 150" and " 20" (GPT-2 has " 1500" and " 200": the text decides only after the last digit).
-    expected = {"Ġ20": 0.8 * 0.4, "Ġ150": 0.8 * 0.6 * 0.5, "Ġ130": 0.8 * 0.6 * 0.5 * 0.9, "Ġmore": 0.2, "Ġ13": 0.8 * 0.6 * 0.5 * 0.1}
+    expected = {
+        "Ġ20": 0.8 * 0.4,
+        "Ġ150": 0.8 * 0.6 * 0.5,
+        "Ġ130": 0.8 * 0.6 * 0.5 * 0.9,
+        "Ġmore": 0.2,
+        "Ġ13": 0.8 * 0.6 * 0.5 * 0.1,
+    }
     for token, prob in expected.items():
         assert got[token] == pytest.approx(prob, rel=1e-5), (token, got)
     assert result.token_logprobs[1] == pytest.approx(np.log(0.216), abs=1e-5)
@@ -168,9 +185,14 @@ def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2
         engine = T.ScriptedTeacher(text.table, None, None)
         cross = CrossTokenizer.build(s_table, text, specials, engine.vocab_size, engine.max_sequence_length)
         plan = cross.align(tokens, len(prompt))
-        script = {b"": {teacher_id("smollm2", " so"): 0.9}, b" so": {teacher_id("smollm2", " done"): 0.6},
-                  b" so done": {im_end: 0.8}, b"<think> so done": {im_end: 0.8}, b"<think>": {teacher_id("smollm2", " so"): 0.5},
-                  b"<think> so": {teacher_id("smollm2", "</"): 0.5}}  # fmt: skip
+        script = {
+            b"": {teacher_id("smollm2", " so"): 0.9},
+            b" so": {teacher_id("smollm2", " done"): 0.6},
+            b" so done": {im_end: 0.8},
+            b"<think> so done": {im_end: 0.8},
+            b"<think>": {teacher_id("smollm2", " so"): 0.5},
+            b"<think> so": {teacher_id("smollm2", "</"): 0.5},
+        }
         engine.prompt_length_of = lambda job: plan.teacher_from
         engine.script = lambda context: script.get(context, {})
         return plan, cross.score(engine, tokens, len(prompt), 8)
@@ -222,7 +244,7 @@ def test_lone_space_before_a_number_keeps_only_its_own_mass():
 
 
 def test_short_word_before_a_longer_one_keeps_only_its_own_mass():
-    """" a" before " total" is a byte-prefix of " and", " all", " about"; " duck" before " eggs" of
+    """ " a" before " total" is a byte-prefix of " and", " all", " about"; " duck" before " eggs" of
     " ducks", which the student writes " d", "ucks" (its BPE does not take the longest match)."""
     need("mistral-sp-v1", "smollm2")
     completion = sentencepiece_completion(" eats a total")

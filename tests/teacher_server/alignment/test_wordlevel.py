@@ -69,9 +69,19 @@ def test_wordlevel_that_cannot_be_read_back_is_still_refused(change, needle):
 
 def test_wordlevel_whose_words_do_not_encode_back_to_back_is_refused():
     """Whole words split by a word pattern: "catdog" (two tokens back to back) is no word of its vocabulary."""
-    spec = demo_spec() | {"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[a-z]+|[^a-z]"}, "behavior": "Isolated",
-                                            "invert": False}}  # fmt: skip
-    spec["model"] = {"type": "WordLevel", "vocab": {"cat": 0, "dog": 1, " ": 2}, "unk_token": "<unk>"}  # not in it: raises
+    spec = demo_spec() | {
+        "pre_tokenizer": {
+            "type": "Split",
+            "pattern": {"Regex": "[a-z]+|[^a-z]"},
+            "behavior": "Isolated",
+            "invert": False,
+        }
+    }
+    spec["model"] = {
+        "type": "WordLevel",
+        "vocab": {"cat": 0, "dog": 1, " ": 2},
+        "unk_token": "<unk>",
+    }  # not in it: raises
     spec["added_tokens"], spec["post_processor"] = [], None
     with pytest.raises(UnsupportedTokenizer, match="cannot encode"):
         build_byte_table(json.dumps(spec))
@@ -100,20 +110,30 @@ def xtok_against_demo(script: dict[str, dict[str, float]], completion: list[str]
     prompt = XTOK("12>")["input_ids"]
     tokens = np.asarray(prompt + XTOK.convert_tokens_to_ids(completion))
     plan = cross.align(tokens, len(prompt))
-    by_text = {key.encode(): {DEMO.convert_tokens_to_ids(t): p for t, p in value.items()} for key, value in script.items()}
+    by_text = {
+        key.encode(): {DEMO.convert_tokens_to_ids(t): p for t, p in value.items()} for key, value in script.items()
+    }
     engine.prompt_length_of = lambda job: plan.teacher_from
     engine.script = lambda context: by_text.get(context, {})
     return plan, cross.score(engine, tokens, len(prompt), top_k)
 
 
 def support(result, row: int) -> dict[str, float]:
-    return {XTOK.convert_ids_to_tokens(int(i)): float(np.exp(lp))
-            for i, lp in zip(result.ids[row], result.logprobs[row]) if i >= 0 and np.exp(lp) > 1e-9}  # fmt: skip
+    return {
+        XTOK.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+        for i, lp in zip(result.ids[row], result.logprobs[row])
+        if i >= 0 and np.exp(lp) > 1e-9
+    }
 
 
 def test_a_double_digit_student_token_gets_the_teacher_chain_rule():
-    script = {"": {"7": 0.6, "3": 0.4}, "7": {"7": 0.5, "3": 0.5}, "3": {"3": 0.25, "7": 0.75},
-              "77": {"3": 1.0}, "773": {"<eos>": 0.9, "3": 0.1}}  # fmt: skip
+    script = {
+        "": {"7": 0.6, "3": 0.4},
+        "7": {"7": 0.5, "3": 0.5},
+        "3": {"3": 0.25, "7": 0.75},
+        "77": {"3": 1.0},
+        "773": {"<eos>": 0.9, "3": 0.1},
+    }
     plan, result = xtok_against_demo(script, ["77", "3", "</s>"])
     # The teacher reads "<bos>12>" then "7", "7", "3", <eos>: the student's <s> maps onto the teacher's start.
     assert plan.teacher_ids.tolist() == DEMO("12>773")["input_ids"] + [DEMO.eos_token_id]
@@ -184,8 +204,11 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
     plan = cross.align(tokens, len(prompt))
     assert XTOK.convert_ids_to_tokens(plan.teacher_ids[plan.teacher_from :].tolist()) == ["77", "</s>"]
     ids = {t: XTOK.convert_tokens_to_ids(t) for t in ("3", "5", "7", "77", "</s>")}
-    script = {b"": {ids["3"]: 0.5, ids["5"]: 0.3, ids["7"]: 0.1, ids["77"]: 0.001}, b"7": {ids["7"]: 0.9},
-              b"77": {ids["</s>"]: 1.0}}  # fmt: skip
+    script = {
+        b"": {ids["3"]: 0.5, ids["5"]: 0.3, ids["7"]: 0.1, ids["77"]: 0.001},
+        b"7": {ids["7"]: 0.9},
+        b"77": {ids["</s>"]: 1.0},
+    }
     engine.prompt_length_of = lambda job: plan.teacher_from
     engine.script = lambda context: script.get(context, {})
     result = cross.score(engine, tokens, len(prompt), 4)
@@ -196,5 +219,9 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
     assert result.reason[0] == 0 and result.reason[2] == 0
     # The first "7" starts on the boundary: it reads 2 candidates whatever `inside` is, so of the
     # teacher's "7" and "77" only the rollout's own "77" (always read) reaches it.
-    first = {DEMO.convert_ids_to_tokens(int(i)): float(np.exp(lp)) for i, lp in zip(result.ids[0], result.logprobs[0]) if i >= 0}
+    first = {
+        DEMO.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+        for i, lp in zip(result.ids[0], result.logprobs[0])
+        if i >= 0
+    }
     assert first["7"] == pytest.approx(0.001, rel=1e-3)
