@@ -112,7 +112,7 @@ class Settings:
     max_new_tokens: int = task.NUM_DIGITS + 1  # xtok answers take at most as many tokens
 
 
-# task.OPD_RECIPE's batch and lr; 100 steps instead of 200 so that the runs (27 then, 30 now) fit in 30 min on the 2-core
+# task.OPD_RECIPE's batch and lr; 100 steps instead of 200 so that the 30 runs fit in 30 min on the 2-core
 # machine shared with other jobs (load 5): a step took ~0.27 s (~0.7 s for the cross-tokenizer
 # student, whose scoring needs a second teacher pass for its double-digit tokens), an evaluation
 # ~1.5 s; the recipe reaches ~70% by step 100. Batch 32 for 100 steps was tried: the recipe reached

@@ -1,4 +1,6 @@
-"""The teacher service in domain terms: validate a score request, run it, build the masks.
+"""The teacher service in domain terms: sessions and who holds them, and one scoring path that
+validates a request and drives its session's alignment (alignment/result.py) through the
+scheduler.
 
 Everything here works on numpy arrays and dataclasses; servicer.py converts to
 and from protobuf.

@@ -313,10 +313,14 @@ def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings)
     if settings != SessionSettings(temperature=settings.temperature):  # ids of default sessions stay as they were
         described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
         described["pair_eos"] = settings.pair_eos
-        options = dict(settings.options.__dict__)
-        if options["inside_candidates"] == CrossOptions.inside_candidates:
-            del options["inside_candidates"]  # added later: ids of sessions that leave it alone stay as they were
-        described["options"] = options
+        # Options at their defaults are left out: a new option keeps the ids of every session that
+        # leaves it alone, so clients re-open the same sessions after an upgrade.
+        defaults = CrossOptions()
+        described["options"] = {
+            key.name: getattr(settings.options, key.name)
+            for key in dataclasses.fields(CrossOptions)
+            if getattr(settings.options, key.name) != getattr(defaults, key.name)
+        }
         if not settings.mask_specials:
             described["mask_specials"] = False
     content = json.dumps(described, sort_keys=True)

@@ -10,9 +10,10 @@ import torch
 
 from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2
+from student_trainer.client import TeacherScores
 from teacher_server.engines import ScoringJob
 from teacher_server.launch import TeacherProcess
-from tests.conftest import SPECIAL_TOKEN
+from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities
@@ -124,3 +125,41 @@ def start_teacher(model: Path, tmp: Path, *extra: str, port: int | None = None) 
     return TeacherProcess(
         model, port=port, extra=("--grace", "20", *extra), env={"OMP_NUM_THREADS": "1"}, log=log, cwd=ROOT
     )
+
+
+MAX_K = 32  # server_config's default
+
+
+def open_same_as_teacher(stub, temperature: float = 0.0) -> str:
+    request = teacher_pb2.OpenSessionRequest(
+        tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=temperature
+    )
+    return stub.OpenSession(request, timeout=30).session_id
+
+
+def make_rollouts(count: int, seed: int) -> list[tuple[np.ndarray, int, int]]:
+    """(tokens, score_from, top_k) triples of varied lengths, prompts and K; ids avoid the specials."""
+    rng = np.random.default_rng(seed)
+    rollouts = []
+    for _ in range(count):
+        length = int(rng.integers(6, 90))
+        tokens = rng.integers(4, TINY_VOCAB, size=length).astype(np.int32)
+        rollouts.append((tokens, int(rng.integers(1, length)), int(rng.integers(1, MAX_K + 1))))
+    return rollouts
+
+
+def assert_same_scores(got: TeacherScores, expected: TeacherScores) -> None:
+    np.testing.assert_array_equal(got.ids, expected.ids)
+    np.testing.assert_array_equal(got.mask, expected.mask)
+    np.testing.assert_array_equal(got.reason, expected.reason)
+    atol = 1e-5  # batched with other requests, float32 sums may differ in the last bits
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, rtol=0, atol=atol)
+    np.testing.assert_allclose(got.token_logprobs, expected.token_logprobs, rtol=0, atol=atol)
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
