@@ -14,8 +14,8 @@ import torch
 
 from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
-from student_trainer.client import TeacherScores
 from student_trainer.losses import drop_special_support, special_token_mask
+from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import Rollout
 
 

@@ -32,22 +32,30 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Coroutine, Sequence, TypeVar
 
 import grpc
 import numpy as np
 
-from opd.metadata import AUTHORIZATION, PIN, RETRY_AFTER_MS
-from opd.tensors import from_tensor, to_tensor
-from opd.v1 import teacher_pb2, teacher_pb2_grpc
+from opd.metadata import AUTHORIZATION, PIN
+from opd.tensors import to_tensor
+from opd.v1 import teacher_pb2
+from student_trainer.channels import (
+    SERVICE_CONFIG,
+    Endpoint,
+    RetryPolicy,
+    TlsOptions,
+    is_loopback,
+    retry_after,
+    split_targets,
+)
+from student_trainer.messages import TeacherScores
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,9 +65,6 @@ T = TypeVar("T")
 # teacher never sent it (its INTERNAL names an exception), so it is a broken connection: retried.
 LOCAL_CORE_INTERNAL = "Internal error from Core"
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-# round_robin over every address a target resolves to (a DNS name of several replicas);
-# with one address it behaves like the default pick_first.
-_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 class TeacherRequestError(RuntimeError):
@@ -71,100 +76,11 @@ class TeacherRequestError(RuntimeError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class TeacherScores:
-    """The teacher's answer for one rollout; row p is position score_from + p."""
-
-    ids: np.ndarray  # int32 [P, K], student vocabulary, pad -1
-    logprobs: np.ndarray  # float32 [P, K], pad -inf
-    token_logprobs: np.ndarray  # float32 [P]
-    mask: np.ndarray  # uint8 [P]
-    reason: np.ndarray  # uint8 [P]
-    coverage: float
-    mean_support_mass: float
-    # Per-reason counts, retained mass, branch sequences (cross-tokenizer sessions).
-    counts: teacher_pb2.Coverage | None = None
-
-    @classmethod
-    def from_proto(cls, response: teacher_pb2.ScoreResponse) -> "TeacherScores":
-        return cls(
-            ids=from_tensor(response.ids, name="ids", dtype="int32", ndim=2),
-            logprobs=from_tensor(response.logprobs, name="logprobs", dtype="float32", ndim=2),
-            token_logprobs=from_tensor(response.token_logprobs, name="token_logprobs", dtype="float32", ndim=1),
-            mask=from_tensor(response.mask, name="mask", dtype="uint8", ndim=1),
-            reason=from_tensor(response.reason, name="reason", dtype="uint8", ndim=1),
-            coverage=response.coverage,
-            mean_support_mass=response.mean_support_mass,
-            counts=response.counts,
-        )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 1000  # in practice max_elapsed_s decides
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
-    max_elapsed_s: float = 900.0  # a teacher restart of a big model takes minutes; a step waits that long
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.5, 1.0) * min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
-
-
-@dataclass(frozen=True)
-class TlsOptions:
-    """PEM files. `root_certificates`: the CA that signed the teacher's certificate (None:
-    the system roots); `certificate_chain` + `private_key`: the client's own, for mTLS;
-    `server_name`: the name to check the certificate against, if not the target's host."""
-
-    root_certificates: str | None = None
-    certificate_chain: str | None = None
-    private_key: str | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
-
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.root_certificates),
-            private_key=read(self.private_key),
-            certificate_chain=read(self.certificate_chain),
-        )
-
-
-def split_targets(target: str | Sequence[str]) -> list[str]:
-    """Endpoints of `target`: a list, or a comma-separated string. gRPC's own address lists
-    (`ipv4:10.0.0.1:50051,10.0.0.2:50051`, `ipv6:...`) stay one load-balanced endpoint."""
-    if isinstance(target, str) and target.startswith(("ipv4:", "ipv6:")):
-        return [target]
-    targets = target.split(",") if isinstance(target, str) else list(target)
-    targets = [t.strip() for t in targets if t.strip()]
-    if not targets:
-        raise ValueError("no teacher address given")
-    return targets
-
-
 @dataclass
 class _Failure:
     code: grpc.StatusCode
     message: str
     retry_after_s: float | None = None  # the server's hint (RESOURCE_EXHAUSTED from a limit)
-
-
-class _Endpoint:
-    """One teacher address: its channel, and whether our session is open there."""
-
-    def __init__(self, target: str, options: list, tls: TlsOptions | None) -> None:
-        self.target = target
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            extra = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options + extra)
-        self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
-        self.session_open = False
-        self.open_calls = 1  # OpenSession calls per (re-)open; grows while NOT_FOUND persists
-        self.resting_until = 0.0  # monotonic time before which this endpoint gets no new work
 
 
 class AsyncTeacherClient:
@@ -186,14 +102,14 @@ class AsyncTeacherClient:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.service_config", SERVICE_CONFIG),
             # Reconnect to a restarted teacher within ~2 s, not gRPC's default of up to 2 minutes.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        self.endpoints = [_Endpoint(t, options, tls) for t in targets]
-        if api_key and tls is None and not all(_is_loopback(t) for t in targets):
+        self.endpoints = [Endpoint(t, options, tls) for t in targets]
+        if api_key and tls is None and not all(is_loopback(t) for t in targets):
             log.warning("sending the teacher API key without TLS to %s; use TLS outside a trusted network", self.target)
         self._auth = ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ()
         self._pin_wanted = pin_teacher
@@ -255,7 +171,7 @@ class AsyncTeacherClient:
                     self._rest(endpoint, _Failure(error.code(), error.details()), 0)
         return self.session_id
 
-    async def _ensure_session(self, endpoint: _Endpoint) -> str:
+    async def _ensure_session(self, endpoint: Endpoint) -> str:
         if self._session_request is None:
             raise RuntimeError("call open_session() before scoring")
         if not endpoint.session_open:
@@ -275,7 +191,7 @@ class AsyncTeacherClient:
     ) -> TeacherScores:
         """One rollout over the unary RPC; `messages`: the prompt as (role, content) chat messages."""
 
-        async def call(endpoint: _Endpoint) -> TeacherScores:
+        async def call(endpoint: Endpoint) -> TeacherScores:
             await self._ensure_session(endpoint)
             request = self._request(tokens, score_from, top_k, messages)
             reply = await endpoint.stub.Score(request, timeout=self.timeout_s, metadata=self._metadata)
@@ -319,7 +235,7 @@ class AsyncTeacherClient:
 
     async def _stream_once(
         self,
-        endpoint: _Endpoint,
+        endpoint: Endpoint,
         rollouts: Sequence[tuple[Sequence[int], int]],
         todo: list[int],
         top_k: int,
@@ -344,7 +260,7 @@ class AsyncTeacherClient:
                     hint = reply.error.retry_after_ms / 1000 if reply.error.retry_after_ms else None
                     first_failure = _Failure(_STATUS_BY_NUMBER[reply.error.code], reply.error.message, hint)
         except grpc.aio.AioRpcError as error:
-            first_failure = first_failure or _Failure(error.code(), error.details(), _retry_after(error))
+            first_failure = first_failure or _Failure(error.code(), error.details(), retry_after(error))
         if first_failure is None and any(index not in results for index in todo):
             first_failure = _Failure(grpc.StatusCode.UNKNOWN, "the stream ended before every request was answered")
         if first_failure is None:
@@ -359,9 +275,9 @@ class AsyncTeacherClient:
             try:
                 return await call(endpoint)
             except grpc.aio.AioRpcError as error:
-                self._recover(endpoint, _Failure(error.code(), error.details(), _retry_after(error)), attempt, started)
+                self._recover(endpoint, _Failure(error.code(), error.details(), retry_after(error)), attempt, started)
 
-    async def _available(self) -> list[_Endpoint]:
+    async def _available(self) -> list[Endpoint]:
         """Endpoints not resting, in turn order; waits for the first to wake up when all rest."""
         now = time.monotonic()
         awake = [e for e in self.endpoints if e.resting_until <= now]
@@ -372,7 +288,7 @@ class AsyncTeacherClient:
         shift = next(self._turn) % len(awake)  # rotate, so single calls spread over endpoints
         return awake[shift:] + awake[:shift]
 
-    def _recover(self, endpoint: _Endpoint, failure: _Failure, attempt: int, started: float) -> None:
+    def _recover(self, endpoint: Endpoint, failure: _Failure, attempt: int, started: float) -> None:
         """Get ready to retry after `failure`, or raise if it is not transient (or we waited long enough)."""
         code, message = failure.code, failure.message
         if code == grpc.StatusCode.NOT_FOUND and "session" in message and self._session_request is not None:
@@ -394,7 +310,7 @@ class AsyncTeacherClient:
             raise TeacherRequestError(code, f"{message} (gave up after {attempt + 1} attempts, {elapsed:.0f} s)")
         self._rest(endpoint, failure, attempt)
 
-    def _rest(self, endpoint: _Endpoint, failure: _Failure, attempt: int) -> None:
+    def _rest(self, endpoint: Endpoint, failure: _Failure, attempt: int) -> None:
         delay = self.retry.delay(attempt, self._rng)
         if failure.retry_after_s is not None:
             delay = max(delay, failure.retry_after_s * self._rng.uniform(1.0, 1.5))
@@ -421,27 +337,12 @@ class AsyncTeacherClient:
     async def session_stats(self) -> teacher_pb2.SessionStats:
         """Coverage totals of this session on one teacher replica (GetSessionStats)."""
 
-        async def call(endpoint: _Endpoint) -> teacher_pb2.SessionStats:
+        async def call(endpoint: Endpoint) -> teacher_pb2.SessionStats:
             await self._ensure_session(endpoint)
             request = teacher_pb2.GetSessionStatsRequest(session_id=self.session_id)
             return await endpoint.stub.GetSessionStats(request, timeout=self.timeout_s, metadata=self._metadata)
 
         return await self._unary(call)
-
-
-def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
-    for key, value in error.trailing_metadata() or ():
-        if key == RETRY_AFTER_MS:
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return None
-    return None
-
-
-def _is_loopback(target: str) -> bool:
-    host = target.rpartition("/")[2].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class TeacherClient:
@@ -504,17 +405,3 @@ class TeacherClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def tokenizer_message(tokenizer) -> teacher_pb2.HFTokenizer:
-    """Describe a transformers fast tokenizer for OpenSession.
-
-    The server recognises the teacher's own tokenizer from this and then scores
-    with exact identity alignment.
-    """
-    return teacher_pb2.HFTokenizer(
-        tokenizer_json=tokenizer.backend_tokenizer.to_str(),
-        special_tokens=list(tokenizer.all_special_tokens),
-        eos_tokens=[tokenizer.eos_token] if tokenizer.eos_token else [],
-        chat_template=tokenizer.chat_template or "",
-    )

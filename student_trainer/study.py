@@ -40,12 +40,13 @@ import torch
 from transformers import AutoTokenizer
 
 from student_trainer.batch import mask_fractions, scored_logits
-from student_trainer.client import TeacherClient, tokenizer_message
+from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_prompts
 from student_trainer.demo import task
 from student_trainer.demo.run import DEFAULT_CACHE, write_prompts
 from student_trainer.losses import support_metrics
+from student_trainer.messages import tokenizer_message
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
 from student_trainer.train import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts, train

@@ -37,6 +37,7 @@ from student_trainer.batch import (
     summed_teacher_counts,
     teacher_coverage,
 )
+from student_trainer.channels import TlsOptions
 from student_trainer.checkpoint import (
     TrainerState,
     capture_rng,
@@ -46,7 +47,7 @@ from student_trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from student_trainer.client import TeacherClient, TeacherScores, TlsOptions, tokenizer_message
+from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import PromptStream, load_prompts
 from student_trainer.distributed import (
@@ -67,6 +68,7 @@ from student_trainer.losses import (
     support_metrics,
     topk_reverse_kl,
 )
+from student_trainer.messages import TeacherScores, tokenizer_message
 from student_trainer.rollouts import HfRollouts, Rollout, RolloutEngine, rollout_seeds
 
 log = logging.getLogger(__name__)

@@ -134,7 +134,7 @@ def stub(smollm2_server):
 
 
 def hf_message(tokenizer) -> teacher_pb2.HFTokenizer:
-    from student_trainer.client import tokenizer_message
+    from student_trainer.messages import tokenizer_message
 
     return tokenizer_message(tokenizer)
 
