@@ -120,7 +120,7 @@ class TeacherService:
 
     async def score(self, request: ScoreInput, tenant: str = OPEN_TENANT) -> ScoreResult:
         """Validate, then drive the session's alignment: each teacher pass through the scheduler,
-        the array work between passes in a worker thread (the event loop keeps serving)."""
+        heavy array work between passes in a worker thread (the event loop keeps serving)."""
         self.owners.check(tenant, request.session_id)  # another tenant's session is NOT_FOUND
         session = self.sessions.get(request.session_id)
         self._validate(request, session)
@@ -128,10 +128,11 @@ class TeacherService:
         steps = session.alignment.steps(
             request.tokens, request.score_from, request.top_k, session.temperature, request.messages, rounds
         )
-        step = await asyncio.to_thread(advance, steps, None)
+        heavy = session.alignment.heavy_steps
+        step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
         while isinstance(step, ScoringJob):
             scores = await self.scheduler.submit(session.session_id, step, tenant)
-            step = await asyncio.to_thread(advance, steps, scores)
+            step = await asyncio.to_thread(advance, steps, scores) if heavy else advance(steps, scores)
         session.stats.record(step.counts)
         return step
 

@@ -142,6 +142,7 @@ class UnalignedTokenizers:
     stable), and scoring answers FAILED_PRECONDITION with the reason."""
 
     reason: str
+    heavy_steps = False
 
     def steps(self, *request) -> Steps:
         raise FailedPrecondition(self.reason)
@@ -250,13 +251,7 @@ class SessionRegistry:
         except PairError as reason:
             raise InvalidArgument(str(reason)) from None
         cross = CrossTokenizer.build(
-            table,
-            text,
-            specials,
-            teacher.model_vocab_size,
-            self.max_sequence_length,
-            settings.options,
-            unowned_rows=teacher.unowned_rows,
+            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options
         )
         return Session(**common, alignment=cross, special_token_pairs=specials.pairs)
 

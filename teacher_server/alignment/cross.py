@@ -24,7 +24,6 @@ from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
 from teacher_server.errors import InvalidArgument
 
 
-NO_ROWS = np.zeros(0, dtype=np.int64)
 # Upper bounds of a client's alignment options (CrossOptions.requested): candidates is the
 # engine's top-N per row, rounds are sequential engine passes, the factor sizes the branch job.
 MAX_CANDIDATES = 1024
@@ -125,6 +124,7 @@ class CrossTokenizer:
     max_sequence_length: int
     model_vocab_size: int  # rows of the teacher's lm head: teacher ids past them cannot be read
     options: CrossOptions = CrossOptions()
+    heavy_steps = True  # alignment and projection: milliseconds of array work per request
 
     @classmethod
     def build(
@@ -135,14 +135,13 @@ class CrossTokenizer:
         model_vocab_size: int,
         max_sequence_length: int,
         options: CrossOptions = CrossOptions(),
-        unowned_rows: np.ndarray = NO_ROWS,
     ) -> "CrossTokenizer":
         return cls(
             student=student,
             text=text,
             specials=specials,
             tables=pair_tables(student, text),
-            excluded=excluded_support(text.table, specials, model_vocab_size, unowned_rows),
+            excluded=excluded_support(text.table, specials, model_vocab_size),
             max_sequence_length=max_sequence_length,
             model_vocab_size=model_vocab_size,
             options=options,

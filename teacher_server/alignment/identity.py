@@ -24,6 +24,7 @@ class IdentityAlignment:
     masked_targets: np.ndarray  # bool [vocab]: a position whose target is one of these is masked
     excluded: np.ndarray  # int64: teacher ids never offered as support
     max_sequence_length: int
+    heavy_steps = False  # one job in, the masks out: cheaper than a hop to a worker thread
 
     def steps(
         self,

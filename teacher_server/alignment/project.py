@@ -51,7 +51,7 @@ conditioned on r (divided by the mass of the paths consistent with r).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -88,60 +88,31 @@ class Paths:
     def empty() -> "Paths":
         z = np.zeros(0, dtype=np.int64)
         return Paths(
-            z,
-            np.zeros(0),
-            z,
-            np.zeros(0, bool),
-            z,
-            z,
-            z,
-            z,
-            np.zeros((0, MAX_EXTRA), np.int64),
-            z,
-            np.zeros(0, np.uint64),
+            pos=z,
+            logp=np.zeros(0),
+            blen=z,
+            follows=np.zeros(0, bool),
+            node=z,
+            best=z,
+            main_row=z,
+            attach=z,
+            extra=np.zeros((0, MAX_EXTRA), np.int64),
+            extra_len=z,
+            hash=np.zeros(0, np.uint64),
         )
 
     def __len__(self) -> int:
         return len(self.pos)
 
     def take(self, index: np.ndarray) -> "Paths":
-        return Paths(
-            self.pos[index],
-            self.logp[index],
-            self.blen[index],
-            self.follows[index],
-            self.node[index],
-            self.best[index],
-            self.main_row[index],
-            self.attach[index],
-            self.extra[index],
-            self.extra_len[index],
-            self.hash[index],
-        )
+        return Paths(*(getattr(self, key.name)[index] for key in fields(Paths)))
 
     @staticmethod
     def concat(parts: list["Paths"]) -> "Paths":
         parts = [part for part in parts if len(part)]
         if not parts:
             return Paths.empty()
-        return Paths(
-            *(
-                np.concatenate([getattr(p, name) for p in parts])
-                for name in (
-                    "pos",
-                    "logp",
-                    "blen",
-                    "follows",
-                    "node",
-                    "best",
-                    "main_row",
-                    "attach",
-                    "extra",
-                    "extra_len",
-                    "hash",
-                )
-            ),
-        )
+        return Paths(*(np.concatenate([getattr(p, key.name) for p in parts]) for key in fields(Paths)))
 
 
 @dataclass

@@ -89,6 +89,10 @@ Steps = Generator[ScoringJob, TeacherScores, ScoreResult]
 class TeacherAlignment(Protocol):
     """How a session reads a student's rollouts against the teacher."""
 
+    # Whether the work between teacher passes (aligning, projecting) is worth a worker thread: the
+    # service runs it there so the event loop keeps serving; light steps run inline.
+    heavy_steps: bool
+
     def steps(
         self,
         tokens: np.ndarray,

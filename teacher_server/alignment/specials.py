@@ -137,13 +137,10 @@ def special_map(
     )
 
 
-def excluded_support(
-    teacher: ByteTable, specials: SpecialMap, model_vocab_size: int, unowned_rows: np.ndarray
-) -> np.ndarray:
-    """Teacher ids never offered as candidates: unpaired specials, empty tokens, lm-head rows no
-    token owns (padding, holes), all within the head's rows."""
+def excluded_support(teacher: ByteTable, specials: SpecialMap, model_vocab_size: int) -> np.ndarray:
+    """Teacher ids never offered as candidates, within the lm head's rows: unpaired specials, ids
+    without bytes (empty tokens and ids no token owns, byte_tables.py) and padded rows."""
     excluded = teacher.special.copy()
     excluded[list(specials.teacher_to_student)] = False
     ids = np.flatnonzero(excluded[:model_vocab_size])
-    padding = np.arange(teacher.vocab_size, model_vocab_size)
-    return np.union1d(np.union1d(ids, padding), unowned_rows).astype(np.int64)
+    return np.union1d(ids, np.arange(teacher.vocab_size, model_vocab_size)).astype(np.int64)
