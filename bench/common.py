@@ -156,8 +156,8 @@ def interleaved_best(functions: dict[str, Callable[[], Any]], repeats: int, warm
 
 
 def smollm2_model() -> Path:
-    """SmolLM2-135M-Instruct float32 (tests/real_model.py: converted once, offline)."""
-    from tests.real_model import missing_reason, smollm2_path
+    """SmolLM2-135M-Instruct float32 (testkit/real_model.py: converted once, offline)."""
+    from testkit.real_model import missing_reason, smollm2_path
 
     reason = missing_reason()
     if reason:
@@ -166,11 +166,11 @@ def smollm2_model() -> Path:
 
 
 def tiny_model(context: int = 8192) -> Path:
-    """The tests' tiny Llama (tests/conftest.py: 2 layers, d=64, vocabulary 96, seed 0) with its
+    """The tests' tiny Llama (testkit/tiny_model.py: 2 layers, d=64, vocabulary 96, seed 0) with its
     context raised to `context` tokens (RoPE: the weights do not depend on it); cached."""
     path = CACHE / f"bench-tiny-ctx{context}"
     if not (path / "config.json").exists():
-        from tests.conftest import build_tiny_model
+        from testkit.tiny_model import build_tiny_model
 
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny_model(staging)

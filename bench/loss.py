@@ -106,7 +106,7 @@ def check_agreement() -> float:
     return worst
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=4096, help="T: positions in the step")
     parser.add_argument("--vocab", type=int, default=152064, help="V (152064: Qwen2)")
@@ -114,31 +114,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         child(args.child, args.length, args.vocab, args.hidden, args.k)
         return
     common.header(f"(d) loss step, T={args.length}, V={args.vocab}, H={args.hidden}, K={args.k}, float32")
     common.emit({"bench": "loss", "check": "topk vs support, loss and gradients", "max_abs_diff": check_agreement()})
-    rows = []
-    for variant in args.variants:
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            variant,
-            "--length",
-            str(args.length),
-            "--vocab",
-            str(args.vocab),
-            "--hidden",
-            str(args.hidden),
-            "--k",
-            str(args.k),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        result = json.loads(output.strip().splitlines()[-1])
-        rows.append({"variant": variant, **result})
+    rows = [{"variant": variant, **measure_in_child(variant, args)} for variant in args.variants]
     full = next((row for row in rows if row["variant"] == "full-kl"), None)
     for row in rows:
         if full is not None:
@@ -170,6 +156,26 @@ def main() -> None:
         },
     )
     common.footer()
+
+
+def measure_in_child(variant: str, args: argparse.Namespace) -> dict:
+    """The JSON line of `child` for one variant, run in a fresh subprocess (its own peak RSS)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--length",
+        str(args.length),
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--k",
+        str(args.k),
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

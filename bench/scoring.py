@@ -200,7 +200,7 @@ def worker_main(kind: str, model: str) -> None:
 RATIOS = ("grpc/vllm", "grpc/hf", "hf/vllm", "grpc/vllm-engine")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"], help="smollm2, tiny or a model directory")
     parser.add_argument(
@@ -233,7 +233,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 256/1024 tokens, 1 and 4 clients, 1 pass")
     parser.add_argument("--logs", type=Path, default=Path("outputs/bench"), help="worker and server logs")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         worker_main(*args.worker)
         return
@@ -332,19 +336,14 @@ def run_model(name: str, args, env: dict) -> list[dict]:
             {"bench": "scoring", "model": name, "engines": engines.ready, "load_average": common.load_average()}
         )
         min_tokens = args.min_tokens * (16 if name == "tiny" else 1)
+        skip = f"clients x length > --max-round-tokens {args.max_round_tokens}"
         rows, turn = [], 0
         for length in args.lengths:
             warm: set[str] = set()
             for clients in args.clients:
                 if clients * length > args.max_round_tokens and clients > 1:
                     common.emit(
-                        {
-                            "bench": "scoring",
-                            "model": name,
-                            "length": length,
-                            "clients": clients,
-                            "skipped": f"clients x length > --max-round-tokens {args.max_round_tokens}",
-                        }
+                        {"bench": "scoring", "model": name, "length": length, "clients": clients, "skipped": skip}
                     )
                     continue
                 rounds = max(1, math.ceil(min_tokens / (clients * length)))
@@ -356,37 +355,42 @@ def run_model(name: str, args, env: dict) -> list[dict]:
                         request = {"length": length, "clients": clients, "rounds": rounds, "warmup": engine not in warm}
                         warm.add(engine)
                         samples[engine].append(engines.run(engine, request))
-                row = {"model": name, "length": length, "clients": clients, "requests": clients * rounds}
-                for engine, results in samples.items():
-                    positions = results[0]["positions"]
-                    row[f"{engine}_tps"] = max(positions / r["seconds"] for r in results)
-                    row[f"{engine}_cpu"] = max(positions / r["cpu_s"] for r in results)
-                    row[f"{engine}_peak"] = max((r["peak_rss_mib"] or 0.0) for r in results) or None
-                    common.emit(
-                        {
-                            "bench": "scoring",
-                            "model": name,
-                            "engine": engine,
-                            "length": length,
-                            "clients": clients,
-                            "requests": clients * rounds,
-                            "positions": positions,
-                            "positions_per_s": round(row[f"{engine}_tps"], 1),
-                            "positions_per_cpu_s": round(row[f"{engine}_cpu"], 1),
-                            "peak_rss_mib": row[f"{engine}_peak"],
-                            "passes": [{k: r.get(k) for k in ("seconds", "cpu_s", "batches")} for r in results],
-                            "load_average": common.load_average(),
-                        }
-                    )
-                for ratio in RATIOS:
-                    a, b = ratio.split("/")
-                    if a in samples and b in samples:
-                        row[ratio] = row[f"{a}_tps"] / row[f"{b}_tps"]
-                        row[f"{ratio} cpu"] = row[f"{a}_cpu"] / row[f"{b}_cpu"]
-                rows.append(row)
+                rows.append(configuration_row(name, length, clients, clients * rounds, samples))
         return rows
     finally:
         engines.close()
+
+
+def configuration_row(name: str, length: int, clients: int, requests: int, samples: dict[str, list[dict]]) -> dict:
+    """The table row of one configuration: each engine's best pass (emitted too), and the ratios between engines."""
+    row = {"model": name, "length": length, "clients": clients, "requests": requests}
+    for engine, results in samples.items():
+        positions = results[0]["positions"]
+        row[f"{engine}_tps"] = max(positions / r["seconds"] for r in results)
+        row[f"{engine}_cpu"] = max(positions / r["cpu_s"] for r in results)
+        row[f"{engine}_peak"] = max((r["peak_rss_mib"] or 0.0) for r in results) or None
+        common.emit(
+            {
+                "bench": "scoring",
+                "model": name,
+                "engine": engine,
+                "length": length,
+                "clients": clients,
+                "requests": requests,
+                "positions": positions,
+                "positions_per_s": round(row[f"{engine}_tps"], 1),
+                "positions_per_cpu_s": round(row[f"{engine}_cpu"], 1),
+                "peak_rss_mib": row[f"{engine}_peak"],
+                "passes": [{k: r.get(k) for k in ("seconds", "cpu_s", "batches")} for r in results],
+                "load_average": common.load_average(),
+            }
+        )
+    for ratio in RATIOS:
+        a, b = ratio.split("/")
+        if a in samples and b in samples:
+            row[ratio] = row[f"{a}_tps"] / row[f"{b}_tps"]
+            row[f"{ratio} cpu"] = row[f"{a}_cpu"] / row[f"{b}_cpu"]
+    return row
 
 
 if __name__ == "__main__":

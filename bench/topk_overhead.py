@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +40,9 @@ from bench import common  # noqa: E402  (first: it sets the OpenMP wait policy b
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from teacher_server.engines.hf import HFEngine
 
 K = 32
 
@@ -70,57 +74,18 @@ def naive_scores(engine, input_ids: torch.Tensor, starts: list[int], chunk: int 
 
 
 def overhead(args) -> None:
-    from teacher_server.engines import EngineConfig, ScoringJob
+    from teacher_server.engines import EngineConfig
     from teacher_server.engines.hf import HFEngine
 
     common.header(f"(b) top-K overhead: SmolLM2-135M float32, K={K}, {args.batch} x {args.length} tokens")
     model = common.smollm2_model()
     engine = HFEngine(EngineConfig(model=str(model)))
-    model_forward = engine.model
     rng = np.random.default_rng(0)
     sequences = rng.integers(4, engine.vocab_size, size=(args.batch, args.length)).astype(np.int32)
-    input_ids = torch.from_numpy(sequences.astype(np.int64))
-    starts = [1] * args.batch
+    check_engine_against_naive(engine, sequences)
+    threads = torch.get_num_threads()
+    best = time_variants(engine, model, sequences, threads, args)
     positions = args.batch * (args.length - 1)
-    jobs = [ScoringJob(s, 1, K) for s in sequences]
-
-    # Agreement: engine against the naive float32 path (nothing excluded in either).
-    for (ids, logprobs, token_logprobs), got in zip(naive_scores(engine, input_ids, starts), engine.score(jobs)):
-        same = float((ids == got.ids).mean())
-        worst = float(max(np.abs(logprobs - got.logprobs).max(), np.abs(token_logprobs - got.token_logprobs).max()))
-        common.emit({"bench": "topk_overhead", "check": "engine vs naive", "same_ids": same, "max_abs_logprob": worst})
-        assert same > 0.999 and worst < 1e-4, (same, worst)
-
-    from bench.scoring import session_exclusions
-
-    exclude = session_exclusions(str(model), engine.vocab_size, engine.max_sequence_length)
-    session_jobs = [ScoringJob(s, 1, K, exclude_ids=exclude) for s in sequences]
-    threads = str(torch.get_num_threads())
-    server = common.TeacherProcess(
-        model,
-        extra=["--engine", "hf", "--max-k", str(K)],
-        env=common.engine_env(int(threads)),
-        log=Path(args.logs) / "topk-overhead-server.log",
-    )
-    try:
-
-        def grpc_round():
-            # --batch clients, one rollout each, at once: the scheduler batches them.
-            return asyncio.run(
-                common.grpc_score(server.target, list(sequences), 1, K, args.batch, server_pid=server.pid)
-            )
-
-        variants = {
-            "forward-all": lambda: model_forward(input_ids=input_ids, use_cache=False).logits,
-            "logits": lambda: plain_logits(engine, input_ids, starts),
-            "naive": lambda: naive_scores(engine, input_ids, starts),
-            "engine": lambda: engine.score(session_jobs),
-            "grpc": grpc_round,
-        }
-        with torch.inference_mode():  # forward-all; the others run under it themselves
-            best = common.interleaved_best(variants, args.repeats)
-    finally:
-        server.close()
     rows = []
     for name, times in best.items():
         row = {
@@ -137,7 +102,7 @@ def overhead(args) -> None:
                 "bench": "topk_overhead",
                 "batch": args.batch,
                 "length": args.length,
-                "threads": int(threads),
+                "threads": threads,
                 **row,
                 "load_average": common.load_average(),
             }
@@ -157,6 +122,56 @@ def overhead(args) -> None:
         "(CPU: all threads; grpc: server + client):",
     )
     common.footer()
+
+
+def check_engine_against_naive(engine: HFEngine, sequences: np.ndarray) -> None:
+    """Engine and the naive float32 path, nothing excluded in either: same ids, log-probs within 1e-4."""
+    from teacher_server.engines import ScoringJob
+
+    input_ids = torch.from_numpy(sequences.astype(np.int64))
+    jobs = [ScoringJob(s, 1, K) for s in sequences]
+    naive = naive_scores(engine, input_ids, [1] * len(sequences))
+    for (ids, logprobs, token_logprobs), got in zip(naive, engine.score(jobs)):
+        same = float((ids == got.ids).mean())
+        worst = float(max(np.abs(logprobs - got.logprobs).max(), np.abs(token_logprobs - got.token_logprobs).max()))
+        common.emit({"bench": "topk_overhead", "check": "engine vs naive", "same_ids": same, "max_abs_logprob": worst})
+        assert same > 0.999 and worst < 1e-4, (same, worst)
+
+
+def time_variants(engine: HFEngine, model: Path, sequences: np.ndarray, threads: int, args) -> dict[str, dict]:
+    """Best wall and CPU seconds of every variant (the module docstring's list), taking turns."""
+    from bench.scoring import session_exclusions
+    from teacher_server.engines import ScoringJob
+
+    input_ids = torch.from_numpy(sequences.astype(np.int64))
+    starts = [1] * args.batch
+    exclude = session_exclusions(str(model), engine.vocab_size, engine.max_sequence_length)
+    session_jobs = [ScoringJob(s, 1, K, exclude_ids=exclude) for s in sequences]
+    server = common.TeacherProcess(
+        model,
+        extra=["--engine", "hf", "--max-k", str(K)],
+        env=common.engine_env(threads),
+        log=Path(args.logs) / "topk-overhead-server.log",
+    )
+    try:
+
+        def grpc_round() -> dict:
+            # --batch clients, one rollout each, at once: the scheduler batches them.
+            return asyncio.run(
+                common.grpc_score(server.target, list(sequences), 1, K, args.batch, server_pid=server.pid)
+            )
+
+        variants = {
+            "forward-all": lambda: engine.model(input_ids=input_ids, use_cache=False).logits,
+            "logits": lambda: plain_logits(engine, input_ids, starts),
+            "naive": lambda: naive_scores(engine, input_ids, starts),
+            "engine": lambda: engine.score(session_jobs),
+            "grpc": grpc_round,
+        }
+        with torch.inference_mode():  # forward-all; the others run under it themselves
+            return common.interleaved_best(variants, args.repeats)
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------ memory

@@ -83,13 +83,8 @@ def collate(
         reason = torch.where(special & mask, teacher_pb2.MASK_REASON_SPECIAL, reason)
         mask &= ~special
         teacher_ids, teacher_logprobs = drop_special_support(teacher_ids, teacher_logprobs, special_ids, keep_ids)
-    counts: dict[str, float] = {}
-    for score in scores:
-        if getattr(score, "counts", None) is not None:
-            for name, value in ((f.name, getattr(score.counts, f.name)) for f in score.counts.DESCRIPTOR.fields):
-                counts[name] = counts.get(name, 0.0) + float(value)
     return ScoredBatch(
-        teacher_counts=counts,
+        teacher_counts=_summed_counts(scores),
         input_ids=input_ids,
         attention_mask=attention_mask,
         logit_index=logit_index,
@@ -102,6 +97,16 @@ def collate(
         reason=reason,
         behaviour_logprobs=behaviour_logprobs,
     )
+
+
+def _summed_counts(scores: list[TeacherScores]) -> dict[str, float]:
+    """The teacher's coverage counts (ScoreResponse.counts) summed over the rollouts that carry them."""
+    counts: dict[str, float] = {}
+    for score in scores:
+        if getattr(score, "counts", None) is not None:
+            for name, value in ((f.name, getattr(score.counts, f.name)) for f in score.counts.DESCRIPTOR.fields):
+                counts[name] = counts.get(name, 0.0) + float(value)
+    return counts
 
 
 def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:

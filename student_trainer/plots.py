@@ -81,6 +81,11 @@ def plot_study(
     import matplotlib.pyplot as plt
 
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(records)}
+    return [_curves(plt, records, labels, colors, output), _bars(plt, runs, labels, colors, output)]
+
+
+def _curves(plt, records: dict[str, list[list[dict]]], labels: dict[str, str], colors: dict, output: Path) -> Path:
+    """curves.png: each STUDY_PANELS metric over steps, mean over seeds with a min..max band."""
     # Dashed: the baseline; dotted: a student with another tokenizer than the teacher's.
     style = {name: "--" if name.startswith("sampled") else ":" if "xtok" in name else "-" for name in records}
     figure, axes = plt.subplots(3, 2, figsize=(11, 10), squeeze=False)
@@ -107,6 +112,11 @@ def plot_study(
     figure.savefig(curves, dpi=80)
     plt.close(figure)
 
+    return curves
+
+
+def _bars(plt, runs: dict[str, list[dict]], labels: dict[str, str], colors: dict, output: Path) -> Path:
+    """bars.png: per-run numbers, bar = mean over seeds, dots = seeds."""
     bar_panels = [
         ("accuracy_final", "final held-out accuracy", False),
         ("grad_norm_var", "grad-norm variance, all steps", True),
@@ -138,4 +148,4 @@ def plot_study(
     bars = output / "bars.png"
     figure.savefig(bars, dpi=80)
     plt.close(figure)
-    return [curves, bars]
+    return bars

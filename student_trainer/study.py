@@ -49,7 +49,8 @@ from student_trainer.losses import support_metrics
 from student_trainer.messages import tokenizer_message
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
-from student_trainer.train import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts, train
+from student_trainer.step import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts
+from student_trainer.train import train
 from teacher_server.launch import TeacherProcess, threads
 
 

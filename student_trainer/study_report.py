@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, Callable
 
 # Per-run numbers, in table order: key, column title, format.
 COLUMNS = [
@@ -25,6 +25,8 @@ COLUMNS = [
     ("negative_advantage_share", "neg. adv. share", ".3f"),
     ("masked", "masked", ".3f"),
 ]
+
+Variants = dict[str, dict[str, Any]]  # variant name -> its runs and summary (study.py)
 
 
 LIVE_MASKED = 0.5
@@ -139,136 +141,140 @@ def _weakest(verdicts: list[str]) -> str:
     return min(verdicts, key=order.index)
 
 
-def claims(variants: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
-    """Each claim of the issue with its verdict and the numbers behind it (skipped if a variant is missing)."""
-    out: list[dict[str, str]] = []
+def _accuracy_vs(v: Variants, a: str, b: str, text: str) -> tuple[str, str]:
+    verdict = compare(_values(v[a], "accuracy_final"), _values(v[b], "accuracy_final"))
+    return verdict, (
+        f"final held-out accuracy {text}: {a} {_spread(v[a], 'accuracy_final')} vs "
+        f"{b} {_spread(v[b], 'accuracy_final')}; held-out rKL {_spread(v[a], 'heldout_rkl_final')} "
+        f"vs {_spread(v[b], 'heldout_rkl_final')}; held-out masked "
+        f"{_spread(v[a], 'heldout_masked_final')} vs {_spread(v[b], 'heldout_masked_final')}"
+    )
 
-    def add(claim: str, needed: list[str], verdict_and_detail) -> None:
+
+def _recipe_beats_baseline(v: Variants) -> tuple[str, str]:
+    return _accuracy_vs(v, "recipe", "sampled_g0", "(higher is better)")
+
+
+def _stability(v: Variants) -> tuple[str, str]:
+    verdict = compare(
+        _values(v["recipe"], "accuracy_drawdown"),
+        _values(v["sampled_g0"], "accuracy_drawdown"),
+        higher_is_better=False,
+    )
+    return verdict, (
+        f"largest held-out accuracy drop below its best so far (lower is better): recipe "
+        f"{_spread(v['recipe'], 'accuracy_drawdown')} vs sampled_g0 "
+        f"{_spread(v['sampled_g0'], 'accuracy_drawdown')}; gradient-norm CV recipe "
+        f"{_spread(v['recipe'], 'grad_norm_cv', '.2f')} vs "
+        f"{_spread(v['sampled_g0'], 'grad_norm_cv', '.2f')}; seeds ending below their start "
+        f"accuracy: recipe {_below_start(v['recipe'])} vs sampled_g0 {_below_start(v['sampled_g0'])}"
+    )
+
+
+def _collapse(v: Variants) -> tuple[str, str]:
+    runs = v["recipe_no_renorm"]["runs"]
+    below = [run["accuracy_final"] < run["accuracy_start"] for run in runs]
+    verdict = "held" if all(below) else "weakly held" if any(below) else "not held"
+    return verdict, (
+        f"collapse = final accuracy below the start: {_below_start(v['recipe_no_renorm'])} seeds; "
+        f"start {_spread(v['recipe_no_renorm'], 'accuracy_start')}, final "
+        f"{_spread(v['recipe_no_renorm'], 'accuracy_final')} (recipe: "
+        f"{_spread(v['recipe'], 'accuracy_final')}); student mass on the support "
+        f"{_spread(v['recipe_no_renorm'], 'student_support_mass')} (recipe: "
+        f"{_spread(v['recipe'], 'student_support_mass')})"
+    )
+
+
+def _top_p1_worse(v: Variants) -> tuple[str, str]:
+    return _accuracy_vs(v, "sampled_g0", "recipe_top_p1", "(the baseline should be higher)")
+
+
+def _gamma_variance(v: Variants) -> tuple[str, str]:
+    names = ("sampled_g0", "sampled_g0.5", "sampled_g1")
+    base = _values(v["sampled_g0"], "grad_norm_var_live")
+    verdicts = [compare(_values(v[name], "grad_norm_var_live"), base) for name in names[1:]]
+    live = " / ".join(_spread(v[name], "grad_norm_var_live", ".3g") for name in names)
+    whole = " / ".join(_spread(v[name], "grad_norm_var", ".3g") for name in names)
+    means = " / ".join(_spread(v[name], "grad_norm_mean_live", ".3g") for name in names)
+    steps = " / ".join(_spread(v[name], "live_steps", ".0f") for name in names)
+    return _weakest(verdicts), (
+        f"variance of the pre-clipping gradient norm over the live steps (masked < {LIVE_MASKED}), "
+        f"gamma 0 / 0.5 / 1: {live} (live steps {steps}; mean norm {means}); over all steps: {whole}"
+    )
+
+
+def _masking(v: Variants) -> tuple[str, str]:
+    on, off = v["recipe_xtok"], v["recipe_xtok_nomask"]
+    share_on, share_off = _mean(_values(on, "masked")), _mean(_values(off, "masked"))
+    gaps = ", ".join(f"{abs(a - b):.3f}" for a, b in zip(_values(on, "accuracy_final"), _values(off, "accuracy_final")))
+    numbers = (
+        f"final held-out accuracy with masking {_spread(on, 'accuracy_final')} (start "
+        f"{_spread(on, 'accuracy_start')}) vs without {_spread(off, 'accuracy_final')}; held-out rKL "
+        f"{_spread(on, 'heldout_rkl_final')} vs {_spread(off, 'heldout_rkl_final')}; masked share in training "
+        f"{_spread(on, 'masked')} vs {_spread(off, 'masked')}, held-out {_spread(on, 'heldout_masked_final')} "
+        f"vs {_spread(off, 'heldout_masked_final')}"
+    )
+    # Without the trainer's masking the special positions should carry a loss. If (about) as many
+    # are still masked, the service masked them itself: the switch changed nothing the loss sees.
+    if share_on == 0 or share_off >= 0.5 * share_on:
+        return "not tested", (
+            f"without the trainer's masking {share_off:.4f} of the positions were still masked "
+            f"(with it {share_on:.4f}): the switch did not unmask them, so the two variants are "
+            f"replicates and their per-seed final-accuracy gaps ({gaps}) are run-to-run noise; " + numbers
+        )
+    return compare(_values(on, "accuracy_final"), _values(off, "accuracy_final")), numbers
+
+
+def _baseline_masking(v: Variants) -> tuple[str, str]:
+    # The README's account of the baseline's collapse: special targets carry no loss, so nothing
+    # pushes the special tokens down. Without masking the estimator sees them.
+    verdict = compare(_values(v["sampled_g0_nomask"], "accuracy_final"), _values(v["sampled_g0"], "accuracy_final"))
+    return verdict, (
+        f"final held-out accuracy without masking {_spread(v['sampled_g0_nomask'], 'accuracy_final')} "
+        f"vs with {_spread(v['sampled_g0'], 'accuracy_final')}; held-out masked share (special tokens "
+        f"written) {_spread(v['sampled_g0_nomask'], 'heldout_masked_final')} vs "
+        f"{_spread(v['sampled_g0'], 'heldout_masked_final')}; live steps "
+        f"{_spread(v['sampled_g0_nomask'], 'live_steps', '.0f')} vs {_spread(v['sampled_g0'], 'live_steps', '.0f')}"
+    )
+
+
+# Each claim of the issue: its text, the variants it needs, and its verdict with the numbers behind it.
+CLAIMS: list[tuple[str, list[str], Callable[[Variants], tuple[str, str]]]] = [
+    ("the recipe ends better than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"], _recipe_beats_baseline),
+    ("the recipe trains more stably than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"], _stability),
+    ("without renormalisation the recipe collapses", ["recipe_no_renorm", "recipe"], _collapse),
+    (
+        "without top-p (top-p 1.0) the recipe is worse than sampled-token OPD (gamma 0)",
+        ["recipe_top_p1", "sampled_g0"],
+        _top_p1_worse,
+    ),
+    (
+        "discounted sequence-level credit (gamma > 0) raises gradient variance",
+        ["sampled_g0", "sampled_g0.5", "sampled_g1"],
+        _gamma_variance,
+    ),
+    (
+        "under a tokenizer mismatch, special-token masking helps the recipe",
+        ["recipe_xtok", "recipe_xtok_nomask"],
+        _masking,
+    ),
+    (
+        "sampled-token OPD (gamma 0) collapses into special tokens because they are masked: without masking it ends better",
+        ["sampled_g0_nomask", "sampled_g0"],
+        _baseline_masking,
+    ),
+]
+
+
+def claims(variants: Variants) -> list[dict[str, str]]:
+    """Each claim of CLAIMS with its verdict and the numbers behind it ("not evaluated" if a variant is missing)."""
+    out: list[dict[str, str]] = []
+    for claim, needed, judge in CLAIMS:
         if all(name in variants for name in needed):
-            verdict, detail = verdict_and_detail()
+            verdict, detail = judge(variants)
             out.append({"claim": claim, "verdict": verdict, "detail": detail})
         else:
             out.append({"claim": claim, "verdict": "not evaluated", "detail": f"needs variants {needed}"})
-
-    v = variants
-
-    def accuracy_vs(a: str, b: str, text: str):
-        verdict = compare(_values(v[a], "accuracy_final"), _values(v[b], "accuracy_final"))
-        return verdict, (
-            f"final held-out accuracy {text}: {a} {_spread(v[a], 'accuracy_final')} vs "
-            f"{b} {_spread(v[b], 'accuracy_final')}; held-out rKL {_spread(v[a], 'heldout_rkl_final')} "
-            f"vs {_spread(v[b], 'heldout_rkl_final')}; held-out masked "
-            f"{_spread(v[a], 'heldout_masked_final')} vs {_spread(v[b], 'heldout_masked_final')}"
-        )
-
-    add(
-        "the recipe ends better than sampled-token OPD (gamma 0)",
-        ["recipe", "sampled_g0"],
-        lambda: accuracy_vs("recipe", "sampled_g0", "(higher is better)"),
-    )
-
-    def stability():
-        verdict = compare(
-            _values(v["recipe"], "accuracy_drawdown"),
-            _values(v["sampled_g0"], "accuracy_drawdown"),
-            higher_is_better=False,
-        )
-        return verdict, (
-            f"largest held-out accuracy drop below its best so far (lower is better): recipe "
-            f"{_spread(v['recipe'], 'accuracy_drawdown')} vs sampled_g0 "
-            f"{_spread(v['sampled_g0'], 'accuracy_drawdown')}; gradient-norm CV recipe "
-            f"{_spread(v['recipe'], 'grad_norm_cv', '.2f')} vs "
-            f"{_spread(v['sampled_g0'], 'grad_norm_cv', '.2f')}; seeds ending below their start "
-            f"accuracy: recipe {_below_start(v['recipe'])} vs sampled_g0 {_below_start(v['sampled_g0'])}"
-        )
-
-    add("the recipe trains more stably than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"], stability)
-
-    def collapse():
-        runs = v["recipe_no_renorm"]["runs"]
-        below = [run["accuracy_final"] < run["accuracy_start"] for run in runs]
-        verdict = "held" if all(below) else "weakly held" if any(below) else "not held"
-        return verdict, (
-            f"collapse = final accuracy below the start: {_below_start(v['recipe_no_renorm'])} seeds; "
-            f"start {_spread(v['recipe_no_renorm'], 'accuracy_start')}, final "
-            f"{_spread(v['recipe_no_renorm'], 'accuracy_final')} (recipe: "
-            f"{_spread(v['recipe'], 'accuracy_final')}); student mass on the support "
-            f"{_spread(v['recipe_no_renorm'], 'student_support_mass')} (recipe: "
-            f"{_spread(v['recipe'], 'student_support_mass')})"
-        )
-
-    add("without renormalisation the recipe collapses", ["recipe_no_renorm", "recipe"], collapse)
-    add(
-        "without top-p (top-p 1.0) the recipe is worse than sampled-token OPD (gamma 0)",
-        ["recipe_top_p1", "sampled_g0"],
-        lambda: accuracy_vs("sampled_g0", "recipe_top_p1", "(the baseline should be higher)"),
-    )
-
-    def gamma_variance():
-        names = ("sampled_g0", "sampled_g0.5", "sampled_g1")
-        base = _values(v["sampled_g0"], "grad_norm_var_live")
-        verdicts = [compare(_values(v[name], "grad_norm_var_live"), base) for name in names[1:]]
-        live = " / ".join(_spread(v[name], "grad_norm_var_live", ".3g") for name in names)
-        whole = " / ".join(_spread(v[name], "grad_norm_var", ".3g") for name in names)
-        means = " / ".join(_spread(v[name], "grad_norm_mean_live", ".3g") for name in names)
-        steps = " / ".join(_spread(v[name], "live_steps", ".0f") for name in names)
-        return _weakest(verdicts), (
-            f"variance of the pre-clipping gradient norm over the live steps (masked < {LIVE_MASKED}), "
-            f"gamma 0 / 0.5 / 1: {live} (live steps {steps}; mean norm {means}); over all steps: {whole}"
-        )
-
-    add(
-        "discounted sequence-level credit (gamma > 0) raises gradient variance",
-        ["sampled_g0", "sampled_g0.5", "sampled_g1"],
-        gamma_variance,
-    )
-
-    def masking():
-        on, off = v["recipe_xtok"], v["recipe_xtok_nomask"]
-        share_on, share_off = _mean(_values(on, "masked")), _mean(_values(off, "masked"))
-        gaps = ", ".join(
-            f"{abs(a - b):.3f}" for a, b in zip(_values(on, "accuracy_final"), _values(off, "accuracy_final"))
-        )
-        numbers = (
-            f"final held-out accuracy with masking {_spread(on, 'accuracy_final')} (start "
-            f"{_spread(on, 'accuracy_start')}) vs without {_spread(off, 'accuracy_final')}; held-out rKL "
-            f"{_spread(on, 'heldout_rkl_final')} vs {_spread(off, 'heldout_rkl_final')}; masked share in training "
-            f"{_spread(on, 'masked')} vs {_spread(off, 'masked')}, held-out {_spread(on, 'heldout_masked_final')} "
-            f"vs {_spread(off, 'heldout_masked_final')}"
-        )
-        # Without the trainer's masking the special positions should carry a loss. If (about) as many
-        # are still masked, the service masked them itself: the switch changed nothing the loss sees.
-        if share_on == 0 or share_off >= 0.5 * share_on:
-            return "not tested", (
-                f"without the trainer's masking {share_off:.4f} of the positions were still masked "
-                f"(with it {share_on:.4f}): the switch did not unmask them, so the two variants are "
-                f"replicates and their per-seed final-accuracy gaps ({gaps}) are run-to-run noise; " + numbers
-            )
-        return compare(_values(on, "accuracy_final"), _values(off, "accuracy_final")), numbers
-
-    add(
-        "under a tokenizer mismatch, special-token masking helps the recipe",
-        ["recipe_xtok", "recipe_xtok_nomask"],
-        masking,
-    )
-
-    def baseline_masking():
-        # The README's account of the baseline's collapse: special targets carry no loss, so nothing
-        # pushes the special tokens down. Without masking the estimator sees them.
-        verdict = compare(_values(v["sampled_g0_nomask"], "accuracy_final"), _values(v["sampled_g0"], "accuracy_final"))
-        return verdict, (
-            f"final held-out accuracy without masking {_spread(v['sampled_g0_nomask'], 'accuracy_final')} "
-            f"vs with {_spread(v['sampled_g0'], 'accuracy_final')}; held-out masked share (special tokens "
-            f"written) {_spread(v['sampled_g0_nomask'], 'heldout_masked_final')} vs "
-            f"{_spread(v['sampled_g0'], 'heldout_masked_final')}; live steps "
-            f"{_spread(v['sampled_g0_nomask'], 'live_steps', '.0f')} vs {_spread(v['sampled_g0'], 'live_steps', '.0f')}"
-        )
-
-    add(
-        "sampled-token OPD (gamma 0) collapses into special tokens because they are masked: without masking it ends better",
-        ["sampled_g0_nomask", "sampled_g0"],
-        baseline_masking,
-    )
     return out
 
 

@@ -14,11 +14,21 @@ from teacher_server.server import ServerConfig, serve
 
 
 def _parser() -> argparse.ArgumentParser:
-    # Defaults come from the config dataclasses (one source): the flags only name them.
-    server, engine_defaults, limits = ServerConfig(), EngineConfig(model=""), SchedulerLimits()
     parser = argparse.ArgumentParser(prog="opd-teacher", description="Teacher-as-a-service for on-policy distillation")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve a teacher model over gRPC")
+    # Defaults come from the config dataclasses (one source): the flags only name them.
+    server, engine_defaults, limits = ServerConfig(), EngineConfig(model=""), SchedulerLimits()
+    _serving_flags(run, server, engine_defaults, limits)
+    _tenant_flags(run.add_argument_group("tenants, limits and security"), server, limits)
+    _operations_flags(run.add_argument_group("operations"))
+    _engine_flags(run.add_argument_group("vllm / sglang engines"), engine_defaults)
+    return parser
+
+
+def _serving_flags(
+    run: argparse.ArgumentParser, server: ServerConfig, engine_defaults: EngineConfig, limits: SchedulerLimits
+) -> None:
     run.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
     run.add_argument("--tokenizer", help="the teacher's tokenizer (default: the model's)")
     run.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0 for all)")
@@ -38,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         "--max-queued-jobs", type=int, default=limits.max_queued_jobs, help="queued requests before RESOURCE_EXHAUSTED"
     )
     run.add_argument("--grace", type=float, default=server.grace_s, help="seconds in-flight requests get on shutdown")
-    tenants = run.add_argument_group("tenants, limits and security")
+    run.add_argument("--log-level", default="INFO")
+
+
+def _tenant_flags(tenants: argparse._ArgumentGroup, server: ServerConfig, limits: SchedulerLimits) -> None:
     tenants.add_argument(
         "--api-keys",
         metavar="FILE",
@@ -75,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     tenants.add_argument(
         "--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant"
     )
-    ops = run.add_argument_group("operations")
+
+
+def _operations_flags(ops: argparse._ArgumentGroup) -> None:
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     ops.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     ops.add_argument(
@@ -84,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         default="text",
         help="json: one JSON object per line (structured logs)",
     )
-    engine = run.add_argument_group("vllm / sglang engines")
+
+
+def _engine_flags(engine: argparse._ArgumentGroup, engine_defaults: EngineConfig) -> None:
     engine.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -110,8 +127,6 @@ def _parser() -> argparse.ArgumentParser:
         default={},
         help="further keyword arguments for vllm.LLM / sglang.Engine, as JSON, e.g. '{\"enforce_eager\": true}'",
     )
-    run.add_argument("--log-level", default="INFO")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

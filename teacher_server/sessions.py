@@ -24,7 +24,7 @@ from teacher_server.alignment.byte_tables import UnsupportedTokenizer, byte_tabl
 from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
 from teacher_server.alignment.identity import IdentityAlignment
 from teacher_server.alignment.result import Coverage, Steps
-from teacher_server.alignment.specials import PairError, special_map
+from teacher_server.alignment.specials import PairError, SpecialMap, SpecialVocab, special_map
 from teacher_server.alignment.text import TeacherText
 from teacher_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -81,6 +81,12 @@ class TeacherVocabulary:
         ids = np.fromiter(self.vocab.values(), dtype=np.int64, count=len(self.vocab))
         owned[ids[ids < self.model_vocab_size]] = True
         return np.flatnonzero(~owned).astype(np.int64)
+
+    @cached_property
+    def special_vocab(self) -> SpecialVocab:
+        """Special and end-of-sequence tokens by string, for special-token pairing."""
+        special = {token: index for token, index in self.vocab.items() if index in self.special_ids | self.eos_ids}
+        return SpecialVocab(self.vocab, special)
 
     def describe_head(self) -> str:
         """One line on how the tokenizer and the lm head agree."""
@@ -238,18 +244,9 @@ class SessionRegistry:
             raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
         common["student_vocab_size"] = table.vocab_size
         teacher = self.teacher
-        try:
-            specials = special_map(
-                table,
-                text.table,
-                student.eos_tokens,
-                sorted(teacher.eos_ids),
-                settings.special_token_pairs,
-                settings.pair_eos,
-                settings.mask_specials,
-            )
-        except PairError as reason:
-            raise InvalidArgument(str(reason)) from None
+        specials = _paired_specials(
+            table.special_vocab, text.table.special_vocab, student.eos_tokens, teacher, settings
+        )
         cross = CrossTokenizer.build(
             table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options
         )
@@ -257,50 +254,50 @@ class SessionRegistry:
 
     def _build(self, session_id: str, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         teacher = self.teacher
-        temperature = settings.temperature
         if student is not None:
             student_vocab = _validated_vocab(student)
             if student_vocab != teacher.vocab:
                 return self._build_cross(session_id, student, settings, student_vocab)
         # Identity alignment: the student's ids are the teacher's ids.
-        kept = _identity_pairs(teacher, settings)
-        masked = np.zeros(teacher.model_vocab_size, dtype=bool)
-        if settings.mask_specials:
-            unpaired = (teacher.special_ids | teacher.eos_ids) - set(kept.values())
-            masked[[i for i in sorted(unpaired) if i < teacher.model_vocab_size]] = True
-        excluded = np.union1d(np.flatnonzero(masked), teacher.unowned_rows).astype(np.int64)
+        for student_token, teacher_token in settings.special_token_pairs:
+            if student_token != teacher_token:
+                raise InvalidArgument(
+                    f"special-token pair ({student_token!r}, {teacher_token!r}): the student has the teacher's "
+                    "own tokenizer, so a special token can only be paired with itself"
+                )
+        vocab = teacher.special_vocab
+        eos_tokens = [token for token, index in vocab.special.items() if index in teacher.eos_ids]
+        specials = _paired_specials(vocab, vocab, eos_tokens, teacher, settings)
         return Session(
             session_id=session_id,
             student_vocab_size=teacher.model_vocab_size,
-            temperature=temperature,
-            alignment=IdentityAlignment(masked, excluded, self.max_sequence_length),
-            special_token_pairs=tuple((token, token) for token in sorted(kept, key=kept.get)),
+            temperature=settings.temperature,
+            alignment=IdentityAlignment.build(
+                vocab, specials, teacher.unowned_rows, teacher.model_vocab_size, self.max_sequence_length
+            ),
+            special_token_pairs=specials.pairs,
         )
 
 
-def _identity_pairs(teacher: TeacherVocabulary, settings: SessionSettings) -> dict[str, int]:
-    """The special tokens a same-tokenizer session keeps in the loss and the support, by string:
-    the teacher's EOS (unless no_eos_pairing) and each token of special_token_pairs, which
-    with one tokenizer can only be paired with itself."""
-    kept = (
-        {token: index for token, index in teacher.vocab.items() if index in teacher.eos_ids}
-        if settings.pair_eos
-        else {}
-    )
-    for student_token, teacher_token in settings.special_token_pairs:
-        if student_token != teacher_token:
-            raise InvalidArgument(
-                f"special-token pair ({student_token!r}, {teacher_token!r}): the student has the teacher's own "
-                "tokenizer, so a special token can only be paired with itself"
-            )
-        index = teacher.vocab.get(student_token)
-        if index is None or index not in teacher.special_ids | teacher.eos_ids:
-            raise InvalidArgument(
-                f"special-token pair: {student_token!r} is not a special token of the teacher's tokenizer "
-                "(plain tokens are always scored)"
-            )
-        kept[student_token] = index
-    return kept
+def _paired_specials(
+    student: SpecialVocab,
+    teacher_vocab: SpecialVocab,
+    student_eos: tuple[str, ...] | list[str],
+    teacher: TeacherVocabulary,
+    settings: SessionSettings,
+) -> SpecialMap:
+    try:
+        return special_map(
+            student,
+            teacher_vocab,
+            student_eos,
+            sorted(teacher.eos_ids),
+            settings.special_token_pairs,
+            settings.pair_eos,
+            settings.mask_specials,
+        )
+    except PairError as reason:
+        raise InvalidArgument(str(reason)) from None
 
 
 def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:

@@ -13,7 +13,7 @@ from opd.v1 import teacher_pb2
 from student_trainer.client import TeacherScores
 from teacher_server.engines import ScoringJob
 from teacher_server.launch import TeacherProcess
-from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB
+from testkit.tiny_model import SPECIAL_TOKEN, TINY_VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities

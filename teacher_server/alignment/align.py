@@ -161,19 +161,11 @@ def align(
     targets = tokens[score_from:]
     row = np.searchsorted(t_end, starts, side="right")
     row = np.where(row < len(t_end), row, -1)
-    rho = np.where(row >= 0, starts - t_start[np.maximum(row, 0)], 0)
+    # The teacher may reproduce none of the completion (a metaspace teacher cannot write a literal
+    # "\u2581"): then there is no row at all and every position is UNALIGNED below.
+    rho = np.where(row >= 0, starts - np.append(t_start, 0)[np.maximum(row, 0)], 0)
 
-    reason = np.zeros(len(targets), dtype=np.uint8)
-    is_special = student.special[targets] & ~np.isin(targets, list(specials.kept))
-    # Right after a student control token that the teacher's text leaves out (a <think>), the
-    # teacher reads text run together ("assistant\n\n12", "42The"): its judgement of that first
-    # target is about the missing token, not the student's text. Masked as SPECIAL too.
-    dropped = student.special[targets] & ~np.isin(targets, [*specials.to_teacher, *specials.student_bytes])
-    after_dropped = np.zeros(len(targets), dtype=bool)
-    after_dropped[1:] = dropped[:-1]
-    reason[(row < 0) | (ends > trusted)] = UNALIGNED
-    # Without masking these are only set aside from the projection (session.py fills them in).
-    reason[is_special | (after_dropped & specials.mask)] = SPECIAL
+    reason = _reasons(targets, row, ends, trusted, student, specials)
     stream = np.concatenate([completion, np.full(TAIL, END_UNIT, dtype=np.uint16)])
     return Alignment(
         teacher_ids=np.concatenate([prompt_ids, completion_ids]).astype(np.int32),
@@ -189,6 +181,25 @@ def align(
         rho=rho,
         reason=reason,
     )
+
+
+def _reasons(
+    targets: np.ndarray, row: np.ndarray, ends: np.ndarray, trusted: int, student: ByteTable, specials: SpecialMap
+) -> np.ndarray:
+    """UNALIGNED where no teacher row holds the position or its bytes run past what the teacher's
+    tokens reproduce; SPECIAL for dropped special targets and the position after a dropped one."""
+    reason = np.zeros(len(targets), dtype=np.uint8)
+    is_special = student.special[targets] & ~np.isin(targets, list(specials.kept))
+    # Right after a student control token that the teacher's text leaves out (a <think>), the
+    # teacher reads text run together ("assistant\n\n12", "42The"): its judgement of that first
+    # target is about the missing token, not the student's text. Masked as SPECIAL too.
+    dropped = student.special[targets] & ~np.isin(targets, [*specials.to_teacher, *specials.student_bytes])
+    after_dropped = np.zeros(len(targets), dtype=bool)
+    after_dropped[1:] = dropped[:-1]
+    reason[(row < 0) | (ends > trusted)] = UNALIGNED
+    # Without masking these are only set aside from the projection (cross.py fills them in).
+    reason[is_special | (after_dropped & specials.mask)] = SPECIAL
+    return reason
 
 
 def _teacher_prompt(units: np.ndarray, text: TeacherText, specials: SpecialMap) -> np.ndarray:

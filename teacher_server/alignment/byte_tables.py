@@ -28,10 +28,12 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Iterable
 
 import numpy as np
+
+from teacher_server.alignment.specials import SpecialVocab
 
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # A text that exercises the decoding rules (spaces, runs of whitespace, newlines, digits).
@@ -79,6 +81,10 @@ class ByteTable:
     @property
     def vocab_size(self) -> int:
         return len(self.starts) - 1
+
+    @cached_property
+    def special_vocab(self) -> SpecialVocab:
+        return SpecialVocab(self.ids, {string: index for string, index in self.ids.items() if self.special[index]})
 
     @property
     def lengths(self) -> np.ndarray:
@@ -167,25 +173,58 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise UnsupportedTokenizer("no tokenizer model in the JSON")
     extra_special = tuple(sorted(set(extra_special)))
-    kind, space = _kind(spec)
+    kind, space = _kind(spec)  # first: it refuses the tokenizers that cannot be aligned, with the reason
     vocab = _vocabulary(spec)
-    size = max(vocab.values()) + 1
-    strings: list[str | None] = [None] * size
+    strings: list[str | None] = [None] * (max(vocab.values()) + 1)
     for string, index in vocab.items():
         strings[index] = string
-    added = {entry["id"]: entry for entry in spec.get("added_tokens") or []}
+    tokens, special, fallback = _token_bytes(spec, kind, space, strings, _special_ids(spec, vocab, extra_special))
+    lengths = np.fromiter((len(token) for token in tokens), dtype=np.int64, count=len(tokens))
+    starts = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    data = np.frombuffer(b"".join(tokens), dtype=np.uint8)
+    columns = np.arange(WINDOW)
+    inside = columns < lengths[:, None]
+    source = np.minimum(starts[:-1, None] + columns, max(len(data) - 1, 0))
+    padded = np.where(inside, data[source] if len(data) else 0, PAD_UNIT).astype(np.uint16)
+    table = ByteTable(
+        content_hash=content_hash(tokenizer_json, extra_special),
+        kind=kind,
+        data=data,
+        starts=starts,
+        special=special,
+        preferred=_preferred(tokens, special, fallback),
+        tokens=tuple(tokens),
+        strings=tuple(strings),
+        ids=vocab,
+        dummy_prefix=False,
+        padded=padded,
+        tokenizer_json=tokenizer_json,
+    )
+    return _checked(table, tokenizer_json)
+
+
+def _special_ids(spec: dict, vocab: dict[str, int], extra_special: Iterable[str]) -> set[int]:
+    """Control tokens: added tokens marked special, the extra ones named, and the unknown token."""
     model = spec["model"]
-    unknown = model.get("unk_id") if model["type"] == "Unigram" else vocab.get(model.get("unk_token") or "")
-    special_ids = {index for index, entry in added.items() if entry.get("special")}
+    special_ids = {entry["id"] for entry in spec.get("added_tokens") or [] if entry.get("special")}
     special_ids |= {vocab[token] for token in extra_special if token in vocab}
+    unknown = model.get("unk_id") if model["type"] == "Unigram" else vocab.get(model.get("unk_token") or "")
     if unknown is not None:
         special_ids.add(unknown)
-    byte_fallback = bool(model.get("byte_fallback"))
-    to_byte = _unicode_to_byte()
+    return special_ids
 
+
+def _token_bytes(
+    spec: dict, kind: str, space: str, strings: list[str | None], special_ids: set[int]
+) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """The bytes of every id, which ids are special (no bytes), which are <0xNN> byte fallbacks."""
+    added = {entry["id"] for entry in spec.get("added_tokens") or []}
+    byte_fallback = bool(spec["model"].get("byte_fallback"))
+    to_byte = _unicode_to_byte()
     tokens: list[bytes] = []
-    special = np.zeros(size, dtype=bool)
-    fallback = np.zeros(size, dtype=bool)
+    special = np.zeros(len(strings), dtype=bool)
+    fallback = np.zeros(len(strings), dtype=bool)
     for index, string in enumerate(strings):
         if string is None or index in special_ids:
             special[index] = True
@@ -207,12 +246,12 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
             tokens.append(string.encode("utf-8"))
         if not tokens[-1]:
             special[index] = True  # an empty token has nothing to align
-    lengths = np.fromiter((len(token) for token in tokens), dtype=np.int64, count=size)
-    starts = np.zeros(size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    data = np.frombuffer(b"".join(tokens), dtype=np.uint8)
-    # Among tokens with the same bytes, project onto the one the tokenizer produces:
-    # a regular piece rather than its <0xNN> byte-fallback twin, else the lowest id.
+    return tokens, special, fallback
+
+
+def _preferred(tokens: list[bytes], special: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Among tokens with the same bytes, the one to project onto: the one the tokenizer produces,
+    a regular piece rather than its <0xNN> byte-fallback twin, else the lowest id."""
     preferred = ~special
     first: dict[bytes, int] = {}
     for index in np.argsort(fallback, kind="stable").tolist():
@@ -222,25 +261,7 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
             preferred[index] = False
         else:
             first[tokens[index]] = index
-    columns = np.arange(WINDOW)
-    inside = columns < lengths[:, None]
-    source = np.minimum(starts[:-1, None] + columns, max(len(data) - 1, 0))
-    padded = np.where(inside, data[source] if len(data) else 0, PAD_UNIT).astype(np.uint16)
-    table = ByteTable(
-        content_hash=content_hash(tokenizer_json, extra_special),
-        kind=kind,
-        data=data,
-        starts=starts,
-        special=special,
-        preferred=preferred,
-        tokens=tuple(tokens),
-        strings=tuple(strings),
-        ids=vocab,
-        dummy_prefix=False,
-        padded=padded,
-        tokenizer_json=tokenizer_json,
-    )
-    return _checked(table, tokenizer_json)
+    return preferred
 
 
 def probe_text(table: ByteTable) -> str:

@@ -141,7 +141,11 @@ class CrossTokenizer:
             text=text,
             specials=specials,
             tables=pair_tables(student, text),
-            excluded=excluded_support(text.table, specials, model_vocab_size),
+            excluded=excluded_support(
+                np.flatnonzero(text.table.special[:model_vocab_size]),
+                specials,
+                np.arange(text.table.vocab_size, model_vocab_size),
+            ),
             max_sequence_length=max_sequence_length,
             model_vocab_size=model_vocab_size,
             options=options,

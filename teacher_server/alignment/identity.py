@@ -13,6 +13,7 @@ import numpy as np
 
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.result import Steps, result_from
+from teacher_server.alignment.specials import SpecialMap, SpecialVocab, excluded_support
 from teacher_server.engines.base import ScoringJob
 from teacher_server.errors import InvalidArgument
 
@@ -25,6 +26,21 @@ class IdentityAlignment:
     excluded: np.ndarray  # int64: teacher ids never offered as support
     max_sequence_length: int
     heavy_steps = False  # one job in, the masks out: cheaper than a hop to a worker thread
+
+    @classmethod
+    def build(
+        cls,
+        vocab: SpecialVocab,
+        specials: SpecialMap,
+        unowned_rows: np.ndarray,
+        model_vocab_size: int,
+        max_sequence_length: int,
+    ) -> "IdentityAlignment":
+        masked = np.zeros(model_vocab_size, dtype=bool)
+        masked[[index for index in specials.masked_targets(vocab) if index < model_vocab_size]] = True
+        special_ids = np.asarray(sorted(index for index in vocab.special.values() if index < model_vocab_size))
+        excluded = excluded_support(special_ids.astype(np.int64), specials, unowned_rows)
+        return cls(masked, excluded, max_sequence_length)
 
     def steps(
         self,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from teacher_server.scheduler import SchedulerLimits
-from tests.conftest import LiveServer, build_tiny_model, server_config
+from tests.conftest import LiveServer, server_config
+from testkit.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from student_trainer.config import load_config
 from student_trainer.rollouts import HfRollouts, rollout_seeds
 from student_trainer.train import train
 
-EOS = 2  # tests/conftest.py's tiny tokenizer: <pad> 0, <bos> 1, <eos> 2
+EOS = 2  # testkit/tiny_model.py's tiny tokenizer: <pad> 0, <bos> 1, <eos> 2
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,8 @@ def test_resumed_run_keeps_its_teacher_pin(live_server, tiny_model, student, pro
     """A --pin-teacher run saves the pin; resumed against other teacher weights, it refuses to train."""
     from student_trainer.client import TeacherRequestError
     from teacher_server.identity import weights_sha256
-    from tests.conftest import LiveServer, build_tiny_model, server_config
+    from tests.conftest import LiveServer, server_config
+    from testkit.tiny_model import build_tiny_model
 
     settings = dict(
         student=str(student),

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_VOCAB, build_tiny_model
+from testkit.tiny_model import TINY_VOCAB, build_tiny_model
 
 pytestmark = pytest.mark.vllm
 

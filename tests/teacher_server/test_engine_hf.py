@@ -9,7 +9,7 @@ import torch
 from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.hf import HFEngine
 
-from tests.conftest import TINY_VOCAB
+from testkit.tiny_model import TINY_VOCAB
 from tests.helpers import TOL, check_against_reference, reference
 
 CHUNK = 16

@@ -48,7 +48,7 @@ from teacher_server.engines.sglang import (
     parse_meta_info,
 )
 from teacher_server.engines.support import EXCLUDE_SLACK, prompts_of
-from tests.conftest import TINY_VOCAB
+from testkit.tiny_model import TINY_VOCAB
 from tests.helpers import check_against_reference, reference
 
 

@@ -36,7 +36,8 @@ from student_trainer.client import TeacherClient
 from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.base import Branch
 from teacher_server.launch import TeacherProcess
-from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB, LiveServer, server_config
+from tests.conftest import LiveServer, server_config
+from testkit.tiny_model import SPECIAL_TOKEN, TINY_VOCAB
 
 pytestmark = pytest.mark.vllm
 

@@ -17,7 +17,8 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from student_trainer.client import TeacherScores
 from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.hf import HFEngine
-from tests.conftest import TINY_VOCAB, LiveServer, build_tiny_model, server_config
+from tests.conftest import LiveServer, server_config
+from testkit.tiny_model import TINY_VOCAB, build_tiny_model
 from tests.helpers import EXCLUDED, score_request, teacher_tokenizer_message
 
 TOKENS = np.array([1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 2], dtype=np.int32)

@@ -20,7 +20,8 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from student_trainer.client import RetryPolicy, TeacherClient, TeacherRequestError, TlsOptions
 from teacher_server.auth import ApiKeys, KeyFileError
 from teacher_server.identity import weights_sha256
-from tests.conftest import LiveServer, build_tiny_model, server_config
+from tests.conftest import LiveServer, server_config
+from testkit.tiny_model import build_tiny_model
 from tests.teacher_server.certs import make_pki
 
 ALICE_KEY = "alice-" + secrets.token_hex(16)

@@ -12,7 +12,8 @@ import pytest
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from student_trainer.client import TeacherScores
 from teacher_server.engines import ScoringJob
-from tests.conftest import SPECIAL_TOKEN, TINY_VOCAB, LiveServer, server_config
+from tests.conftest import LiveServer, server_config
+from testkit.tiny_model import SPECIAL_TOKEN, TINY_VOCAB
 from tests.helpers import (
     MAX_K,
     make_rollouts,

@@ -15,7 +15,7 @@ from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from student_trainer.client import AsyncTeacherClient, TeacherScores
 from teacher_server.engines import ScoringJob
-from tests.conftest import TINY_VOCAB
+from testkit.tiny_model import TINY_VOCAB
 from tests.helpers import (
     MAX_K,
     assert_same_scores,

@@ -10,7 +10,7 @@ import pytest
 
 import teacher_server
 from opd.v1 import teacher_pb2
-from tests.conftest import TINY_VOCAB
+from testkit.tiny_model import TINY_VOCAB
 from tests.helpers import (
     MAX_K,
     open_same_as_teacher,

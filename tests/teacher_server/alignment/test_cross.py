@@ -1,7 +1,7 @@
 """Cross-tokenizer scoring on real tokenizers and GSM8K answers: coverage, the service, special tokens.
 
 Coverage is measured for every ordered pair of four real tokenizers. Only SmolLM2 has a
-model here, so the pairs use a bigram teacher of the teacher's tokenizer (tests/tokenizers.py,
+model here, so the pairs use a bigram teacher of the teacher's tokenizer (testkit/tokenizers.py,
 fitted on half of the answers, scored on the other half); the pairs with SmolLM2 as the
 teacher also run the real model (test_fidelity.py).
 """
@@ -14,7 +14,10 @@ import pytest
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.alignment.result import Coverage
-from tests import tokenizers as T
+from testkit import teachers
+from testkit import tokenizers as T
+
+UNALIGNED = teacher_pb2.MASK_REASON_UNALIGNED
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -46,22 +49,36 @@ def rollout(student: str, example: dict) -> tuple[list[int], int]:
     return prompt + completion, len(prompt)
 
 
-_bigrams: dict[str, T.BigramTeacher] = {}
+_bigrams: dict[str, teachers.BigramTeacher] = {}
 
 
-def bigram(teacher: str, answers) -> T.BigramTeacher:
+def bigram(teacher: str, answers) -> teachers.BigramTeacher:
     if teacher not in _bigrams:
-        _bigrams[teacher] = T.BigramTeacher(T.load(teacher), [example["answer"] for example in answers[::2]])
+        _bigrams[teacher] = teachers.BigramTeacher(T.load(teacher), [example["answer"] for example in answers[::2]])
     return _bigrams[teacher]
 
 
 def coverage_of(student: str, teacher: str, engine, examples, **score) -> Coverage:
-    cross = T.cross(student, teacher, engine)
+    cross = teachers.cross(student, teacher, engine)
     total = Coverage()
     for example in examples:
         tokens, score_from = rollout(student, example)
         total.add(cross.score(engine, tokens, score_from, 16, **score).counts)
     return total
+
+
+def test_text_the_teacher_cannot_write_is_masked_unaligned(answers):
+    """A metaspace teacher reads a literal "\u2581" as a space, so its encoding of a completion that
+    holds one stops there: those positions (all of them, if it starts the completion) are UNALIGNED."""
+    need("gpt2", "mistral-sp-v1")
+    student, engine = T.load("gpt2"), bigram("mistral-sp-v1", answers)
+    cross = teachers.cross("gpt2", "mistral-sp-v1", engine)
+    prompt = student("Hi there")["input_ids"]
+    for completion, aligned in (("\u2581", 0), ("ok\u2581 then", 1)):
+        targets = student(completion)["input_ids"] + [student.eos_token_id]
+        result = cross.score(engine, prompt + targets, len(prompt), 8)
+        assert len(result.reason) == len(targets)
+        assert (result.reason[aligned:] == UNALIGNED).all() and (result.reason[:aligned] != UNALIGNED).all()
 
 
 @pytest.mark.parametrize("student, teacher", PAIRS, ids=[f"{s}->{t}" for s, t in PAIRS])
@@ -85,14 +102,14 @@ def test_coverage_on_gsm8k_answers(student, teacher, answers):
 def test_student_130_gets_its_own_token_from_the_real_teacher(smollm2):
     """GPT-2's " 130" is one token; SmolLM2 writes " ", "1", "3", "0": the support offers " 130" itself."""
     need("gpt2")
-    engine = T.smollm2_engine()
+    engine = teachers.smollm2_engine()
     gpt2 = T.load("gpt2")
     prompt = gpt2(
         "Q: A shirt costs 80 dollars and a hat 50 dollars. What do both cost?\nA: 80 + 50 =", add_special_tokens=False
     )["input_ids"]
     completion = gpt2(" 130 dollars.", add_special_tokens=False)["input_ids"]
     position = gpt2.convert_ids_to_tokens(completion).index("Ġ130")
-    result = T.cross("gpt2", "smollm2", engine).score(engine, prompt + completion, len(prompt), 8)
+    result = teachers.cross("gpt2", "smollm2", engine).score(engine, prompt + completion, len(prompt), 8)
     support = {
         gpt2.convert_ids_to_tokens(int(i)): float(np.exp(lp))
         for i, lp in zip(result.ids[position], result.logprobs[position])
@@ -103,7 +120,7 @@ def test_student_130_gets_its_own_token_from_the_real_teacher(smollm2):
     multi_digit = [token for token in support if token.lstrip("Ġ").isdigit() and len(token.lstrip("Ġ")) > 1]
     assert len(multi_digit) >= 2, f"student-vocabulary numbers, not just their first digit: {support}"
     # The student's own token: the exact chain rule over the teacher tokens it spans.
-    plan = T.cross("gpt2", "smollm2", engine).align(np.asarray(prompt + completion), len(prompt))
+    plan = teachers.cross("gpt2", "smollm2", engine).align(np.asarray(prompt + completion), len(prompt))
     start = plan.teacher_from + plan.row[position]
     end = plan.teacher_from + int(np.searchsorted(plan.t_end, plan.e[position], side="left")) + 1
     from teacher_server.engines import ScoringJob

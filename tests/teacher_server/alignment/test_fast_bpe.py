@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from teacher_server.alignment.byte_tables import build_byte_table, byte_table
 from teacher_server.alignment.fast_bpe import tiktoken_twin
 from teacher_server.alignment.text import without_dummy_prefix
-from tests import tokenizers as T
+from testkit import tokenizers as T
 from tests.helpers import PIECES
 
 BYTE_LEVEL = ("tekken", "gpt2", "smollm2")

@@ -1,4 +1,4 @@
-"""Fidelity of cross-tokenizer scores at every position of real GSM8K answers (tests/fidelity.py).
+"""Fidelity of cross-tokenizer scores at every position of real GSM8K answers (testkit/fidelity.py).
 
 The real SmolLM2-135M teacher with each other real tokenizer as the student, and bigram
 stand-in teachers for the other orders: the returned token log-probabilities must equal the
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests import fidelity as F
-from tests import tokenizers as T
+from testkit import fidelity as F
+from testkit import teachers
+from testkit import tokenizers as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -53,8 +54,8 @@ def test_real_teacher_matches_chain_rule_and_brute_force(student, smollm2):
     reason = T.missing_reason(student)
     if reason:
         pytest.skip(f"tokenizer {student} unavailable: {reason}")
-    engine = T.smollm2_engine()
-    cross = T.cross(student, "smollm2", engine)
+    engine = teachers.smollm2_engine()
+    cross = teachers.cross(student, "smollm2", engine)
     found = F.measure(cross, engine, F.ModelRows, T.load(student), gsm8k_answers(10), tv_positions=60)
     summary = check(found, f"{student} -> smollm2")
     assert found.coverage.mean_retained_mass > 0.5 and summary["coverage"] >= 0.97
@@ -77,6 +78,6 @@ def test_stand_in_teacher_matches_chain_rule_and_brute_force(pair):
         if reason:
             pytest.skip(f"tokenizer {name} unavailable: {reason}")
     answers = gsm8k_answers(10)
-    engine = T.BigramTeacher(T.load(teacher), [example["answer"] for example in T.gsm8k()[::2]])
-    cross = T.cross(student, teacher, engine)
+    engine = teachers.BigramTeacher(T.load(teacher), [example["answer"] for example in T.gsm8k()[::2]])
+    cross = teachers.cross(student, teacher, engine)
     check(F.measure(cross, engine, F.BigramRows, T.load(student), answers, tv_positions=60, chat=False), pair)

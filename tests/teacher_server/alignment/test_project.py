@@ -1,6 +1,6 @@
 """The projection with hand-written teacher probabilities on real tokenizers: exact expectations.
 
-The teacher here is ScriptedTeacher (tests/tokenizers.py): its next-token probabilities
+The teacher here is ScriptedTeacher (testkit/tokenizers.py): its next-token probabilities
 depend on the text after the prompt, so every expected value below is a product of the
 script's numbers.
 """
@@ -13,7 +13,8 @@ import pytest
 
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.cross import CrossOptions
-from tests import tokenizers as T
+from testkit import teachers
+from testkit import tokenizers as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -46,8 +47,8 @@ def run(
     s = T.load(student)
     prompt_ids = s(prompt, add_special_tokens=False)["input_ids"]
     tokens = np.asarray(prompt_ids + completion_ids)
-    engine = T.ScriptedTeacher(T.table(teacher), None, None)
-    cross = T.cross(student, teacher, engine, CrossOptions(rounds=rounds), pairs=pairs, pair_eos=pair_eos)
+    engine = teachers.ScriptedTeacher(T.table(teacher), None, None)
+    cross = teachers.cross(student, teacher, engine, CrossOptions(rounds=rounds), pairs=pairs, pair_eos=pair_eos)
     plan = cross.align(tokens, len(prompt_ids))
     by_text = {
         key.encode(): {teacher_id(teacher, tok) if isinstance(tok, str) else tok: p for tok, p in value.items()}
@@ -181,8 +182,8 @@ def test_think_tokens_are_masked_and_removed_from_the_teacher_text(thinking_gpt2
     im_end = text.table.ids["<|im_end|>"]
 
     def score(pairs=()):
-        specials = special_map(s_table, text.table, ["<|endoftext|>"], [im_end], pairs)
-        engine = T.ScriptedTeacher(text.table, None, None)
+        specials = special_map(s_table.special_vocab, text.table.special_vocab, ["<|endoftext|>"], [im_end], pairs)
+        engine = teachers.ScriptedTeacher(text.table, None, None)
         cross = CrossTokenizer.build(s_table, text, specials, engine.vocab_size, engine.max_sequence_length)
         plan = cross.align(tokens, len(prompt))
         script = {

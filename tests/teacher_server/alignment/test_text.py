@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests import tokenizers as T
+from testkit import tokenizers as T
 
 STRICT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"

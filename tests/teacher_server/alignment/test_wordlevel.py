@@ -3,7 +3,7 @@
 The demo teacher's tokenizer (student_trainer/demo/task.py) is WordLevel, one token per
 character, decoded with Fuse: every token's bytes are its UTF-8 string. The cross-tokenizer
 student of opd-study (student_trainer/demo/xtok.py) is a BPE with the doubled digits as single
-tokens and other special tokens. The teacher here is ScriptedTeacher (tests/tokenizers.py).
+tokens and other special tokens. The teacher here is ScriptedTeacher (testkit/tokenizers.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from teacher_server.alignment.byte_tables import UnsupportedTokenizer, build_byt
 from teacher_server.alignment.cross import NEVER_WRITTEN_LOGPROB, CrossTokenizer
 from teacher_server.alignment.specials import special_map
 from teacher_server.alignment.text import TeacherText
-from tests import tokenizers as T
+from testkit import teachers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -104,8 +104,10 @@ def test_teacher_text_stops_where_its_vocabulary_ends():
 def xtok_against_demo(script: dict[str, dict[str, float]], completion: list[str], top_k: int = 8, mask: bool = True):
     """Score a student completion (xtok tokens) of the prompt "12>" against a scripted demo teacher."""
     student, text = table_of(XTOK), demo_teacher_text()
-    specials = special_map(student, text.table, [XTOK.eos_token], [DEMO.eos_token_id], mask=mask)
-    engine = T.ScriptedTeacher(text.table, None, None)
+    specials = special_map(
+        student.special_vocab, text.table.special_vocab, [XTOK.eos_token], [DEMO.eos_token_id], mask=mask
+    )
+    engine = teachers.ScriptedTeacher(text.table, None, None)
     cross = CrossTokenizer.build(student, text, specials, engine.vocab_size, engine.max_sequence_length)
     prompt = XTOK("12>")["input_ids"]
     tokens = np.asarray(prompt + XTOK.convert_tokens_to_ids(completion))
@@ -195,8 +197,8 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
 
     teacher, student = table_of(XTOK), table_of(DEMO)
     text = TeacherText(teacher, XTOK.backend_tokenizer.to_str(), "", XTOK.bos_token, XTOK.eos_token)
-    specials = special_map(student, teacher, [DEMO.eos_token], [XTOK.eos_token_id])
-    engine = T.ScriptedTeacher(teacher, None, None)
+    specials = special_map(student.special_vocab, teacher.special_vocab, [DEMO.eos_token], [XTOK.eos_token_id])
+    engine = teachers.ScriptedTeacher(teacher, None, None)
     options = CrossOptions(candidates=2, inside_candidates=inside)
     cross = CrossTokenizer.build(student, text, specials, engine.vocab_size, engine.max_sequence_length, options)
     prompt = DEMO("12>")["input_ids"]

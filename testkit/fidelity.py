@@ -18,7 +18,7 @@ vocabulary (log-softmax in float64, rows kept in float32), independently of the 
 
 Teacher rows come from `ModelRows` (a Hugging Face model: one pass over the
 teacher sequence, then batched branch passes on its KV cache) or `BigramRows` (the
-stand-in teachers of tests/tokenizers.py).
+stand-in teachers of testkit/tokenizers.py).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class ModelRows:
 
 
 class BigramRows:
-    """Rows of a BigramTeacher (tests/tokenizers.py): they depend on the last token only."""
+    """Rows of a BigramTeacher (testkit/tokenizers.py): they depend on the last token only."""
 
     def __init__(self, engine, teacher_ids: np.ndarray) -> None:
         self.engine, self.teacher_ids = engine, teacher_ids

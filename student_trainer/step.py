@@ -1,0 +1,234 @@
+"""One optimizer step over a scored batch, and the held-out evaluation: what the loop does with rollouts.
+
+`optimizer_step` waits for the teacher's scores of one batch (this rank's shard), runs the loss
+over its micro-batches and steps; its metrics are means over the global batch.
+`evaluate_heldout` scores the student's own rollouts of held-out prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass
+import torch
+
+from student_trainer.batch import (
+    ScoredBatch,
+    behaviour_gaps,
+    collate,
+    mask_fractions,
+    scored_logits,
+    summed_teacher_counts,
+    teacher_coverage,
+)
+from student_trainer.client import TeacherClient
+from student_trainer.config import TrainConfig
+from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
+from student_trainer.losses import (
+    log_normalizer,
+    sampled_token_loss,
+    student_token_logprobs,
+    support_metrics,
+    topk_reverse_kl,
+)
+from student_trainer.messages import TeacherScores
+from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
+
+# Evaluation rollouts use their own fixed seed, so every evaluation of a run
+# (and of a resumed run) samples the same way.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class StudentTokens:
+    """The token ids of the student tokenizer that the loop needs."""
+
+    def __init__(self, tokenizer) -> None:
+        self.eos_ids = [tokenizer.eos_token_id]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.special_ids = list(tokenizer.all_special_ids)
+
+
+def per_position_loss(
+    config: TrainConfig, logits: torch.Tensor, batch: ScoredBatch, token_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured loss per position [B, P], and the sampled-token advantages [B, P].
+
+    `token_logprobs`: the student's log q of the targets (no gradient), shared with the metrics.
+    """
+    mask = batch.mask.to(logits.device)
+    teacher_token_logprobs = batch.teacher_token_logprobs.to(logits.device)
+    if config.loss == "sampled_token":
+        return sampled_token_loss(logits, batch.targets.to(logits.device), teacher_token_logprobs, mask, config.gamma)
+    # Advantages are logged for every loss (they show the baseline's imbalance): a_t = log p_T - log q.
+    advantages = torch.where(mask.bool(), teacher_token_logprobs.to(token_logprobs.dtype) - token_logprobs, 0.0)
+    loss = topk_reverse_kl(
+        logits,
+        batch.teacher_ids.to(logits.device),
+        batch.teacher_logprobs.to(logits.device),
+        mask,
+        renormalize=config.loss == "topk_rkl",
+    )
+    return loss, advantages
+
+
+def evaluation_seeds(config: TrainConfig, count: int, first: int = 0) -> list[int]:
+    return rollout_seeds(config.seed + EVAL_SEED_OFFSET, 0, first, count)
+
+
+def hf_rollouts(model, tokens: StudentTokens, synced_processes: bool = False) -> HfRollouts:
+    return HfRollouts(unwrap(model), eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, synced_processes=synced_processes)
+
+
+def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: TrainConfig, tokens: StudentTokens):
+    return collate_scores(rollouts, teacher.score_many(teacher_requests(rollouts), config.top_k), config, tokens)
+
+
+def teacher_requests(rollouts: list[Rollout]) -> list[tuple[list[int], int]]:
+    return [(r.tokens, r.prompt_length) for r in rollouts]
+
+
+def collate_scores(rollouts: list[Rollout], scores: list[TeacherScores], config: TrainConfig, tokens: StudentTokens):
+    return collate(
+        rollouts,
+        scores,
+        pad_id=tokens.pad_id,
+        special_ids=tokens.special_ids,
+        keep_ids=tokens.eos_ids,
+        mask_special_tokens=config.mask_special_tokens,
+    )
+
+
+@dataclass
+class PendingBatch:
+    """One step's rollouts (this rank's shard) and the teacher's answers, possibly still on their way."""
+
+    rollouts: list[Rollout]
+    scores: Future  # of list[TeacherScores]
+    rollout_s: float
+    policy_lag: int
+
+
+def optimizer_step(
+    model, optimizer, scheduler, pending: PendingBatch, config: TrainConfig, tokens: StudentTokens, world: World
+) -> dict:
+    """Wait for the teacher, take one optimizer step over this rank's shard; metrics of the global batch."""
+    started = time.perf_counter()
+    scores = pending.scores.result()  # with overlap_scoring the teacher may be done already
+    teacher_wait = time.perf_counter() - started
+    size = config.micro_batch_size
+    micro_batches = [
+        collate_scores(pending.rollouts[i : i + size], scores[i : i + size], config, tokens)
+        for i in range(0, len(pending.rollouts), size)
+    ]
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    local = {
+        "positions": sum(int(b.mask.sum()) for b in micro_batches),
+        "real_positions": sum(int(b.valid.sum()) for b in micro_batches),
+    }
+    counts = all_reduce_sums(local, world)
+    positions, real_positions = max(counts["positions"], 1), max(counts["real_positions"], 1)
+    totals: dict[str, float] = defaultdict(float)
+    gap = {"behaviour_gap_sum": 0.0, "behaviour_gap_count": 0.0}
+    gap_max = 0.0
+    for batch in micro_batches:
+        position_metrics, gaps = _backward(model, batch, config, world.size, positions)
+        for name, value in position_metrics.items():
+            totals[name] += value * int(batch.mask.sum()) / positions
+        for name, value in mask_fractions(batch).items():
+            totals[name] += value * int(batch.valid.sum()) / real_positions
+        gap["behaviour_gap_sum"] += float(gaps.sum())
+        gap["behaviour_gap_count"] += gaps.numel()
+        gap_max = max(gap_max, float(gaps.max())) if gaps.numel() else gap_max
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    optimizer.step()
+    scheduler.step()
+    sums = all_reduce_sums(
+        dict(totals)
+        | {f"counts.{name}": value for name, value in summed_teacher_counts(micro_batches).items()}
+        | {"completion_tokens": sum(r.completion_length for r in pending.rollouts), "rollouts": len(pending.rollouts)}
+        | {"total_tokens": sum(len(r.tokens) for r in pending.rollouts)}
+        | gap,
+        world,
+    )
+    teacher_counts = {name.removeprefix("counts."): sums.pop(name) for name in list(sums) if name.startswith("counts.")}
+    return {
+        **{name: sums[name] for name in totals},
+        **teacher_coverage(teacher_counts),
+        "grad_norm": float(grad_norm),
+        "lr": scheduler.get_last_lr()[0],
+        "response_length": sums["completion_tokens"] / sums["rollouts"],
+        "scored_positions": int(positions),
+        "policy_lag": pending.policy_lag,
+        "behaviour_logprob_gap": sums["behaviour_gap_sum"] / max(sums["behaviour_gap_count"], 1),
+        "behaviour_logprob_gap_max": all_reduce_max(gap_max, world),
+        "world_size": world.size,
+        "total_tokens": sums["total_tokens"],
+        "rollout_s": pending.rollout_s,
+        "teacher_latency_s": teacher_wait,
+    }
+
+
+def _backward(
+    model, batch: ScoredBatch, config: TrainConfig, world_size: int, positions: int
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Loss and gradients of one micro-batch; its metrics (means over its loss-carrying positions)
+    and the behaviour gaps of its positions."""
+    logits = scored_logits(model, batch)
+    # The one full-vocabulary reduction of the step outside the loss; the metrics share it.
+    log_norm = log_normalizer(logits)
+    token_logprobs = student_token_logprobs(logits, batch.targets.to(logits.device), log_norm)
+    loss, advantages = per_position_loss(config, logits, batch, token_logprobs)
+    gaps = behaviour_gaps(token_logprobs, batch)
+    # Mean over every loss-carrying position of the global batch, whatever the micro-batching and
+    # the world size (gradient averaging over ranks divides the world size back out).
+    (loss.sum() * world_size / positions).backward()
+    mask = batch.mask.to(advantages.device)
+    used = max(int(mask.sum()), 1)
+    metrics = support_metrics(logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask, log_norm)
+    metrics.pop("num_positions")
+    return metrics | {
+        "loss": float(loss.detach().sum()) / used,
+        "negative_advantage_share": float((advantages < 0)[mask].float().sum()) / used,
+        "mean_advantage": float(advantages[mask].sum()) / used,
+    }, gaps
+
+
+@torch.no_grad()
+def evaluate_heldout(
+    model, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens, world: World
+) -> dict:
+    """Mean truncated reverse KL to the teacher on the student's own rollouts of held-out prompts,
+    sampled from the live weights; each rank evaluates its share, the means are over all of them."""
+    share = len(prompts) // world.size
+    first = world.rank * share
+    engine = hf_rollouts(
+        model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp"
+    )  # see make_rollout_engine
+    rollouts = engine.generate(
+        prompts[first : first + share],
+        evaluation_seeds(config, share, first),
+        top_p=config.top_p,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+    )
+    batch = score_rollouts(teacher, rollouts, config, tokens)
+    metrics = support_metrics(
+        scored_logits(unwrap(model), batch), batch.teacher_ids, batch.teacher_logprobs, batch.mask
+    )
+    count = metrics.pop("num_positions")
+    sums = all_reduce_sums(
+        {name: value * count for name, value in metrics.items()}
+        | {
+            "positions": count,
+            "completion_tokens": sum(r.completion_length for r in rollouts),
+            "rollouts": len(rollouts),
+        },
+        world,
+    )
+    positions = max(sums.pop("positions"), 1)
+    return {f"eval_{name}": sums[name] / positions for name in metrics} | {
+        "eval_response_length": sums["completion_tokens"] / max(sums["rollouts"], 1)
+    }
