@@ -35,4 +35,7 @@ PYEOF
 # The teacher server and the test client; every other dependency of ours is already
 # satisfied by vLLM's (transformers, torch, numpy, protobuf, ...), so nothing of vLLM's moves.
 "$PY" -m pip install --quiet -e . pytest pytest-timeout hypothesis
-"$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+# TRL's clients against our HTTP port (tests/teacher_server/test_http_trl.py): its VLLMClient
+# refuses to start unless vLLM is importable, so it lives here. Pinned: the test is of this version.
+"$PY" -m pip install --quiet --no-compile trl==1.16.0
+"$PY" -c "import vllm, torch, transformers, trl; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"

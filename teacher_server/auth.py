@@ -119,16 +119,23 @@ class Authenticator:
         """The caller's tenant, or why the call is refused."""
         if self.keys is None:
             return OPEN_TENANT, None
-        key = bearer_key(details.invocation_metadata)
+        return self.tenant_of(
+            bearer_key(details.invocation_metadata),
+            details.method,
+            "no API key: send the metadata 'authorization: Bearer <key>' with every call "
+            "(the trainer's --teacher-api-key-file)",
+        )
+
+    def tenant_of(self, key: str | None, method: str, missing: str) -> tuple[str, str | None]:
+        """The tenant of `key` (from any front end), or why it is refused; `missing` says how to send one."""
+        if self.keys is None:
+            return OPEN_TENANT, None
         if key is None:
-            self._failed(details.method, "missing")
-            return "", (
-                "no API key: send the metadata 'authorization: Bearer <key>' with every call "
-                "(the trainer's --teacher-api-key-file)"
-            )
+            self._failed(method, "missing")
+            return "", missing
         tenant = self.keys.tenant_for(key)
         if tenant is None:
-            self._failed(details.method, "invalid")
+            self._failed(method, "invalid")
             return "", "invalid API key; ask the teacher's operator for a key of your tenant"
         return tenant, None
 

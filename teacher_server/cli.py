@@ -33,6 +33,13 @@ def _serving_flags(
     run.add_argument("--tokenizer", help="the teacher's tokenizer (default: the model's)")
     run.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0 for all)")
     run.add_argument("--port", type=int, default=server.port, help="port (0 picks a free one)")
+    run.add_argument(
+        "--http-port",
+        type=int,
+        default=server.http_port,
+        help="also serve vLLM's /v1/completions and SGLang's /generate dialects over HTTP on this port "
+        "(0 picks a free one; default: no HTTP)",
+    )
     run.add_argument("--engine", choices=ENGINE_NAMES, default=server.engine)
     run.add_argument("--device", default=engine_defaults.device, help="cpu, cuda or cuda:N")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=engine_defaults.dtype)
@@ -175,6 +182,7 @@ def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> 
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
     )
 
 

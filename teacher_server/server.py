@@ -27,9 +27,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
-from teacher_server.auth import ApiKeys
+from teacher_server.auth import ApiKeys, Authenticator
 from teacher_server.engines import EngineConfig, load_engine
 from teacher_server.gate import GateInterceptor
+from teacher_server.http.app import HttpFront, HttpServer, TlsFiles
+from teacher_server.http.scoring import TokenTexts
 from teacher_server.identity import TeacherIdentity, weights_sha256
 from teacher_server.interceptor import StatusInterceptor
 from teacher_server.metrics import TeacherMetrics
@@ -66,6 +68,8 @@ class ServerConfig:
     # Prometheus /metrics over HTTP; None: not served. metrics_host None: the gRPC host.
     metrics_port: int | None = None
     metrics_host: str | None = None
+    # The HTTP front end (vLLM's and SGLang's dialects, http/); None: not served. 0 picks a free port.
+    http_port: int | None = None
 
 
 class TeacherServer:
@@ -82,6 +86,14 @@ class TeacherServer:
         self.identity: TeacherIdentity | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
+        self.http_front = HttpFront(
+            Authenticator(config.api_keys, self.metrics), self.metrics, config.max_request_bytes
+        )
+        if config.http_port is not None:
+            tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            self.http = HttpServer(self.http_front, config.host, config.http_port, tls)
         self._server = grpc.aio.server(
             interceptors=[
                 GateInterceptor(config.api_keys, lambda: self.identity, self.metrics),
@@ -112,6 +124,9 @@ class TeacherServer:
         await self._server.start()
         transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
         log.info("listening on %s:%d (%s), loading %s", config.host, self.port, transport, config.engine_config.model)
+        if self.http is not None:
+            self.http_port = await self.http.start()
+            log.info("HTTP (vLLM and SGLang dialects) on %s:%d (%s)", config.host, self.http_port, transport)
         if config.api_keys is None:
             # Once, here, and loudly: an open teacher is fine on a laptop, not on a shared network.
             log.warning(
@@ -136,9 +151,12 @@ class TeacherServer:
         self.scheduler = Scheduler(engine, config.limits, self.metrics)
         self.scheduler.start()
         owners = SessionOwners(config.max_sessions_per_tenant)
-        self.servicer.set_service(
-            TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics)
-        )
+        service = TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics)
+        self.servicer.set_service(service)
+        tokenizer = config.tokenizer or model
+        self.http_front.texts = TokenTexts(tokenizer)
+        self.http_front.model, self.http_front.tokenizer = engine.model_name, tokenizer
+        self.http_front.service = service
         self.identity = TeacherIdentity(engine.model_name, sha)
         self.metrics.teacher(engine.model_name, engine.name, sha)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -148,6 +166,7 @@ class TeacherServer:
         """Drain, then stop: accepted requests are answered, new ones get UNAVAILABLE."""
         started = time.monotonic()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.http_front.draining = True
         self.metrics.draining.set(1)
         if self.scheduler is not None:
             self.scheduler.drain()
@@ -163,7 +182,11 @@ class TeacherServer:
             else:
                 log.warning("drain: accepted requests still running after %.0f s; cancelling them", self.config.grace_s)
         # Answers of finished jobs may still be on their way out: give RPCs the rest of the grace.
-        await self._server.stop(max(0.5, self.config.grace_s - (time.monotonic() - started)))
+        rest = max(0.5, self.config.grace_s - (time.monotonic() - started))
+        if self.http is not None:
+            await asyncio.gather(self._server.stop(rest), self.http.stop(rest))
+        else:
+            await self._server.stop(rest)
         if self.scheduler is not None:
             await self.scheduler.stop()
         self.metrics.close()

@@ -26,13 +26,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
 import pytest
+import requests
 
 from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
+from teacher_server.launch import free_port
 from tests.helpers import start_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +45,11 @@ KEYS = {tenant: secrets.token_hex(16) for tenant in [*TENANTS, LIGHT]}
 SEQUENCE, SCORE_FROM, TOP_K = 24, 8, 8
 
 
+class Teacher(NamedTuple):
+    target: str  # gRPC
+    http_base: str
+
+
 @pytest.fixture(scope="module")
 def teacher(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("load")
@@ -49,14 +57,30 @@ def teacher(tiny_model, tmp_path_factory):
     keys.write_text("".join(f"{tenant} {key}\n" for tenant, key in KEYS.items()))
     # Small batches: a light tenant's request waits for the batch already on the device,
     # so the batch size bounds its latency under load (the scheduler bounds the rest).
-    process = start_teacher(tiny_model, tmp, "--api-keys", str(keys), "--max-batch-size", "1", "--log-level", "WARNING")
-    yield process.target
+    http_port = free_port()
+    process = start_teacher(
+        tiny_model,
+        tmp,
+        "--api-keys",
+        str(keys),
+        "--max-batch-size",
+        "1",
+        "--log-level",
+        "WARNING",
+        "--http-port",
+        str(http_port),
+    )
+    yield Teacher(process.target, f"http://127.0.0.1:{http_port}")
     process.close(timeout_s=60)
     assert process.returncode == 0, process.log_path.read_text()[-3000:]
 
 
 def metadata(tenant: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {KEYS[tenant]}")]
+
+
+def metadata_header(tenant: str) -> dict[str, str]:
+    return dict(metadata(tenant))
 
 
 def request(session_id: str, rng: np.random.Generator, request_id: int = 0) -> teacher_pb2.ScoreRequest:
@@ -108,11 +132,11 @@ def jain(values: list[float]) -> float:
 
 def test_equal_demand_is_served_fairly_without_errors(teacher):
     async def main():
-        async with grpc.aio.insecure_channel(teacher) as control:
+        async with grpc.aio.insecure_channel(teacher.target) as control:
             stub = teacher_pb2_grpc.TeacherStub(control)
             sessions = {tenant: await open_sessions(stub, tenant, index + 1) for index, tenant in enumerate(TENANTS)}
         answers: dict[str, list[float]] = {tenant: [] for tenant in TENANTS}
-        channels = [grpc.aio.insecure_channel(teacher) for _ in range(16)]
+        channels = [grpc.aio.insecure_channel(teacher.target) for _ in range(16)]
         try:
             started = time.perf_counter()
             clients = [
@@ -148,9 +172,52 @@ def test_equal_demand_is_served_fairly_without_errors(teacher):
     assert index >= 0.95
 
 
+async def alternate_with_flood(light, flood_args: list[str]) -> tuple[list[float], list[float], str]:
+    """The light tenant's latencies alone and under the flood, sampled alternately.
+
+    The flood runs in its own process (tests/teacher_server/flood.py), bounded to 120 s.
+    Loaded and unloaded samples alternate (the flood paused with SIGSTOP), so a change
+    in the machine's other load affects both alike."""
+    await light(20)  # warm-up
+    flood = subprocess.Popen(
+        [sys.executable, "-m", "tests.teacher_server.flood", *flood_args, "120"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    alone, flooded = [], []
+    try:
+        await asyncio.sleep(3.0)  # the flood is in full swing: 128 requests in flight
+        for _ in range(4):
+            flooded += await light(10)
+            flood.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(1.5)  # the teacher works off the flood's queued requests
+            alone += await light(10)
+            flood.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.5)  # its queue is deep again
+    finally:
+        flood.send_signal(signal.SIGCONT)
+        output, _ = flood.communicate("", timeout=90)  # closing its stdin stops it
+    return alone, flooded, output
+
+
+def check_light_tenant(alone: list[float], flooded: list[float], output: str, front: str) -> None:
+    unloaded, loaded = statistics.median(alone), statistics.median(flooded)
+    print(
+        f"\nload, flooding over {front}: light tenant median latency {1000 * unloaded:.1f} ms alone, "
+        f"{1000 * loaded:.1f} ms while another tenant kept 128 requests in flight (flood: {output.strip()}): "
+        f"ratio {loaded / unloaded:.2f}"
+    )
+    answered, errors = (int(part.split("=")[1]) for part in output.split())
+    assert answered > 100 and errors == 0
+    assert loaded <= 3 * unloaded
+
+
 def test_a_flooding_tenant_does_not_slow_a_light_one_beyond_3x(teacher):
     async def main():
-        async with grpc.aio.insecure_channel(teacher) as channel:
+        async with grpc.aio.insecure_channel(teacher.target) as channel:
             stub = teacher_pb2_grpc.TeacherStub(channel)
             (light_session,) = await open_sessions(stub, LIGHT, 1)
             (heavy_session,) = await open_sessions(stub, "t0", 1)
@@ -165,40 +232,30 @@ def test_a_flooding_tenant_does_not_slow_a_light_one_beyond_3x(teacher):
                     await asyncio.sleep(0.005)
                 return latencies
 
-            await light(20)  # warm-up
-            # The flood runs in its own process (tests/teacher_server/flood.py), bounded to 120 s.
-            # Loaded and unloaded samples alternate (the flood paused with SIGSTOP), so a change
-            # in the machine's other load affects both alike.
-            flood = subprocess.Popen(
-                [sys.executable, "-m", "tests.teacher_server.flood", teacher, KEYS["t0"], heavy_session, "120"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            )
-            alone, flooded = [], []
-            try:
-                await asyncio.sleep(3.0)  # the flood is in full swing: 128 requests in flight
-                for _ in range(4):
-                    flooded += await light(10)
-                    flood.send_signal(signal.SIGSTOP)
-                    await asyncio.sleep(1.5)  # the teacher works off the flood's queued requests
-                    alone += await light(10)
-                    flood.send_signal(signal.SIGCONT)
-                    await asyncio.sleep(0.5)  # its queue is deep again
-            finally:
-                flood.send_signal(signal.SIGCONT)
-                output, _ = flood.communicate("", timeout=90)  # closing its stdin stops it
-            return alone, flooded, output
+            return await alternate_with_flood(light, [teacher.target, KEYS["t0"], heavy_session])
 
-    alone, flooded, output = asyncio.run(main())
-    unloaded, loaded = statistics.median(alone), statistics.median(flooded)
-    print(
-        f"\nload, flooding: light tenant median latency {1000 * unloaded:.1f} ms alone, {1000 * loaded:.1f} ms "
-        f"while another tenant kept 128 requests in flight (flood: {output.strip()}): "
-        f"ratio {loaded / unloaded:.2f}"
-    )
-    answered, errors = (int(part.split("=")[1]) for part in output.split())
-    assert answered > 100 and errors == 0
-    assert loaded <= 3 * unloaded
+    check_light_tenant(*asyncio.run(main()), "gRPC")
+
+
+def test_a_flooding_tenant_does_not_slow_a_light_one_beyond_3x_over_http(teacher):
+    """The same fairness through the HTTP front end: both tenants speak vLLM's dialect."""
+    base = teacher.http_base
+    rng = np.random.default_rng(0)
+    session = requests.Session()
+
+    def light_once() -> float:
+        body = {"prompt": [rng.integers(4, 96, size=SEQUENCE).tolist()], "max_tokens": 1, "prompt_logprobs": TOP_K}
+        started = time.perf_counter()
+        answer = session.post(base + "/v1/completions", json=body, headers=metadata_header(LIGHT), timeout=60)
+        assert answer.ok, answer.text
+        return time.perf_counter() - started
+
+    async def light(count: int) -> list[float]:
+        latencies = []
+        for _ in range(count):
+            latencies.append(await asyncio.to_thread(light_once))
+            await asyncio.sleep(0.005)
+        return latencies
+
+    with session:
+        check_light_tenant(*asyncio.run(alternate_with_flood(light, [base, KEYS["t0"], "http"])), "HTTP")
