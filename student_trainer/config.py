@@ -40,7 +40,9 @@ class TrainConfig:
     temperature: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 8  # rollouts per optimizer step, over all processes (the global batch)
-    micro_batch_size: int = 8  # rollouts per forward/backward of one process (gradient accumulation)
+    # Rollouts per forward/backward of one process (gradient accumulation); a process with a smaller
+    # share of the batch takes it in one, and the last micro-batch may be smaller than the others.
+    micro_batch_size: int = 8
     # hf: generate with the model being trained. vllm: a colocated vLLM engine (in this process)
     # that gets the trainer's weights every rollout_sync_every steps (policy lag up to N - 1).
     rollout_engine: str = "hf"
@@ -107,10 +109,9 @@ class TrainConfig:
             problems.append(f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}")
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
-        if self.batch_size % self.micro_batch_size:
-            problems.append(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
-            )
+        for name in ("batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 

@@ -144,10 +144,11 @@ def train(config: TrainConfig, *, resume: bool = False, evaluate_task: TaskEvalu
     """Run OPD training as configured (one process, or one rank under torchrun); returns the metric records."""
     world = init_world(config.device)
     try:
-        if config.batch_size % (world.size * config.micro_batch_size):
+        if config.batch_size % world.size:
+            below = config.batch_size - config.batch_size % world.size
             raise ValueError(
-                f"batch_size {config.batch_size} must be a multiple of world size {world.size} x "
-                f"micro_batch_size {config.micro_batch_size}"
+                f"batch_size {config.batch_size} must be a multiple of the world size {world.size} (every "
+                f"process samples an equal share): set --batch-size to {below or world.size} or {below + world.size}"
             )
         if evaluate_task is not None and world.distributed:
             raise ValueError("evaluate_task runs in single-process training only")

@@ -155,6 +155,8 @@ class TeacherServer:
         self.servicer.set_service(service)
         tokenizer = config.tokenizer or model
         self.http_front.texts = TokenTexts(tokenizer)
+        if self.http is not None:  # decoded once, here, not on the event loop by a first request
+            await asyncio.to_thread(self.http_front.texts.get)
         self.http_front.model, self.http_front.tokenizer = engine.model_name, tokenizer
         self.http_front.service = service
         self.identity = TeacherIdentity(engine.model_name, sha)

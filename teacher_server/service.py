@@ -35,6 +35,9 @@ class ScoreInput:
     # The prompt as chat messages (role, content); cross-tokenizer sessions render it
     # with the teacher's chat template. Identical tokenizers score the tokens as sent.
     messages: tuple[tuple[str, str], ...] = ()
+    # int64 [P, M] ids whose log-probabilities the result carries at each scored position (-1: none);
+    # same-tokenizer sessions on engines that declare supports_requested_ids (the HTTP dialects).
+    requested_ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,13 @@ class TeacherService:
         self._validate(request, session)
         rounds = None if self.engine.supports_branches else 0  # None: the session's own
         steps = session.alignment.steps(
-            request.tokens, request.score_from, request.top_k, session.temperature, request.messages, rounds
+            request.tokens,
+            request.score_from,
+            request.top_k,
+            session.temperature,
+            request.messages,
+            rounds,
+            request.requested_ids,
         )
         heavy = session.alignment.heavy_steps
         step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
@@ -161,3 +170,17 @@ class TeacherService:
             )
         if not 1 <= request.top_k <= self.max_k:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_k} (GetInfo.max_k), got {request.top_k}")
+        if request.requested_ids is not None:
+            self._validate_requested(request.requested_ids, length - request.score_from, session)
+
+    def _validate_requested(self, requested: np.ndarray, positions: int, session: Session) -> None:
+        if not self.engine.supports_requested_ids:
+            raise InvalidArgument(f"the {self.engine.name} engine does not score requested ids; use the hf engine")
+        if requested.ndim != 2 or len(requested) != positions or requested.shape[1] > self.max_k:
+            raise InvalidArgument(
+                f"requested ids must be [positions = {positions}, at most {self.max_k}] ids, got {list(requested.shape)}"
+            )
+        if len(requested) and int(requested.max()) >= session.student_vocab_size:
+            raise InvalidArgument(
+                f"requested id {int(requested.max())} is outside the vocabulary [0, {session.student_vocab_size})"
+            )

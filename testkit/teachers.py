@@ -27,6 +27,7 @@ class BigramTeacher:
     dtype = "float64"
     temperatures = None
     supports_branches = True
+    supports_requested_ids = False
 
     def __init__(self, tokenizer, texts, alpha: float = 2.0) -> None:
         import numpy as np
@@ -148,6 +149,7 @@ class ScriptedTeacher:
     dtype = "float64"
     temperatures = None
     supports_branches = True
+    supports_requested_ids = False
     max_sequence_length = 1 << 20
 
     def __init__(self, teacher_table, prompt_length_of, script) -> None:

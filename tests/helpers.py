@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -130,11 +134,11 @@ def start_teacher(model: Path, tmp: Path, *extra: str, port: int | None = None) 
 MAX_K = 32  # server_config's default
 
 
-def open_same_as_teacher(stub, temperature: float = 0.0) -> str:
+def open_same_as_teacher(stub, temperature: float = 0.0, metadata=None) -> str:
     request = teacher_pb2.OpenSessionRequest(
         tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=temperature
     )
-    return stub.OpenSession(request, timeout=30).session_id
+    return stub.OpenSession(request, metadata=metadata, timeout=30).session_id
 
 
 def make_rollouts(count: int, seed: int) -> list[tuple[np.ndarray, int, int]]:
@@ -163,3 +167,30 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def sigterm_under_load(
+    process,
+    clients: list[Callable[[], None]],
+    watch_health: Callable[[], None],
+    answered: Callable[[], int],
+    enough: int,
+    signalled: threading.Event,
+    exited: threading.Event | None = None,
+) -> None:
+    """Run the clients until `answered()` reaches `enough`, then SIGTERM the teacher while
+    `watch_health` runs; the teacher must exit 0 within a minute and every client finish."""
+    with ThreadPoolExecutor(len(clients) + 1) as pool:
+        running = [pool.submit(client) for client in clients]
+        while answered() < enough:  # under load
+            time.sleep(0.05)
+            assert process.poll() is None
+        watcher = pool.submit(watch_health)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        signalled.set()
+        assert process.wait(timeout=60) == 0
+        if exited is not None:
+            exited.set()
+        for future in [*running, watcher]:
+            future.result(timeout=60)

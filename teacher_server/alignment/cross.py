@@ -244,8 +244,11 @@ class CrossTokenizer:
         temperature: float,
         messages: Sequence[tuple[str, str]] = (),
         rounds: int | None = None,
+        requested_ids: np.ndarray | None = None,
     ) -> Steps:
         """Align, the teacher pass, up to `rounds` branch rounds (None: the session's), the result."""
+        if requested_ids is not None:
+            raise InvalidArgument("log-probabilities at requested ids are served for same-tokenizer sessions only")
         try:
             plan = self.align(tokens, score_from, messages)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context

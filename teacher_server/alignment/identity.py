@@ -50,6 +50,7 @@ class IdentityAlignment:
         temperature: float,
         messages: Sequence[tuple[str, str]] = (),
         rounds: int | None = None,
+        requested_ids: np.ndarray | None = None,
     ) -> Steps:
         if len(tokens) > self.max_sequence_length:
             raise InvalidArgument(
@@ -57,10 +58,17 @@ class IdentityAlignment:
                 "truncate the rollout or cap max_new_tokens"
             )
         job = ScoringJob(
-            token_ids=tokens, score_from=score_from, top_k=top_k, temperature=temperature, exclude_ids=self.excluded
+            token_ids=tokens,
+            score_from=score_from,
+            top_k=top_k,
+            temperature=temperature,
+            exclude_ids=self.excluded,
+            requested_ids=requested_ids,
         )
         scores = yield job
         masked = self.masked_targets[tokens[score_from:]]
         reason = np.where(masked, SPECIAL, teacher_pb2.MASK_REASON_OK).astype(np.uint8)
         mass = np.exp(scores.logprobs.astype(np.float64)).sum(axis=1)
-        return result_from(scores.ids, scores.logprobs, scores.token_logprobs, reason, mass)
+        result = result_from(scores.ids, scores.logprobs, scores.token_logprobs, reason, mass)
+        result.requested_logprobs = scores.requested_logprobs
+        return result

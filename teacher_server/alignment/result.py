@@ -59,6 +59,7 @@ class ScoreResult:
     mask: np.ndarray  # uint8 [P]: 1 = train on this position
     reason: np.ndarray  # uint8 [P]: why not (opd.mask_reasons), 0 where mask = 1
     counts: Coverage = field(default_factory=Coverage)
+    requested_logprobs: np.ndarray | None = None  # float32 [P, M] at the request's requested ids
 
 
 def result_from(
@@ -101,8 +102,10 @@ class TeacherAlignment(Protocol):
         temperature: float,
         messages: Sequence[tuple[str, str]],
         rounds: int | None,
+        requested_ids: np.ndarray | None,
     ) -> Steps:
-        """rounds: branch rounds at most (None: the session's own; 0 where the engine scores no branches)."""
+        """rounds: branch rounds at most (None: the session's own; 0 where the engine scores no branches);
+        requested_ids: [P, M] ids whose log-probabilities the result carries (ScoreResult.requested_logprobs)."""
 
 
 def advance(steps: Steps, scores: TeacherScores | None) -> ScoringJob | ScoreResult:

@@ -66,6 +66,10 @@ class ScoringJob:
     temperature: float = 1.0
     exclude_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     branches: tuple[Branch, ...] = ()
+    # int64 [P, M]: ids whose log-probabilities are wanted at each position whatever the top-K
+    # (excluded ids included), -1 where a row has fewer; None: none. Engines that declare
+    # supports_requested_ids only.
+    requested_ids: np.ndarray | None = None
 
     @property
     def num_positions(self) -> int:
@@ -86,6 +90,7 @@ class TeacherScores:
     branch_ids: np.ndarray | None = None  # int32 [B, K]
     branch_logprobs: np.ndarray | None = None  # float32 [B, K]
     branch_token_logprobs: np.ndarray | None = None  # float32 [B]: log p(branch[i] | ... + branch[:i])
+    requested_logprobs: np.ndarray | None = None  # float32 [P, M] of job.requested_ids, -inf at its -1s
 
 
 class Engine(Protocol):
@@ -98,6 +103,7 @@ class Engine(Protocol):
     # come from the raw logits), or None for any positive one; the service refuses others.
     temperatures: tuple[float, ...] | None
     supports_branches: bool  # ScoringJob.branches (module docstring)
+    supports_requested_ids: bool  # ScoringJob.requested_ids
 
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         """Score a batch of jobs; called from one worker thread at a time."""

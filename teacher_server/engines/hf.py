@@ -42,6 +42,7 @@ class HFEngine:
     name = "hf"
     temperatures = None  # logits / temperature before the softmax, any temperature
     supports_branches = True  # ScoringJob.branches, on the KV cache of the main pass
+    supports_requested_ids = True  # gathered from the same logits as the top-K
     share_prefixes = True  # rollout groups: a shared prompt prefix runs once (module docstring)
 
     def __init__(self, config: EngineConfig) -> None:
@@ -114,7 +115,10 @@ class HFEngine:
             hidden = torch.cat(parts)
             results.append(
                 self._score_rows(
-                    hidden[job.score_from - 1 : len(job.token_ids) - 1], job, job.token_ids[job.score_from :]
+                    hidden[job.score_from - 1 : len(job.token_ids) - 1],
+                    job,
+                    job.token_ids[job.score_from :],
+                    requested_ids=job.requested_ids,
                 )
             )
         return results
@@ -124,7 +128,10 @@ class HFEngine:
         hidden, cache = self._final_hidden_states(jobs, keep_cache=with_branches)
         results = [
             self._score_rows(
-                hidden[row, job.score_from - 1 : len(job.token_ids) - 1], job, job.token_ids[job.score_from :]
+                hidden[row, job.score_from - 1 : len(job.token_ids) - 1],
+                job,
+                job.token_ids[job.score_from :],
+                requested_ids=job.requested_ids,
             )
             for row, job in enumerate(jobs)
         ]
@@ -221,7 +228,12 @@ class HFEngine:
         return [states[row, :size] for row, size in enumerate(sizes)]
 
     def _score_rows(
-        self, hidden: torch.Tensor, job: ScoringJob, targets: np.ndarray, top_k: int | None = None
+        self,
+        hidden: torch.Tensor,
+        job: ScoringJob,
+        targets: np.ndarray,
+        top_k: int | None = None,
+        requested_ids: np.ndarray | None = None,
     ) -> TeacherScores:
         """Top-K and target log-probabilities for hidden states [P, H] of one job.
 
@@ -246,12 +258,14 @@ class HFEngine:
         )
         targets = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(self.device)
         exclude = torch.from_numpy(exclude_np).to(self.device) if len(exclude_np) else None
+        requested, requested_out = _requested(requested_ids, self.device)
         for start in range(0, rows, self.chunk_size):
             end = min(start + self.chunk_size, rows)
             logits = self._logits(hidden[start:end])  # float32 [n, V]; ours to overwrite
             if job.temperature != 1.0:
                 logits.div_(job.temperature)
             target_logits = logits.gather(-1, targets[start:end, None])
+            requested_logits = logits.gather(-1, requested[start:end]) if requested is not None else None
             peak = logits.amax(dim=-1, keepdim=True)
             if exclude is not None:
                 # Out of the support, still in the normaliser.
@@ -265,7 +279,13 @@ class HFEngine:
             ids_out[start:end, :k].copy_(top_ids)
             logprobs_out[start:end, :k].copy_(top_logits.sub_(normaliser))
             token_out[start:end].copy_(target_logits.sub_(normaliser).squeeze(-1))
-        return TeacherScores(ids=ids, logprobs=logprobs, token_logprobs=token_logprobs)
+            if requested_logits is not None:
+                requested_out[start:end].copy_(requested_logits.sub_(normaliser))
+        scores = TeacherScores(ids=ids, logprobs=logprobs, token_logprobs=token_logprobs)
+        if requested is not None:
+            pads = np.asarray(requested_ids) < 0
+            scores.requested_logprobs = np.where(pads, np.float32(-np.inf), requested_out.numpy())
+        return scores
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [n, V] of hidden states [n, H], n <= chunk_size, in a buffer reused
@@ -285,6 +305,14 @@ class HFEngine:
         if logits.dtype == torch.float32:
             return logits  # a fresh tensor of the module's: as good as the buffer
         return out.copy_(logits)
+
+
+def _requested(requested_ids: np.ndarray | None, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Requested ids [P, M] as a gather index (pads read id 0, masked after) and their output rows."""
+    if requested_ids is None:
+        return None, None
+    wanted = np.asarray(requested_ids, dtype=np.int64)
+    return torch.from_numpy(np.maximum(wanted, 0)).to(device), torch.empty(wanted.shape, dtype=torch.float32)
 
 
 def _shared_prefixes(jobs: Sequence[ScoringJob], minimum: int = SHARED_PREFIX_MIN) -> list[tuple[int, list[int]]]:

@@ -68,6 +68,7 @@ class SGLangEngine:
     name = "sglang"
     temperatures = (1.0,)
     supports_branches = True  # as prompts of their own, sharing the radix cache (module docstring)
+    supports_requested_ids = False  # SGLang has token_ids_logprob; this adapter does not ask for it yet
 
     def __init__(self, config: EngineConfig) -> None:
         self.model_name = config.model

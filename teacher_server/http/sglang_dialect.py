@@ -8,12 +8,14 @@ the scored span) and, with `top_logprobs_num` K > 0, `input_top_logprobs`: per p
 of K such triples, null at the first. Text only with `return_text_in_logprobs`. Log-probabilities
 are the teacher's at temperature 1, as SGLang's input logprobs.
 
-What differs from SGLang: nothing is generated (`max_new_tokens` must be 0), `token_ids_logprob`
-is not served yet, and special tokens other than EOS are never in the top-K.
+With `token_ids_logprob` (ids), `input_token_ids_logprobs` holds per position one triple per id
+(null at the first), excluded special tokens included. What differs from SGLang: nothing is
+generated (`max_new_tokens` must be 0), and special tokens other than EOS are never in the top-K.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -52,8 +54,6 @@ def _checked_request(body: dict, max_k: int) -> tuple[list[np.ndarray], bool, in
     """(prompts, batched, logprob_start_len, K, with text) of a generate request, or a 400."""
     if body.get("input_ids") is None:
         raise DialectError("input_ids is required: this teacher scores token ids (text is not tokenized here)")
-    if body.get("token_ids_logprob") is not None:
-        raise DialectError("token_ids_logprob is not served yet: use top_logprobs_num", "token_ids_logprob")
     if body.get("stream"):
         raise DialectError("streaming is not served: send stream false", "stream")
     sampling = body.get("sampling_params") or {}
@@ -80,51 +80,67 @@ def _checked_request(body: dict, max_k: int) -> tuple[list[np.ndarray], bool, in
     return prompts, batched, start, top_k, bool(body.get("return_text_in_logprobs"))
 
 
+def _requested_ids(body: dict, max_k: int) -> list[int]:
+    """token_ids_logprob: ids whose log-probabilities every scored position reports."""
+    value = body.get("token_ids_logprob")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(type(item) is int and item >= 0 for item in value):
+        raise DialectError("token_ids_logprob must be a list of token ids (non-negative integers)", "token_ids_logprob")
+    if len(value) > max_k:
+        raise DialectError(f"token_ids_logprob holds {len(value)} ids, more than {max_k} (the teacher's --max-k)")
+    return value
+
+
 async def generate(
     body: dict, service: TeacherService, tenant: str, texts: TokenTexts
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """POST /generate."""
     started = time.perf_counter()
     prompts, batched, start, top_k, with_text = _checked_request(body, service.max_k)
+    requested = _requested_ids(body, service.max_k)
     with_logprobs = bool(body.get("return_logprob"))
     firsts = [len(tokens) if start < 0 or not with_logprobs else start for tokens in prompts]
     # Position `first` has no logprob (the scored span starts there); scored from first + 1.
-    scored = await score_prompts(service, tenant, prompts, [first + 1 for first in firsts], top_k)
+    scored = await score_prompts(service, tenant, prompts, [first + 1 for first in firsts], top_k, requested)
     decoded = texts.get() if with_text else None
+    rid = str(body.get("rid") or uuid.uuid4().hex)
     answers = []
     for index, scores in enumerate(scored):
         meta: dict[str, Any] = {
-            "id": str(body.get("rid") or uuid.uuid4().hex) + (f"-{index}" if batched else ""),
+            "id": rid + (f"-{index}" if batched else ""),
             "finish_reason": {"type": "length", "length": 0},
             "prompt_tokens": len(scores.tokens),
             "completion_tokens": 0,
             "cached_tokens": 0,
             "e2e_latency": time.perf_counter() - started,
         }
-        if with_logprobs:
-            meta |= _input_logprobs(scores, firsts[index], top_k, decoded)
+        if with_logprobs:  # large: built off the event loop
+            meta |= await asyncio.to_thread(_input_logprobs, scores, firsts[index], top_k, requested, decoded)
         answers.append({"text": "", "output_ids": [], "meta_info": meta})
     return answers if batched else answers[0]
 
 
-def _input_logprobs(scores: PromptScores, first: int, top_k: int, decoded: list[str] | None) -> dict[str, Any]:
+def _input_logprobs(
+    scores: PromptScores, first: int, top_k: int, requested: list[int], decoded: list[str] | None
+) -> dict[str, Any]:
     tokens = scores.tokens.tolist()
     text = (lambda token_id: token_text(decoded, token_id)) if decoded is not None else (lambda token_id: None)
-    if first >= len(tokens):
-        token_entries: list[list] = []
-        top_entries: list[list | None] = []
-    else:
-        token_entries = [[None, tokens[first], text(tokens[first])]]
-        top_entries = [None]
+    starts = first < len(tokens)  # the span's first position: an entry without a logprob
+    token_entries: list[list] = [[None, tokens[first], text(tokens[first])]] if starts else []
+    top_entries: list[list | None] = [None] if starts else []
+    requested_entries: list[list | None] = [None] if starts else []
     result = scores.result
     if result is not None:
         actual = result.token_logprobs.tolist()
         ids, logprobs = result.ids.tolist(), result.logprobs.tolist()
+        at_requested = result.requested_logprobs.tolist() if requested else []
         for row, target in enumerate(tokens[first + 1 :]):
             token_entries.append([_finite(actual[row]), target, text(target)])
-            top_entries.append(
-                [[_finite(lp), i, text(i)] for i, lp in zip(ids[row][:top_k], logprobs[row][:top_k]) if i >= 0]
-            )
+            top = zip(ids[row][:top_k], logprobs[row][:top_k])
+            top_entries.append([[_finite(lp), i, text(i)] for i, lp in top if i >= 0])
+            if requested:
+                requested_entries.append([[_finite(lp), i, text(i)] for i, lp in zip(requested, at_requested[row])])
     meta: dict[str, Any] = {
         "input_token_logprobs": token_entries,
         "output_token_logprobs": [],
@@ -132,6 +148,8 @@ def _input_logprobs(scores: PromptScores, first: int, top_k: int, decoded: list[
     }
     if top_k > 0:
         meta |= {"input_top_logprobs": top_entries, "output_top_logprobs": []}
+    if requested:
+        meta |= {"input_token_ids_logprobs": requested_entries, "output_token_ids_logprobs": []}
     return meta
 
 

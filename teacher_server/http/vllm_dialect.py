@@ -17,6 +17,7 @@ What differs from vLLM, on purpose:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -101,8 +102,20 @@ async def completions(
     """POST /v1/completions."""
     prompts, top_k = _checked_request(body, model, service.max_k)
     scored = await score_prompts(service, tenant, prompts, [1] * len(prompts), top_k)
-    decoded = texts.get()
-    choices = [
+    choices = await asyncio.to_thread(_choices, scored, top_k, texts.get())  # large: off the event loop
+    prompt_tokens = sum(len(tokens) for tokens in prompts)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0},
+    }
+
+
+def _choices(scored: list[PromptScores], top_k: int, decoded: list[str]) -> list[dict]:
+    return [
         {
             "index": index,
             "text": "",
@@ -113,15 +126,6 @@ async def completions(
         }
         for index, scores in enumerate(scored)
     ]
-    prompt_tokens = sum(len(tokens) for tokens in prompts)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0},
-    }
 
 
 def _prompt_logprobs(scores: PromptScores, top_k: int, decoded: list[str]) -> list[dict | None]:

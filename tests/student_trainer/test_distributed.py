@@ -1,6 +1,7 @@
 """torchrun with 2 processes on CPU (gloo): DDP and FSDP against a live teacher.
 
-One single-process run is the reference. With the same seed and global batch:
+One single-process run is the reference. With the same seed and global batch (and the default
+micro-batch size, larger than a rank's share: each process takes its share in one micro-batch):
 * a 2-process DDP run and a 2-process FSDP run have the same loss curve (each rank
   samples its half of the batch with the same per-rollout seeds, and the loss is
   normalised over the global batch);
@@ -50,8 +51,6 @@ def run_trainer(student: Path, prompts: Path, teacher: str, output: Path, *extra
         "8",
         "--batch-size",
         "4",
-        "--micro-batch-size",
-        "2",
         "--max-new-tokens",
         "6",
         "--lr",

@@ -181,3 +181,28 @@ def test_lm_head_never_sees_more_than_chunk_size_rows(engine, reference_model, r
     monkeypatch.setattr(engine.model, "forward", full_forward)
     (again,) = engine.score(jobs[:1])
     np.testing.assert_array_equal(again.ids, expected[0].ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_requested_ids_get_their_exact_logprobs_excluded_ones_too(engine, reference_model, rollouts, temperature):
+    """ScoringJob.requested_ids: every row's ids, from the same normalised logits as the top-K, whether
+    excluded from the support or not; -1 pads read -inf. Plain batches and shared-prefix groups."""
+    rng = np.random.default_rng(5)
+    shared = rng.integers(4, TINY_VOCAB, size=130)  # >= hf.SHARED_PREFIX_MIN: a group on one prefix pass
+    sequences = [*rollouts[:4], *(np.concatenate([shared, rng.integers(4, TINY_VOCAB, size=9)]) for _ in range(2))]
+    jobs = []
+    for tokens in sequences:
+        requested = rng.integers(0, TINY_VOCAB, size=(len(tokens) - 1, 6))
+        requested[::3, -2:] = -1  # rows that ask for fewer ids
+        requested[:, 0] = 3  # an excluded special token
+        exclude = np.array([0, 1, 3])
+        job = ScoringJob(tokens.astype(np.int32), 1, 4, temperature, exclude_ids=exclude, requested_ids=requested)
+        jobs.append(job)
+    for job, scores in zip(jobs, engine.score(jobs)):
+        ref = reference(reference_model, job.token_ids, 1, temperature)
+        wanted = job.requested_ids
+        assert scores.requested_logprobs.shape == wanted.shape and scores.requested_logprobs.dtype == np.float32
+        assert np.isneginf(scores.requested_logprobs[wanted < 0]).all()
+        expected = np.take_along_axis(ref, np.maximum(wanted, 0), axis=1)
+        np.testing.assert_allclose(scores.requested_logprobs[wanted >= 0], expected[wanted >= 0], rtol=0, atol=TOL)
+        check_against_reference(scores, job, ref)  # the rest of the answer is unchanged

@@ -19,7 +19,7 @@ from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.auth import ApiKeys
 from tests.conftest import LiveServer, server_config
-from tests.helpers import MAX_K, make_rollouts
+from tests.helpers import MAX_K, TOL as REFERENCE_TOL, make_rollouts, open_same_as_teacher, reference
 
 KEY = "alice-" + secrets.token_hex(16)
 OTHER_KEY = "bob-" + secrets.token_hex(16)
@@ -46,10 +46,7 @@ def grpc_scores(server):
     channel = grpc.insecure_channel(server.target)
     stub = teacher_pb2_grpc.TeacherStub(channel)
     metadata = [("authorization", f"Bearer {KEY}")]
-    request = teacher_pb2.OpenSessionRequest(
-        tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=1.0
-    )
-    session_id = stub.OpenSession(request, metadata=metadata, timeout=30).session_id
+    session_id = open_same_as_teacher(stub, 1.0, metadata)
 
     def score(tokens: np.ndarray, score_from: int, top_k: int) -> teacher_pb2.ScoreResponse:
         request = teacher_pb2.ScoreRequest(
@@ -136,6 +133,26 @@ def test_sglang_generate_gives_the_grpc_scores_in_sglang_shapes(base, grpc_score
     assert "input_token_logprobs" not in batch.json()[0]["meta_info"]
 
 
+def test_sglang_token_ids_logprob_are_the_float64_reference(base, reference_model):
+    """input_token_ids_logprobs at every position, the excluded special token and EOS included."""
+    tokens = make_rollouts(1, seed=7)[0][0]
+    wanted = [2, 3, 10, 95]  # EOS, the special token (never in the top-K), two words
+    body = {
+        "input_ids": tokens.tolist(),
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "token_ids_logprob": wanted,
+    }
+    meta = post(base, "/generate", body).json()["meta_info"]
+    entries = meta["input_token_ids_logprobs"]
+    assert entries[0] is None and len(entries) == len(tokens) and "input_top_logprobs" not in meta
+    assert [[token_id for _, token_id, _ in row] for row in entries[1:]] == [wanted] * (len(tokens) - 1)
+    got = np.array([[logprob for logprob, _, _ in row] for row in entries[1:]])
+    expected = reference(reference_model, tokens, 1)[:, wanted]
+    assert np.abs(got - expected).max() <= REFERENCE_TOL
+
+
 def test_keys_are_required_everywhere_but_health_as_bearer_or_basic(base):
     routes = [("GET", "/v1/models"), ("GET", "/version"), ("GET", "/get_model_info"), ("POST", "/v1/completions")]
     routes += [("POST", "/generate")]
@@ -187,9 +204,15 @@ def test_keys_are_required_everywhere_but_health_as_bearer_or_basic(base):
         ),
         (
             "/generate",
-            {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 0}, "token_ids_logprob": [5]},
+            {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 0}, "token_ids_logprob": ["a"]},
             400,
-            "not served",
+            "list of token ids",
+        ),
+        (
+            "/generate",
+            {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 0}, "token_ids_logprob": [500]},
+            400,
+            "requested id 500 is outside the vocabulary",
         ),
     ],
 )
@@ -224,10 +247,7 @@ def test_service_answers_http_and_grpc_alike_for_the_same_tenant(server, base):
     with grpc.insecure_channel(server.target) as channel:
         stub = teacher_pb2_grpc.TeacherStub(channel)
         metadata = [("authorization", f"Bearer {OTHER_KEY}")]
-        request = teacher_pb2.OpenSessionRequest(
-            tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=1.0
-        )
-        session_id = stub.OpenSession(request, metadata=metadata, timeout=30).session_id
+        session_id = open_same_as_teacher(stub, 1.0, metadata)
         before = stub.GetSessionStats(
             teacher_pb2.GetSessionStatsRequest(session_id=session_id), metadata=metadata, timeout=30
         ).requests

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
 
 from teacher_server.launch import free_port
-from tests.helpers import start_teacher
+from tests.helpers import sigterm_under_load, start_teacher
 
 KEY = "k" * 32
 PROMPTS_PER_POST = 4
@@ -72,18 +70,14 @@ def test_sigterm_drains_http_without_losing_an_accepted_request(tiny_model, tmp_
             time.sleep(0.01)
 
     try:
-        with ThreadPoolExecutor(5) as pool:
-            clients = [pool.submit(client, seed) for seed in range(4)]
-            while sum(code == "200" for code, _ in outcomes) < 20:  # under load
-                time.sleep(0.05)
-                assert process.poll() is None
-            watcher = pool.submit(watch_health)
-            time.sleep(0.1)
-            process.send_signal(signal.SIGTERM)
-            signalled.set()
-            assert process.wait(timeout=60) == 0
-            for future in [*clients, watcher]:
-                future.result(timeout=60)
+        sigterm_under_load(
+            process,
+            [lambda seed=seed: client(seed) for seed in range(4)],
+            watch_health,
+            lambda: sum(code == "200" for code, _ in outcomes),
+            20,
+            signalled,
+        )
     finally:
         teacher.close(timeout_s=60)
 

@@ -18,7 +18,7 @@ from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.auth import ApiKeys
 from tests.conftest import LiveServer, server_config
-from tests.helpers import make_rollouts
+from tests.helpers import make_rollouts, open_same_as_teacher
 from testkit.tiny_model import build_tiny_model
 
 vllm_client = pytest.importorskip(
@@ -51,10 +51,7 @@ def test_vllm_client_gets_the_grpc_top_k_and_logprobs(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = teacher_pb2_grpc.TeacherStub(channel)
         metadata = [("authorization", f"Bearer {KEY}")]
-        opened = teacher_pb2.OpenSessionRequest(
-            tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True), temperature=1.0
-        )
-        session_id = stub.OpenSession(opened, metadata=metadata, timeout=30).session_id
+        session_id = open_same_as_teacher(stub, 1.0, metadata)
         worst, positions = 0.0, 0
         for index, (tokens, score_from, _) in enumerate(rollouts):
             request = teacher_pb2.ScoreRequest(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -18,7 +16,7 @@ from opd.tensors import to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.auth import ApiKeys
 from tests.conftest import LiveServer, server_config
-from tests.helpers import start_teacher
+from tests.helpers import sigterm_under_load, start_teacher
 
 KEY_A, KEY_B = "a" * 32, "b" * 32
 
@@ -112,21 +110,18 @@ def test_sigterm_drains_without_losing_an_accepted_request(tiny_model, tmp_path)
                 time.sleep(0.01)
 
     try:
-        with ThreadPoolExecutor(6) as pool:
-            clients = [pool.submit(unary_client, key, seed) for seed, key in enumerate([KEY_A, KEY_A, KEY_B, KEY_B])]
-            clients.append(pool.submit(stream_client, KEY_B))
-            while sum(code == "OK" for code, _ in outcomes) < 40:  # under load
-                time.sleep(0.05)
-                assert process.poll() is None
-            watcher = pool.submit(watch_health)
-            time.sleep(0.1)
-            process.send_signal(signal.SIGTERM)
-            signalled.set()
-            assert process.wait(timeout=60) == 0
-            stop_sending.set()
-            for client in clients:
-                client.result(timeout=60)
-            watcher.result(timeout=60)
+        clients = [
+            lambda key=key, seed=seed: unary_client(key, seed) for seed, key in enumerate([KEY_A, KEY_A, KEY_B, KEY_B])
+        ]
+        sigterm_under_load(
+            process,
+            [*clients, lambda: stream_client(KEY_B)],
+            watch_health,
+            lambda: sum(code == "OK" for code, _ in outcomes),
+            40,
+            signalled,
+            exited=stop_sending,
+        )
     finally:
         teacher.close(timeout_s=60)
 
