@@ -80,7 +80,7 @@ def _checked_request(body: dict, max_k: int) -> tuple[list[np.ndarray], bool, in
     return prompts, batched, start, top_k, bool(body.get("return_text_in_logprobs"))
 
 
-def _requested_ids(body: dict, max_k: int) -> list[int]:
+def _requested_ids(body: dict, max_k: int, vocab_size: int) -> list[int]:
     """token_ids_logprob: ids whose log-probabilities every scored position reports."""
     value = body.get("token_ids_logprob")
     if value is None:
@@ -89,6 +89,10 @@ def _requested_ids(body: dict, max_k: int) -> list[int]:
         raise DialectError("token_ids_logprob must be a list of token ids (non-negative integers)", "token_ids_logprob")
     if len(value) > max_k:
         raise DialectError(f"token_ids_logprob holds {len(value)} ids, more than {max_k} (the teacher's --max-k)")
+    if value and max(value) >= vocab_size:
+        raise DialectError(
+            f"requested id {max(value)} is outside the vocabulary [0, {vocab_size})", "token_ids_logprob"
+        )
     return value
 
 
@@ -98,7 +102,7 @@ async def generate(
     """POST /generate."""
     started = time.perf_counter()
     prompts, batched, start, top_k, with_text = _checked_request(body, service.max_k)
-    requested = _requested_ids(body, service.max_k)
+    requested = _requested_ids(body, service.max_k, service.sessions.teacher.model_vocab_size)
     with_logprobs = bool(body.get("return_logprob"))
     firsts = [len(tokens) if start < 0 or not with_logprobs else start for tokens in prompts]
     # Position `first` has no logprob (the scored span starts there); scored from first + 1.
