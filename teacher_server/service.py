@@ -180,7 +180,7 @@ class TeacherService:
             raise InvalidArgument(
                 f"requested ids must be [positions = {positions}, at most {self.max_k}] ids, got {list(requested.shape)}"
             )
-        if len(requested) and int(requested.max()) >= session.student_vocab_size:
+        if requested.size and int(requested.max()) >= session.student_vocab_size:
             raise InvalidArgument(
                 f"requested id {int(requested.max())} is outside the vocabulary [0, {session.student_vocab_size})"
             )

@@ -31,7 +31,7 @@ class DialectError(InvalidArgument):
 
 
 def token_prompts(value: Any, field: str) -> list[np.ndarray]:
-    """A token-id prompt or a list of them, as int32 arrays (text prompts are refused: this teacher
+    """A token-id prompt or a list of them, as int64 arrays (text prompts are refused: this teacher
     scores token ids, it does not tokenize)."""
     if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
         prompts = value
