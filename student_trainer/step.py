@@ -76,8 +76,12 @@ def evaluation_seeds(config: TrainConfig, count: int, first: int = 0) -> list[in
     return rollout_seeds(config.seed + EVAL_SEED_OFFSET, 0, first, count)
 
 
-def hf_rollouts(model, tokens: StudentTokens, synced_processes: bool = False) -> HfRollouts:
-    return HfRollouts(unwrap(model), eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, synced_processes=synced_processes)
+def hf_rollouts(
+    model, tokens: StudentTokens, config: TrainConfig | None = None, world: World | None = None
+) -> HfRollouts:
+    # FSDP: each decoding step gathers parameters collectively, so every rank decodes as long as the longest.
+    synced = world is not None and world.distributed and config is not None and config.parallelism == "fsdp"
+    return HfRollouts(unwrap(model), eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, synced_processes=synced)
 
 
 def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: TrainConfig, tokens: StudentTokens):
@@ -204,9 +208,7 @@ def evaluate_heldout(
     sampled from the live weights; each rank evaluates its share, the means are over all of them."""
     share = len(prompts) // world.size
     first = world.rank * share
-    engine = hf_rollouts(
-        model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp"
-    )  # see make_rollout_engine
+    engine = hf_rollouts(model, tokens, config, world)
     rollouts = engine.generate(
         prompts[first : first + share],
         evaluation_seeds(config, share, first),

@@ -133,8 +133,7 @@ def make_rollout_engine(
     config: TrainConfig, model, tokens: StudentTokens, world: World, max_model_len: int
 ) -> RolloutEngine:
     if config.rollout_engine == "hf":
-        # FSDP: each decoding step gathers parameters collectively, so every rank decodes as long as the longest.
-        return hf_rollouts(model, tokens, synced_processes=world.distributed and config.parallelism == "fsdp")
+        return hf_rollouts(model, tokens, config, world)
     from student_trainer.vllm_rollouts import VllmRollouts
 
     return VllmRollouts(config.student, eos_ids=tokens.eos_ids, max_model_len=max_model_len)

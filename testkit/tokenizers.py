@@ -123,22 +123,14 @@ def load(name: str):
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_file(str(cached))
-    if name == "mistral-sp-v1":
+    if name in ("mistral-sp-v1", "tekken"):
+        extra = {"pad_token": "<pad>", "chat_template": TEKKEN_TEMPLATE} if name == "tekken" else {}
         return PreTrainedTokenizerFast(
             tokenizer_object=backend,
             bos_token="<s>",
             eos_token="</s>",
             unk_token="<unk>",
-            chat_template=MISTRAL_TEMPLATE,
-        )
-    if name == "tekken":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            bos_token="<s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            chat_template=TEKKEN_TEMPLATE,
+            **{"chat_template": MISTRAL_TEMPLATE, **extra},
         )
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 

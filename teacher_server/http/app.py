@@ -185,10 +185,8 @@ async def _json_body(request: Request, limit: int) -> dict:
 def _error_response(error: Exception, dialect: str) -> Response:
     code, message, retry_after_ms = status_of(error)
     status = STATUS.get(code, 500)
-    if isinstance(error, RequestTooLarge) or (status == 429 and not retry_after_ms):
+    if status == 429 and not retry_after_ms:  # a limit no retry passes (RequestTooLarge among them)
         status = 413
-    if isinstance(error, vllm_dialect.ModelNotFound):
-        status = 404
     response = _error(status, message, dialect, getattr(error, "param", None))
     if retry_after_ms:
         response.headers["retry-after"] = str(max(1, round(retry_after_ms / 1000)))

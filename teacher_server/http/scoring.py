@@ -78,7 +78,13 @@ class PromptScores:
 
 
 async def score_prompt(
-    service: TeacherService, tenant: str, tokens: np.ndarray, first: int, top_k: int, requested: list[int] = ()
+    service: TeacherService,
+    tenant: str,
+    session_id: str,
+    tokens: np.ndarray,
+    first: int,
+    top_k: int,
+    requested: list[int] = (),
 ) -> PromptScores:
     """Score every position from `first` on (1 <= first), in the teacher's vocabulary at temperature 1,
     with the log-probabilities of the `requested` ids at each of them."""
@@ -92,9 +98,8 @@ async def score_prompt(
         )
     if first >= len(tokens):
         return PromptScores(tokens, first, None)
-    session = service.open_session(None, SessionSettings(), tenant)  # the same session every time
     wanted = np.tile(np.asarray(requested, dtype=np.int64), (len(tokens) - first, 1)) if requested else None
-    request = ScoreInput(session.session_id, tokens.astype(np.int32), first, max(top_k, 1), requested_ids=wanted)
+    request = ScoreInput(session_id, tokens.astype(np.int32), first, max(top_k, 1), requested_ids=wanted)
     return PromptScores(tokens, first, await service.score(request, tenant))
 
 
@@ -108,8 +113,9 @@ async def score_prompts(
 ) -> list[PromptScores]:
     """score_prompt for every prompt at once, so the scheduler batches them (with each other and with
     other tenants' work); if one is refused, the others are cancelled: their jobs leave the queue."""
+    session_id = service.open_session(None, SessionSettings(), tenant).session_id  # the same one every time
     tasks = [
-        asyncio.ensure_future(score_prompt(service, tenant, tokens, first, top_k, requested))
+        asyncio.ensure_future(score_prompt(service, tenant, session_id, tokens, first, top_k, requested))
         for tokens, first in zip(prompts, firsts)
     ]
     try:

@@ -120,15 +120,15 @@ async def generate(
             "e2e_latency": time.perf_counter() - started,
         }
         if with_logprobs:  # large: built off the event loop
-            meta |= await asyncio.to_thread(_input_logprobs, scores, firsts[index], top_k, requested, decoded)
+            meta |= await asyncio.to_thread(_input_logprobs, scores, top_k, requested, decoded)
         answers.append({"text": "", "output_ids": [], "meta_info": meta})
     return answers if batched else answers[0]
 
 
 def _input_logprobs(
-    scores: PromptScores, first: int, top_k: int, requested: list[int], decoded: list[str] | None
+    scores: PromptScores, top_k: int, requested: list[int], decoded: list[str] | None
 ) -> dict[str, Any]:
-    tokens = scores.tokens.tolist()
+    tokens, first = scores.tokens.tolist(), scores.first - 1  # the span starts one before the scored rows
     text = (lambda token_id: token_text(decoded, token_id)) if decoded is not None else (lambda token_id: None)
     starts = first < len(tokens)  # the span's first position: an entry without a logprob
     token_entries: list[list] = [[None, tokens[first], text(tokens[first])]] if starts else []

@@ -31,6 +31,7 @@ from teacher_server.http.scoring import (
     token_prompts,
     token_text,
 )
+from teacher_server.errors import NotFound
 from teacher_server.service import TeacherService
 
 NEG_INF_AS = -9999.0  # what vLLM sends for -inf (JSON has no infinity)
@@ -92,8 +93,10 @@ def _checked_request(body: dict, model: str, max_k: int) -> tuple[list, int]:
     return token_prompts(body.get("prompt"), "prompt"), top_k
 
 
-class ModelNotFound(DialectError):
+class ModelNotFound(NotFound):
     """The request names another model: 404, as vLLM answers it."""
+
+    param = "model"
 
 
 async def completions(
