@@ -8,10 +8,10 @@ One forward + backward of the loss from final hidden states h [T, H] and the lm 
 
   full-kl   the full-vocabulary reverse KL: logits = h @ W^T, log q = log_softmax, against the
             teacher's full log-probabilities [T, V] (an input of this variant only)
-  topk      student_trainer.losses.topk_reverse_kl on logits = h @ W^T (the recipe loss: the
-            teacher's top-K support, renormalised) -- the [T, V] logits still exist
-  support   student_trainer.losses.support_reverse_kl: the same loss from h and W directly; the
-            student's logits are computed for the K support ids only (support_logits), never [T, V]
+  topk      student_trainer.losses.topk_reverse_kl on logits = h @ W^T gathered at the support
+            (the recipe loss: the teacher's top-K support, renormalised) -- the [T, V] logits exist
+  support   the same loss from h and W directly, as the trainer computes it: the student's
+            logits for the K support ids only (head.OutputHead.logits_at), never [T, V]
 
 Memory, from the subprocess's VmHWM: "step peak" is the most the step itself allocated on top
 of its inputs (W's gradient, [V, H], included: about 0.5 GiB at the defaults, the floor of any
@@ -35,7 +35,8 @@ from bench import common  # noqa: E402  (first: it sets the OpenMP wait policy b
 
 import torch  # noqa: E402
 
-from student_trainer.losses import support_reverse_kl, topk_reverse_kl  # noqa: E402
+from student_trainer.head import OutputHead  # noqa: E402
+from student_trainer.losses import topk_reverse_kl  # noqa: E402
 
 VARIANTS = ("full-kl", "topk", "support")
 
@@ -65,9 +66,10 @@ def step(variant: str, h: torch.Tensor, w: torch.Tensor, data) -> torch.Tensor:
     if variant == "full-kl":
         loss = full_reverse_kl(h @ w.T, *data).sum()
     elif variant == "topk":
-        loss = topk_reverse_kl(h @ w.T, *data).sum()
+        teacher_ids = data[0]
+        loss = topk_reverse_kl((h @ w.T).gather(-1, teacher_ids.clamp(min=0)), *data).sum()
     else:
-        loss = support_reverse_kl(h, w, *data).sum()
+        loss = topk_reverse_kl(OutputHead(w).logits_at(h, data[0]), *data).sum()
     loss.backward()
     return loss.detach()
 

@@ -3,6 +3,10 @@
 Layout is [B, P] over scored positions: row b, column p is position
 prompt_length_b + p of rollout b, predicted by the student logits at the
 position before it. Shorter rollouts are padded and their padding is masked.
+
+The model reads the rollouts either right-padded, one per row, or packed: several per
+row, positions restarting at each rollout, so that little compute goes to padding
+(the attention keeps them apart: head.verify_packing checks the model does).
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ import torch
 
 from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
-from student_trainer.losses import drop_special_support, special_token_mask
+from student_trainer.head import final_hidden_states, output_head
+from student_trainer.losses import drop_special_support, special_token_mask, support_metrics
 from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import Rollout
 
 
 @dataclass
 class ScoredBatch:
-    input_ids: torch.Tensor  # long [B, L], right-padded rollouts
-    attention_mask: torch.Tensor  # long [B, L]
-    logit_index: torch.Tensor  # long [B, P], position whose logits predict the target
+    input_ids: torch.Tensor  # long [R, L], right-padded rollouts (R = B), or packed several to a row (R <= B)
+    attention_mask: torch.Tensor  # long [R, L]
+    logit_index: torch.Tensor  # long [B, P], column of rollout b's row whose hidden state predicts the target
     targets: torch.Tensor  # long [B, P], the student's sampled tokens
     valid: torch.Tensor  # bool [B, P], a real position (not padding)
     mask: torch.Tensor  # bool [B, P], a position that carries loss
@@ -36,6 +41,65 @@ class ScoredBatch:
     # The teacher's own coverage counts summed over the batch (ScoreResponse.counts):
     # positions, with_distribution, retained_mass_sum, branch_sequences, ...
     teacher_counts: dict[str, float] = field(default_factory=dict)
+    rows: torch.Tensor | None = None  # long [B], the row of input_ids that holds rollout b (None: row b)
+    position_ids: torch.Tensor | None = None  # long [R, L], packed rows: positions restart at every rollout
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    def model_rows(self) -> torch.Tensor:
+        """long [B]: the row of input_ids that holds each rollout."""
+        return self.rows if self.rows is not None else torch.arange(len(self.logit_index))
+
+
+def _padded_layout(rollouts: list[Rollout], pad_id: int, positions: int) -> dict:
+    length = max(len(r.tokens) for r in rollouts)
+    input_ids = torch.full((len(rollouts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rollouts), length), dtype=torch.long)
+    logit_index = torch.zeros((len(rollouts), positions), dtype=torch.long)
+    for row, rollout in enumerate(rollouts):
+        input_ids[row, : len(rollout.tokens)] = torch.tensor(rollout.tokens)
+        attention_mask[row, : len(rollout.tokens)] = 1
+        start = rollout.prompt_length
+        logit_index[row] = torch.arange(start - 1, start - 1 + positions).clamp(max=length - 1)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, logit_index=logit_index)
+
+
+def _packed_layout(rollouts: list[Rollout], pad_id: int, positions: int) -> dict:
+    """Rollouts packed first-fit (longest first) into rows as long as the longest rollout.
+
+    Rows that long cost no more attention than padding would (flash attention aside, packed
+    rows attend through a block-diagonal mask, quadratic in the row's length), and nearly
+    all their tokens are real. A row's unused tail is padding with positions of its own.
+    """
+    width = max(len(r.tokens) for r in rollouts)
+    filled: list[int] = []  # tokens used per row
+    placed: dict[int, tuple[int, int]] = {}  # rollout -> (row, offset)
+    for index in sorted(range(len(rollouts)), key=lambda i: -len(rollouts[i].tokens)):
+        size = len(rollouts[index].tokens)
+        row = next((row for row, used in enumerate(filled) if used + size <= width), len(filled))
+        if row == len(filled):
+            filled.append(0)
+        placed[index], filled[row] = (row, filled[row]), filled[row] + size
+    input_ids = torch.full((len(filled), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(filled), width), dtype=torch.long)
+    for row, used in enumerate(filled):
+        position_ids[row, used:] = torch.arange(width - used)
+    logit_index = torch.zeros((len(rollouts), positions), dtype=torch.long)
+    for index, rollout in enumerate(rollouts):
+        row, offset = placed[index]
+        input_ids[row, offset : offset + len(rollout.tokens)] = torch.tensor(rollout.tokens)
+        position_ids[row, offset : offset + len(rollout.tokens)] = torch.arange(len(rollout.tokens))
+        start = offset + rollout.prompt_length
+        logit_index[index] = torch.arange(start - 1, start - 1 + positions).clamp(max=width - 1)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        logit_index=logit_index,
+        rows=torch.tensor([placed[index][0] for index in range(len(rollouts))]),
+        position_ids=position_ids,
+    )
 
 
 def collate(
@@ -46,14 +110,12 @@ def collate(
     special_ids: list[int],
     keep_ids: list[int],
     mask_special_tokens: bool,
+    packed: bool = False,
 ) -> ScoredBatch:
     size = len(rollouts)
-    length = max(len(r.tokens) for r in rollouts)
     positions = max(r.completion_length for r in rollouts)
     top_k = scores[0].ids.shape[1]
-    input_ids = torch.full((size, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((size, length), dtype=torch.long)
-    logit_index = torch.zeros((size, positions), dtype=torch.long)
+    layout = (_packed_layout if packed else _padded_layout)(rollouts, pad_id, positions)
     valid = torch.zeros((size, positions), dtype=torch.bool)
     teacher_mask = torch.zeros((size, positions), dtype=torch.bool)
     teacher_ids = torch.full((size, positions, top_k), -1, dtype=torch.long)
@@ -62,10 +124,7 @@ def collate(
     reason = torch.zeros((size, positions), dtype=torch.long)
     behaviour_logprobs = torch.full((size, positions), float("nan"))
     for row, (rollout, score) in enumerate(zip(rollouts, scores)):
-        count, start = rollout.completion_length, rollout.prompt_length
-        input_ids[row, : len(rollout.tokens)] = torch.tensor(rollout.tokens)
-        attention_mask[row, : len(rollout.tokens)] = 1
-        logit_index[row] = torch.arange(start - 1, start - 1 + positions).clamp(max=length - 1)
+        count = rollout.completion_length
         valid[row, :count] = True
         teacher_mask[row, :count] = torch.tensor(score.mask.astype(bool))
         teacher_ids[row, :count] = torch.tensor(score.ids.astype(np.int64))
@@ -74,7 +133,10 @@ def collate(
         reason[row, :count] = torch.tensor(score.reason.astype(np.int64))
         if rollout.logprobs is not None:
             behaviour_logprobs[row, :count] = torch.tensor(rollout.logprobs)
-    targets = input_ids.gather(1, (logit_index + 1).clamp(max=length - 1))
+    input_ids, logit_index = layout["input_ids"], layout["logit_index"]
+    rows = layout.get("rows", torch.arange(size))
+    targets = input_ids[rows].gather(1, (logit_index + 1).clamp(max=input_ids.shape[1] - 1))
+    targets = torch.where(valid, targets, pad_id)  # past a rollout's end: padding, whatever the layout
     mask = teacher_mask & valid
     if mask_special_tokens:
         # The trainer applies its own tokenizer's special tokens too, so the masking
@@ -84,10 +146,8 @@ def collate(
         mask &= ~special
         teacher_ids, teacher_logprobs = drop_special_support(teacher_ids, teacher_logprobs, special_ids, keep_ids)
     return ScoredBatch(
+        **layout,
         teacher_counts=_summed_counts(scores),
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        logit_index=logit_index,
         targets=targets,
         valid=valid,
         mask=mask,
@@ -109,27 +169,67 @@ def _summed_counts(scores: list[TeacherScores]) -> dict[str, float]:
     return counts
 
 
-def scored_logits(model, batch: ScoredBatch) -> torch.Tensor:
-    """Student logits [B, P, V] at the scored positions.
+@dataclass
+class StudentScores:
+    """The student's numbers at the scored positions of a batch, computed without [B, P, V] logits."""
 
-    The lm head runs only from the first scored position on (`logits_to_keep`): prompt
-    positions before it need hidden states but never a vocabulary-sized row.
+    support_logits: torch.Tensor  # [B, P, K], logits at the teacher's support ids (pad entries: id 0's)
+    token_logprobs: torch.Tensor  # [B, P], log q of the targets
+    log_norm: torch.Tensor  # [B, P], logsumexp of the logits over the whole vocabulary
+    top_ids: torch.Tensor  # long [B, P, K], the student's own best ids, best first (no gradient)
+
+    def metrics(self, batch: ScoredBatch, mask: torch.Tensor) -> dict[str, float]:
+        """losses.support_metrics over the positions of `mask`."""
+        return support_metrics(
+            self.support_logits.detach(),
+            batch.teacher_ids.to(self.top_ids.device),
+            batch.teacher_logprobs.to(self.top_ids.device),
+            mask.to(self.top_ids.device),
+            self.log_norm.detach(),
+            self.top_ids,
+        )
+
+
+def student_scores(model, batch: ScoredBatch, log_norm_gradient: bool = False) -> StudentScores:
+    """The student's logits at the teacher's support and at its targets, and its vocabulary statistics.
+
+    From the final hidden states and the output head (head.py), at the real positions only
+    (padding costs no head work): the support and target logits carry gradients; the
+    log-normaliser does when `log_norm_gradient` (the losses that need the student's full
+    distribution: the unnormalised ablation and the sampled-token baseline).
     """
     device = next(model.parameters()).device
-    first = int(batch.logit_index.min())
-    keep = batch.input_ids.shape[1] - first
-    output = model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=keep
+    hidden, _ = final_hidden_states(
+        model,
+        batch.input_ids.to(device),
+        None if batch.packed else batch.attention_mask.to(device),
+        None if not batch.packed else batch.position_ids.to(device),
     )
-    index = (batch.logit_index - first).to(device)[..., None].expand(-1, -1, output.logits.shape[-1])
-    return output.logits.gather(1, index).float()
+    rollout, column = batch.valid.nonzero(as_tuple=True)  # the real positions, N of them
+    source = batch.model_rows()[rollout] * hidden.shape[1] + batch.logit_index[rollout, column]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[source.to(device)]  # [N, H]
+    head = output_head(model)
+    top_k = batch.teacher_ids.shape[-1]
+    ids = torch.cat([batch.teacher_ids, batch.targets[..., None]], dim=-1)[rollout, column].to(device)
+    logits = head.logits_at(hidden, ids)
+    with torch.set_grad_enabled(log_norm_gradient and torch.is_grad_enabled()):
+        log_norm, top_ids = head.vocabulary_stats(hidden if log_norm_gradient else hidden.detach(), top_k)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        """[N, ...] values at their [B, P] places, zeros at padding (differentiable)."""
+        out = values.new_zeros(*batch.valid.shape, *values.shape[1:])
+        return out.index_put((rollout.to(device), column.to(device)), values)
+
+    return StudentScores(
+        spread(logits[:, :top_k]), spread(logits[:, top_k] - log_norm), spread(log_norm), spread(top_ids)
+    )
 
 
 @torch.no_grad()
 def behaviour_gaps(token_logprobs: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
     """|log-prob the rollout engine recorded - the trained model's log-prob| of each target that has one.
 
-    `token_logprobs` [B, P]: the trained model's log q of the targets (losses.student_token_logprobs).
+    `token_logprobs` [B, P]: the trained model's log q of the targets (StudentScores.token_logprobs).
     About 0 when the engine sampled with the weights being trained (float rounding only); a
     weight push that failed, or policy lag, shows up here.
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 
 from student_trainer.config import LOSSES, PARALLELISMS, ROLLOUT_ENGINES, TrainConfig, load_config
 from student_trainer.train import train
@@ -56,10 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-engine", choices=ROLLOUT_ENGINES, help="hf (default) or vllm (colocated)")
     parser.add_argument("--rollout-sync-every", type=int, help="vllm: push the weights every N steps (default 1)")
     parser.add_argument(
-        "--overlap-scoring",
-        action="store_true",
-        default=None,
-        help="sample batch i+1 while batch i is scored (one step of policy lag)",
+        "--max-staleness",
+        type=int,
+        help="policy lag allowed: batches sampled ahead while the teacher scores them (default 0: synchronous)",
     )
     parser.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank (0: the whole model)")
     parser.add_argument("--lora-alpha", type=float)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         raise SystemExit(f"opd-train: {error}") from None
     records = train(config, resume=resume)
-    if records:
+    if records and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per rank
         last = records[-1]
         summary = ", ".join(
             f"{name}={last[name]:.4f}" for name in ("loss", "topk_rkl", "eval_topk_rkl") if name in last

@@ -16,6 +16,7 @@ LOSSES = ("topk_rkl", "topk_rkl_unnormalized", "sampled_token")
 ROLLOUT_ENGINES = ("hf", "vllm")
 PARALLELISMS = ("ddp", "fsdp")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -47,8 +48,9 @@ class TrainConfig:
     # that gets the trainer's weights every rollout_sync_every steps (policy lag up to N - 1).
     rollout_engine: str = "hf"
     rollout_sync_every: int = 1
-    # Score batch i while batch i+1 is sampled: faster, at one step of policy lag.
-    overlap_scoring: bool = False
+    # Policy lag allowed: 0 samples, scores and trains each batch in turn; N keeps N batches sampled
+    # ahead (with weights up to N steps old) while the teacher scores them and the step trains.
+    max_staleness: int = 0
     # Under torchrun: ddp (replicated weights) or fsdp (fully_shard per decoder layer).
     parallelism: str = "ddp"
     # LoRA (PEFT): rank 0 trains the whole model; otherwise only adapters on these modules.
@@ -56,6 +58,15 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    # Precision of the training forward and backward: float32, or bfloat16 autocast over float32
+    # weights (the HF Trainer's bf16 mode: weights, gradients and optimizer state stay float32,
+    # matmuls run in bfloat16). Rollouts sample in float32 either way.
+    dtype: str = "float32"
+    # Recompute each decoder layer's activations in the backward pass: less memory, more compute.
+    activation_checkpointing: bool = False
+    # Each micro-batch as one packed row, no padding (the student must keep packed sequences
+    # apart, which is checked at start-up; with flash attention they run as variable-length).
+    packing: bool = False
     # Optimizer.
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -107,6 +118,10 @@ class TrainConfig:
             problems.append(f"rollout_sync_every must be >= 1, got {self.rollout_sync_every}")
         if self.parallelism not in PARALLELISMS:
             problems.append(f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_staleness < 0:
+            problems.append(f"max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         for name in ("batch_size", "micro_batch_size"):

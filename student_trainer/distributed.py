@@ -80,7 +80,9 @@ def wrap_model(model: torch.nn.Module, parallelism: str, world: World) -> torch.
 
     for layer in decoder_layers(model):
         fully_shard(layer)
-    fully_shard(model)
+    # The root is the Hugging Face model even inside a PEFT wrapper: PEFT's generate calls it, not
+    # the wrapper, and the root's hooks are what gather the embedding and the head.
+    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model
 
 

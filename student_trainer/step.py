@@ -18,20 +18,15 @@ from student_trainer.batch import (
     behaviour_gaps,
     collate,
     mask_fractions,
-    scored_logits,
+    StudentScores,
+    student_scores,
     summed_teacher_counts,
     teacher_coverage,
 )
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
-from student_trainer.losses import (
-    log_normalizer,
-    sampled_token_loss,
-    student_token_logprobs,
-    support_metrics,
-    topk_reverse_kl,
-)
+from student_trainer.losses import sampled_token_loss, topk_reverse_kl
 from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
 
@@ -50,26 +45,36 @@ class StudentTokens:
 
 
 def per_position_loss(
-    config: TrainConfig, logits: torch.Tensor, batch: ScoredBatch, token_logprobs: torch.Tensor
+    config: TrainConfig, student: StudentScores, batch: ScoredBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The configured loss per position [B, P], and the sampled-token advantages [B, P].
-
-    `token_logprobs`: the student's log q of the targets (no gradient), shared with the metrics.
-    """
-    mask = batch.mask.to(logits.device)
-    teacher_token_logprobs = batch.teacher_token_logprobs.to(logits.device)
+    """The configured loss per position [B, P], and the sampled-token advantages [B, P]."""
+    device = student.token_logprobs.device
+    mask = batch.mask.to(device)
+    teacher_token_logprobs = batch.teacher_token_logprobs.to(device)
     if config.loss == "sampled_token":
-        return sampled_token_loss(logits, batch.targets.to(logits.device), teacher_token_logprobs, mask, config.gamma)
+        return sampled_token_loss(student.token_logprobs, teacher_token_logprobs, mask, config.gamma)
     # Advantages are logged for every loss (they show the baseline's imbalance): a_t = log p_T - log q.
+    token_logprobs = student.token_logprobs.detach()
     advantages = torch.where(mask.bool(), teacher_token_logprobs.to(token_logprobs.dtype) - token_logprobs, 0.0)
     loss = topk_reverse_kl(
-        logits,
-        batch.teacher_ids.to(logits.device),
-        batch.teacher_logprobs.to(logits.device),
+        student.support_logits,
+        batch.teacher_ids.to(device),
+        batch.teacher_logprobs.to(device),
         mask,
-        renormalize=config.loss == "topk_rkl",
+        log_norm=None if config.loss == "topk_rkl" else student.log_norm,
     )
     return loss, advantages
+
+
+def training_precision(config: TrainConfig, model) -> torch.autocast:
+    """The forward's precision: bfloat16 autocast over the float32 weights, or plain float32.
+
+    Autocast, as the HF Trainer's bf16 mode: no second copy of the weights, and the loss,
+    the gradient reductions and the optimizer stay float32 (head.py's blocks are recomputed
+    in the backward pass under the same autocast, so they match the forward's).
+    """
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
 
 def evaluation_seeds(config: TrainConfig, count: int, first: int = 0) -> list[int]:
@@ -100,6 +105,7 @@ def collate_scores(rollouts: list[Rollout], scores: list[TeacherScores], config:
         special_ids=tokens.special_ids,
         keep_ids=tokens.eos_ids,
         mask_special_tokens=config.mask_special_tokens,
+        packed=config.packing,
     )
 
 
@@ -180,18 +186,16 @@ def _backward(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Loss and gradients of one micro-batch; its metrics (means over its loss-carrying positions)
     and the behaviour gaps of its positions."""
-    logits = scored_logits(model, batch)
-    # The one full-vocabulary reduction of the step outside the loss; the metrics share it.
-    log_norm = log_normalizer(logits)
-    token_logprobs = student_token_logprobs(logits, batch.targets.to(logits.device), log_norm)
-    loss, advantages = per_position_loss(config, logits, batch, token_logprobs)
-    gaps = behaviour_gaps(token_logprobs, batch)
+    with training_precision(config, model):
+        student = student_scores(model, batch, log_norm_gradient=config.loss != "topk_rkl")
+        loss, advantages = per_position_loss(config, student, batch)
+    gaps = behaviour_gaps(student.token_logprobs.detach(), batch)
     # Mean over every loss-carrying position of the global batch, whatever the micro-batching and
     # the world size (gradient averaging over ranks divides the world size back out).
     (loss.sum() * world_size / positions).backward()
     mask = batch.mask.to(advantages.device)
     used = max(int(mask.sum()), 1)
-    metrics = support_metrics(logits.detach(), batch.teacher_ids, batch.teacher_logprobs, batch.mask, log_norm)
+    metrics = student.metrics(batch, batch.mask)
     metrics.pop("num_positions")
     return metrics | {
         "loss": float(loss.detach().sum()) / used,
@@ -217,9 +221,7 @@ def evaluate_heldout(
         max_new_tokens=config.max_new_tokens,
     )
     batch = score_rollouts(teacher, rollouts, config, tokens)
-    metrics = support_metrics(
-        scored_logits(unwrap(model), batch), batch.teacher_ids, batch.teacher_logprobs, batch.mask
-    )
+    metrics = student_scores(unwrap(model), batch).metrics(batch, batch.mask)
     count = metrics.pop("num_positions")
     sums = all_reduce_sums(
         {name: value * count for name, value in metrics.items()}

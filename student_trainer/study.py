@@ -39,13 +39,12 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from student_trainer.batch import mask_fractions, scored_logits
+from student_trainer.batch import mask_fractions, student_scores
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_prompts
 from student_trainer.demo import task
 from student_trainer.demo.run import DEFAULT_CACHE, write_prompts
-from student_trainer.losses import support_metrics
 from student_trainer.messages import tokenizer_message
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
@@ -64,6 +63,10 @@ class Variant:
     gamma: float = 0.0
     mask_special_tokens: bool = True
     student: str = "demo"  # a demo.task.TOKENIZERS name: "xtok" trains the other-tokenizer student
+    dtype: str = "float32"
+    packing: bool = False
+    activation_checkpointing: bool = False
+    max_staleness: int = 0
 
 
 VARIANTS = (
@@ -89,7 +92,21 @@ VARIANTS = (
         mask_special_tokens=False,
     ),
 )
-VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS}
+# The trainer's scale settings on the recipe: same accuracy expected, within seed noise (`--variants`;
+# not in the default study).
+SCALE_VARIANTS = (
+    Variant(
+        "recipe_bf16_packed",
+        "recipe, bfloat16 autocast, packing, activation checkpointing",
+        "topk_rkl",
+        dtype="bfloat16",
+        packing=True,
+        activation_checkpointing=True,
+    ),
+    Variant("recipe_stale1", "recipe, max_staleness 1", "topk_rkl", max_staleness=1),
+    Variant("recipe_stale4", "recipe, max_staleness 4", "topk_rkl", max_staleness=4),
+)
+VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS + SCALE_VARIANTS}
 # What `mask_special_tokens: false` does (the trainer's masking and its session's no_special_token_masking):
 CROSS_TOKENIZER_NOTE = (
     "the student tokenizer (demo/xtok.py) differs from the teacher's in its vocabulary (doubled digits are one "
@@ -176,9 +193,9 @@ class HeldoutEvaluator:
             max_new_tokens=self.config.max_new_tokens,
         )
         batch = score_rollouts(self.client, rollouts, self.config, self.tokens)
-        logits = scored_logits(model, batch)
-        on_loss = support_metrics(logits, batch.teacher_ids, batch.teacher_logprobs, batch.mask)
-        on_all = support_metrics(logits, batch.teacher_ids, batch.teacher_logprobs, batch.valid)
+        student = student_scores(model, batch)
+        on_loss = student.metrics(batch, batch.mask)
+        on_all = student.metrics(batch, batch.valid)
         return {
             "accuracy": task.accuracy(model, self.tokenizer, self.problems),
             "heldout_rkl": on_loss["topk_rkl"],
@@ -202,6 +219,10 @@ def run_config(
         gamma=variant.gamma,
         mask_special_tokens=variant.mask_special_tokens,
         top_p=variant.top_p,
+        dtype=variant.dtype,
+        packing=variant.packing,
+        activation_checkpointing=variant.activation_checkpointing,
+        max_staleness=variant.max_staleness,
         temperature=1.0,
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,

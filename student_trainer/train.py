@@ -7,8 +7,9 @@
 
 Policy lag: the number of optimizer steps between the weights that sampled a batch
 and the weights it trains. 0 with the hf rollout engine; with vLLM rollouts it is the
-steps since the last weight push (rollout_sync_every - 1 at most); overlap_scoring
-adds one (batch i+1 is sampled while batch i is scored, before step i is taken).
+steps since the last weight push (rollout_sync_every - 1 at most); max_staleness N
+adds up to N (batch i+N is sampled with the weights after step i, and the teacher scores
+it while steps i+1..i+N-1 train).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +41,7 @@ from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import PromptStream, load_prompts
 from student_trainer.distributed import World, all_reduce_max, init_world, rank_device, shutdown, unwrap, wrap_model
+from student_trainer.head import verify_head, verify_packing
 from student_trainer.lora import add_lora, is_lora, load_lora, merged_weights
 from student_trainer.messages import tokenizer_message
 from student_trainer.rollouts import RolloutEngine, rollout_seeds
@@ -117,7 +120,21 @@ def load_student(config: TrainConfig, checkpoint: Path | None, world: World):
             if saved
             else add_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, config.lora_dropout)
         )
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    # The loss computes the head's logits itself, and packing needs the attention to keep rollouts apart.
+    verify_head(model)
+    if config.packing:
+        verify_packing(model)
     return wrap_model(model, config.parallelism, world), tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' checkpointing of every decoder layer, non-reentrant (LoRA and FSDP need no input grads)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def current_weights(model):
@@ -224,20 +241,21 @@ class Run:
                 unit="step",
                 disable=not self.world.is_main,
             )
-            # overlap_scoring: batch i+1 is sampled (with the weights before step i) while batch i is scored.
-            pending = self._produce(teacher, self.start, self.start) if config.overlap_scoring else None
+            # max_staleness N: batches step+1..step+N are on their way while step trains.
+            ahead = deque(
+                self._produce(teacher, index, self.start)
+                for index in range(self.start, min(self.start + config.max_staleness, config.steps))
+            )
             for step in progress:
                 started = time.perf_counter()  # step_s counts the rollouts of the step too
-                if config.overlap_scoring:
-                    current = pending
-                    pending = self._produce(teacher, step + 1, step) if step + 1 < config.steps else None
-                else:
-                    current = self._produce(teacher, step, step)
+                if step + config.max_staleness < config.steps:
+                    ahead.append(self._produce(teacher, step + config.max_staleness, step))
+                current = ahead.popleft()
                 record = self._step(teacher, step, current, started)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", rkl=f"{record['topk_rkl']:.4f}")
                 if step + 1 == config.steps or (config.save_every and (step + 1) % config.save_every == 0):
-                    # A batch sampled ahead (overlap) is not trained yet: a resumed run samples it again.
-                    self._save(step + 1, teacher, ahead=pending is not None)
+                    # Batches sampled ahead are not trained yet: a resumed run samples them again.
+                    self._save(step + 1, teacher, ahead=len(ahead))
         return self.records
 
     def _produce(self, teacher: TeacherClient, step: int, steps_done: int) -> PendingBatch:
@@ -281,11 +299,11 @@ class Run:
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def _save(self, step: int, teacher: TeacherClient, ahead: bool) -> None:
+    def _save(self, step: int, teacher: TeacherClient, ahead: int) -> None:
         config = self.config
         state = TrainerState(
             step=step,
-            data_position=self.prompts.position - (config.batch_size if ahead else 0),
+            data_position=self.prompts.position - config.batch_size * ahead,
             scheduler=self.scheduler.state_dict(),
             rng=capture_rng(),
             world_size=self.world.size,

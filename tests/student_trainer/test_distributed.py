@@ -2,9 +2,9 @@
 
 One single-process run is the reference. With the same seed and global batch (and the default
 micro-batch size, larger than a rank's share: each process takes its share in one micro-batch):
-* a 2-process DDP run and a 2-process FSDP run have the same loss curve (each rank
-  samples its half of the batch with the same per-rollout seeds, and the loss is
-  normalised over the global batch);
+* a 2-process DDP run and a 2-process FSDP run have its loss curve, and a 2-process FSDP run
+  with LoRA that of a single-process LoRA run (each rank samples its half of the batch with the
+  same per-rollout seeds, and the loss is normalised over the global batch);
 * an FSDP run resumed from its step-2 checkpoint by 2 processes ends bitwise equal to
   the uninterrupted one;
 * its checkpoints load as plain Hugging Face models in one process, and a
@@ -83,7 +83,10 @@ def runs(deterministic_server, student, prompts, tmp_path_factory) -> dict[str, 
     run_trainer(student, prompts, target, root / "single")
     run_trainer(student, prompts, target, root / "ddp", "--parallelism", "ddp", nproc=2)
     run_trainer(student, prompts, target, root / "fsdp", "--parallelism", "fsdp", nproc=2)
-    return {name: root / name for name in ("single", "ddp", "fsdp")}
+    lora = ("--lora-r", "4", "--lora-alpha", "8")
+    run_trainer(student, prompts, target, root / "single_lora", *lora)
+    run_trainer(student, prompts, target, root / "fsdp_lora", "--parallelism", "fsdp", *lora, nproc=2)
+    return {name: root / name for name in ("single", "ddp", "fsdp", "single_lora", "fsdp_lora")}
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
@@ -107,6 +110,14 @@ def test_two_processes_match_the_single_process_loss_curve(runs, parallelism):
     assert [value for _, value in evaluated] == pytest.approx(
         [value for _, value in single_evaluated], rel=TOL, abs=TOL
     )
+
+
+def test_fsdp_with_lora_matches_the_single_process_lora_run(runs):
+    # PEFT's generate calls the Hugging Face model inside its wrapper: FSDP's root is that model.
+    single, parallel = losses(runs["single_lora"]), losses(runs["fsdp_lora"])
+    assert len(parallel) == len(single) == STEPS and single[0] != single[-1]
+    assert parallel == pytest.approx(single, rel=TOL, abs=TOL)
+    assert (latest_checkpoint(runs["fsdp_lora"]) / "model" / "adapter_model.safetensors").exists()
 
 
 def test_fsdp_checkpoint_resumes_exactly_with_two_processes(runs, deterministic_server, student, prompts, tmp_path):

@@ -8,17 +8,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import (
-    drop_special_support,
-    log_normalizer,
-    sampled_token_loss,
-    special_token_mask,
-    student_token_logprobs,
-    support_logits,
-    support_metrics,
-    support_reverse_kl,
-    topk_reverse_kl,
-)
+from student_trainer.losses import drop_special_support, special_token_mask, support_metrics, topk_reverse_kl
 
 NEG_INF = float("-inf")
 
@@ -116,9 +106,27 @@ def ref_rkl(logits, ids, lps, mask, renormalize):
     )
 
 
+def rkl(logits, ids, lps, mask, renormalize=True):
+    """topk_reverse_kl from full logits [..., V], as the trainer's head computes its inputs: the
+    logits at the support ids, and for the unnormalised form the logsumexp over the vocabulary
+    (of masked-in rows: the trainer's hidden states are finite wherever it computes them)."""
+    support = logits.gather(-1, ids.clamp(min=0))
+    if renormalize:
+        return topk_reverse_kl(support, ids, lps, mask)
+    rows = mask.bool().unsqueeze(-1)
+    log_norm = torch.logsumexp(torch.where(rows, logits, torch.zeros((), dtype=logits.dtype)), dim=-1)
+    return topk_reverse_kl(support, ids, lps, mask, log_norm=log_norm)
+
+
+def metrics(logits, ids, lps, mask):
+    """support_metrics from full logits [..., V]."""
+    top = logits.topk(min(ids.shape[-1], logits.shape[-1]), dim=-1).indices
+    return support_metrics(logits.gather(-1, ids.clamp(min=0)), ids, lps, mask, torch.logsumexp(logits, -1), top)
+
+
 def loss_and_grad(logits, ids, lps, mask, renormalize=True):
     x = logits.clone().requires_grad_(True)
-    loss = topk_reverse_kl(x, ids, lps, mask, renormalize=renormalize)
+    loss = rkl(x, ids, lps, mask, renormalize=renormalize)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), grad
 
@@ -158,7 +166,7 @@ def test_bfloat16_logits_are_computed_in_float32():
     logits, ids, lps, mask = make_inputs((2, 3), vocab=30, k=5, seed=3)
     bf16 = logits.to(torch.bfloat16)
     x = bf16.clone().requires_grad_(True)
-    loss = topk_reverse_kl(x, ids, lps, mask)
+    loss = rkl(x, ids, lps, mask)
     loss.sum().backward()
     assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     ref_loss, _ = ref_rkl(bf16.float(), ids, lps, mask, True)  # same (rounded) logits
@@ -167,9 +175,9 @@ def test_bfloat16_logits_are_computed_in_float32():
 
 def test_mask_may_be_bool_int_or_float():
     logits, ids, lps, mask = make_inputs((2, 4), vocab=20, k=4, seed=5)
-    expected = topk_reverse_kl(logits, ids, lps, mask)
-    assert torch.equal(topk_reverse_kl(logits, ids, lps, mask.long()), expected)
-    assert torch.equal(topk_reverse_kl(logits, ids, lps, mask.float()), expected)
+    expected = rkl(logits, ids, lps, mask)
+    assert torch.equal(rkl(logits, ids, lps, mask.long()), expected)
+    assert torch.equal(rkl(logits, ids, lps, mask.float()), expected)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-7)])
@@ -214,7 +222,7 @@ def test_renormalised_loss_never_touches_logits_outside_support():
 
     # The full-vocabulary form does read those logits: the check can fail.
     rows = mask & (ids >= 0).any(-1)
-    unnorm = topk_reverse_kl(nan_logits, ids, lps, mask, renormalize=False)
+    unnorm = rkl(nan_logits, ids, lps, mask, renormalize=False)
     assert torch.isnan(unnorm[rows]).all()
 
 
@@ -268,46 +276,6 @@ def test_gradient_is_zero_outside_support():
 
 
 # ---------------------------------------------------------------------------
-# support_reverse_kl: the same loss from hidden states, the K support rows of the lm head only
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 256])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_support_reverse_kl_equals_topk_rkl_on_full_logits(chunk_size, with_bias):
-    g = torch.Generator().manual_seed(7)
-    vocab, hidden_size, k = 50, 8, 6
-    _, ids, lps, mask = make_inputs((3, 4), vocab, k, seed=3, dtype=torch.float64)
-    hidden = torch.randn(3, 4, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
-
-    loss = support_reverse_kl(hidden, weight, ids, lps, mask, bias=bias, chunk_size=chunk_size)
-    inputs = [hidden, weight] + ([bias] if with_bias else [])
-    grads = torch.autograd.grad(loss.sum(), inputs)
-    full_logits = hidden @ weight.T + (bias if with_bias else 0.0)
-    expected = topk_reverse_kl(full_logits, ids, lps, mask, renormalize=True)
-    expected_grads = torch.autograd.grad(expected.sum(), inputs)
-
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert loss[mask].gt(0).any() and loss[~mask].eq(0).all()
-
-
-def test_support_logits_gather_the_support_rows_and_pass_gradcheck():
-    g = torch.Generator().manual_seed(11)
-    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    ids = torch.tensor([[1, 2, -1], [8, 0, 3], [4, 4, 5], [7, -1, -1], [6, 1, 2]])
-    z = support_logits(hidden, weight, ids, chunk_size=2)
-    torch.testing.assert_close(z, (hidden @ weight.T).gather(-1, ids.clamp(min=0)))
-    assert torch.autograd.gradcheck(lambda h, w: support_logits(h, w, ids, chunk_size=2), (hidden, weight))
-    with pytest.raises(ValueError, match="disagree on positions"):
-        support_logits(hidden[:4], weight, ids)
-
-
-# ---------------------------------------------------------------------------
 # support_metrics
 # ---------------------------------------------------------------------------
 
@@ -319,7 +287,7 @@ def test_support_metrics_hand_computed():
     lps = torch.log(torch.tensor([[0.4, 0.4], [0.5, 0.5], [1.0, 1.0]]))
     lps[2] = NEG_INF
     mask = torch.tensor([True, False, True])
-    m = support_metrics(logits, ids, lps, mask)
+    m = metrics(logits, ids, lps, mask)
     # Live row: q~ = (5/6, 1/6), p~ = (1/2, 1/2).
     rkl = 5 / 6 * math.log(5 / 3) + 1 / 6 * math.log(1 / 3)
     assert m["topk_rkl"] == pytest.approx(rkl, rel=1e-6)
@@ -329,32 +297,19 @@ def test_support_metrics_hand_computed():
     assert m["num_positions"] == 1.0
 
 
-def test_shared_log_normalizer_gives_the_same_metrics_and_token_logprobs():
-    logits, ids, lps, mask = make_inputs((3, 4), 40, 5, seed=5)
-    log_norm = log_normalizer(logits)
-    assert support_metrics(logits, ids, lps, mask, log_norm) == pytest.approx(
-        support_metrics(logits, ids, lps, mask), rel=1e-6
-    )
-    tokens = torch.randint(0, 40, (3, 4), generator=torch.Generator().manual_seed(1))
-    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(student_token_logprobs(logits, tokens, log_norm), expected)
-    _, advantages = sampled_token_loss(logits, tokens, torch.full((3, 4), -1.0), mask)
-    torch.testing.assert_close(advantages, torch.where(mask, -1.0 - expected, 0.0))
-
-
 def test_support_metrics_agree_with_loss_and_handle_empty():
     logits, ids, lps, mask = make_inputs((2, 5), vocab=30, k=6, seed=13)
-    m = support_metrics(logits, ids, lps, mask)
+    m = metrics(logits, ids, lps, mask)
     rows = mask & (ids >= 0).any(-1)
     assert m["num_positions"] == float(rows.sum())
-    loss = topk_reverse_kl(logits, ids, lps, mask)
+    loss = rkl(logits, ids, lps, mask)
     assert m["topk_rkl"] == pytest.approx(float(loss[rows].mean()), rel=1e-6)
     assert 0.0 < m["teacher_support_mass"] <= 1.0 and 0.0 < m["student_support_mass"] <= 1.0
     # The student's own top-K as support gives full overlap.
     own = logits.topk(4, dim=-1).indices
-    assert support_metrics(logits, own, torch.full(own.shape, -1.0), mask)["topk_overlap"] == 1.0
+    assert metrics(logits, own, torch.full(own.shape, -1.0), mask)["topk_overlap"] == 1.0
 
-    empty = support_metrics(logits, ids, lps, torch.zeros_like(mask))
+    empty = metrics(logits, ids, lps, torch.zeros_like(mask))
     names = {"topk_rkl", "teacher_support_mass", "student_support_mass", "topk_overlap"}
     assert set(empty) >= names
     assert all(v == 0.0 for v in empty.values())
@@ -390,8 +345,6 @@ def test_drop_special_support_pads_special_entries_and_copies():
     # The loss then renormalises over what is left: same as a support without them.
     logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, dtype=torch.bool)
-    without = topk_reverse_kl(
-        logits, torch.tensor([[5, EOS, 7], [9, EOS, -1]]), new_lps[[[0], [1]], [[0, 2, 3], [1, 3, 2]]], mask
-    )
-    got = topk_reverse_kl(logits, new_ids, new_lps, mask)
+    without = rkl(logits, torch.tensor([[5, EOS, 7], [9, EOS, -1]]), new_lps[[[0], [1]], [[0, 2, 3], [1, 3, 2]]], mask)
+    got = rkl(logits, new_ids, new_lps, mask)
     torch.testing.assert_close(got, without, rtol=0, atol=1e-7)

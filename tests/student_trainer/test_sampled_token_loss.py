@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_trainer.losses import sampled_token_loss
+from student_trainer.losses import sampled_token_loss as loss_of_logprobs
+
+
+def sampled_token_loss(logits, tokens, teacher, mask, gamma=0.0):
+    """The loss from full logits [..., T, V]: log q(y_t) by log-softmax, as the trainer's head gives it."""
+    token_logprobs = torch.log_softmax(logits, -1).gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return loss_of_logprobs(token_logprobs, teacher, mask, gamma=gamma)
 
 
 def sampled_inputs():

@@ -96,6 +96,20 @@ def test_other_losses_train(live_server, student, prompts, tmp_path, loss):
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
+def test_bfloat16_packing_and_activation_checkpointing_train(live_server, student, prompts, tmp_path):
+    settings = dict(student=str(student), teacher=live_server.target, prompts=str(prompts), steps=3, top_k=8)
+    settings |= dict(batch_size=4, micro_batch_size=4, max_new_tokens=6, lr=1e-2, seed=3)
+    plain = train(load_config(None, **settings, output=str(tmp_path / "plain")))
+    packed = train(load_config(None, **settings, output=str(tmp_path / "packed"), packing=True))
+    # Same rollouts, same step: packing changes the layout only (float rounding).
+    assert packed[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-4)
+    scaled = train(
+        load_config(None, **settings, output=str(tmp_path / "bf16"), dtype="bfloat16", activation_checkpointing=True)
+    )
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in scaled)
+    assert scaled[0]["loss"] == pytest.approx(plain[0]["loss"], rel=0.05) and scaled[0]["loss"] != plain[0]["loss"]
+
+
 def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint_module.latest_checkpoint(output) / "model" / "model.safetensors")
 
