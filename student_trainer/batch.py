@@ -93,9 +93,12 @@ def _packed_layout(rollouts: list[Rollout], pad_id: int, positions: int) -> dict
         position_ids[row, offset : offset + len(rollout.tokens)] = torch.arange(len(rollout.tokens))
         start = offset + rollout.prompt_length
         logit_index[index] = torch.arange(start - 1, start - 1 + positions).clamp(max=width - 1)
+    attention_mask = torch.zeros_like(input_ids)  # real tokens (the model reads position_ids instead)
+    for row, used in enumerate(filled):
+        attention_mask[row, :used] = 1
     return dict(
         input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=attention_mask,
         logit_index=logit_index,
         rows=torch.tensor([placed[index][0] for index in range(len(rollouts))]),
         position_ids=position_ids,
@@ -230,8 +233,9 @@ def behaviour_gaps(token_logprobs: torch.Tensor, batch: ScoredBatch) -> torch.Te
     """|log-prob the rollout engine recorded - the trained model's log-prob| of each target that has one.
 
     `token_logprobs` [B, P]: the trained model's log q of the targets (StudentScores.token_logprobs).
-    About 0 when the engine sampled with the weights being trained (float rounding only); a
-    weight push that failed, or policy lag, shows up here.
+    About 0 when the engine sampled with the weights being trained (float rounding only; with
+    dtype bfloat16, bfloat16 rounding, as rollouts sample in float32); a weight push that
+    failed, or policy lag, shows up here.
     """
     recorded = batch.behaviour_logprobs.to(token_logprobs.device)
     seen = batch.valid.to(token_logprobs.device) & ~recorded.isnan()

@@ -64,8 +64,9 @@ class TrainConfig:
     dtype: str = "float32"
     # Recompute each decoder layer's activations in the backward pass: less memory, more compute.
     activation_checkpointing: bool = False
-    # Each micro-batch as one packed row, no padding (the student must keep packed sequences
-    # apart, which is checked at start-up; with flash attention they run as variable-length).
+    # Micro-batches packed several rollouts to a row (first fit into rows as long as the longest
+    # rollout), not one padded row each; the student must keep packed sequences apart, which is
+    # checked at start-up (with flash attention they run as variable-length sequences).
     packing: bool = False
     # Optimizer.
     lr: float = 1e-5

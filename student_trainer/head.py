@@ -5,8 +5,8 @@ teacher's support, the sampled token) and two reductions over the whole vocabula
 log-normaliser and the student's own top-k). The model's forward stops at the final hidden
 states (the lm head runs on one position only); everything else comes from those states and
 the head's weight here: support logits from the K weight rows of each position, the
-vocabulary reductions `chunk` positions at a time, forward and backward, so memory holds
-[chunk, V], never [B, P, V]. At V = 152k and 16k positions that is the difference between
+vocabulary reductions a block of positions at a time, forward and backward, so memory holds
+[block, V], never [B, P, V]. At V = 152k and 16k positions that is the difference between
 ~10 GB of logits (and as much again for their gradient) and ~32 MB.
 
 Covered heads: a linear layer, tied to the input embeddings or not, with or without bias
@@ -24,7 +24,8 @@ import torch
 
 from student_trainer.distributed import unwrap
 
-# Positions per block of [block, V] logits: 2**23 float32 values (32 MiB) per buffer.
+# Size of a block of [positions, V] logits: 2**23 float32 values (32 MiB) per buffer, so a
+# block holds 2**23 // V positions (55 at V = 152k).
 VOCAB_BLOCK_ELEMENTS = 1 << 23
 # Positions per block of gathered support rows [block, K, H] in support_logits.
 SUPPORT_BLOCK_ROWS = 256
@@ -74,7 +75,7 @@ class _SupportLogits(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:end] = torch.bmm(g[:, None, :], weight[ids[start:end]]).squeeze(1)
             if grad_weight is not None:
-                outer = g[:, :, None] * hidden[start:end, None, :]  # [c, K, H]
+                outer = (g[:, :, None] * hidden[start:end, None, :]).to(grad_weight.dtype)  # [c, K, H]
                 grad_weight.index_add_(0, ids[start:end].reshape(-1), outer.reshape(-1, hidden.shape[-1]))
         return grad_hidden, grad_weight, None, None
 
@@ -134,65 +135,84 @@ class OutputHead:
         log_norm, top_ids = _VocabularyStats.apply(flat, self.weight, self.bias, self, top)
         return log_norm.reshape(hidden.shape[:-1]), top_ids.reshape(*hidden.shape[:-1], top)
 
-    def block_logits(self, hidden_block: torch.Tensor) -> torch.Tensor:
-        raw = hidden_block @ self.weight.T
+    def block_logits(self, hidden_block: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [n, V] of a block of hidden states; `weight`: the head's weight already cast
+        to the matmul's dtype (the head's own by default)."""
+        weight = self.weight if weight is None else weight
+        raw = (hidden_block.to(weight.dtype) @ weight.T).float()
         if self.bias is not None:
-            raw = raw + self.bias
-        return self.transform(raw.float())
+            raw = raw + self.bias.float()
+        return self.transform(raw)
 
     def block_size(self) -> int:
         return max(1, VOCAB_BLOCK_ELEMENTS // self.weight.shape[0])
 
 
+def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul on `tensor`'s device now (its own without autocast)."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensor.dtype
+
+
 class _VocabularyStats(torch.autograd.Function):
     """logsumexp of the head's logits and their top ids, one block of positions at a time.
 
-    The backward pass rebuilds each block's logits: d lse / d z = softmax(z), pulled back
-    through the soft-cap and scale, then through the linear head to hidden, weight and bias.
+    The block matmuls run in the dtype autocast would use (the weight cast once per pass, not
+    once per block), with autocast itself off, so that the backward pass rebuilds exactly the
+    forward's block logits: d lse / d z = softmax(z), pulled back through the soft-cap and the
+    scale, then through the linear head. Gradients accumulate in float32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: OutputHead, top: int):
+        dtype = _matmul_dtype(weight)
         size = head.block_size()
         log_norm = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         top_ids = torch.empty(hidden.shape[0], top, dtype=torch.long, device=hidden.device)
-        for start in range(0, hidden.shape[0], size):
-            z = head.block_logits(hidden[start : start + size])
-            log_norm[start : start + size] = torch.logsumexp(z, dim=-1)
-            if top:
-                top_ids[start : start + size] = z.topk(top, dim=-1).indices
+        with torch.autocast(hidden.device.type, enabled=False):
+            cast = weight.to(dtype)
+            for start in range(0, hidden.shape[0], size):
+                z = head.block_logits(hidden[start : start + size], cast)
+                log_norm[start : start + size] = torch.logsumexp(z, dim=-1)
+                if top:
+                    top_ids[start : start + size] = z.topk(top, dim=-1).indices
         ctx.save_for_backward(hidden, weight, bias, log_norm)
-        ctx.head, ctx.autocast = head, _autocast_of(hidden)
+        ctx.head, ctx.dtype = head, dtype
         ctx.mark_non_differentiable(top_ids)
         return log_norm, top_ids
 
     @staticmethod
     def backward(ctx, grad_log_norm, _grad_top_ids):
-        with torch.autocast(**ctx.autocast):  # the forward's block logits, bit for bit
+        with torch.autocast(grad_log_norm.device.type, enabled=False):
             return _VocabularyStats._backward(ctx, grad_log_norm)
 
     @staticmethod
     def _backward(ctx, grad_log_norm):
         hidden, weight, bias, log_norm = ctx.saved_tensors
         head: OutputHead = ctx.head
+        cast = weight.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        )
         size = head.block_size()
         for start in range(0, hidden.shape[0], size):
             end = start + size
-            z = head.block_logits(hidden[start:end])
+            z = head.block_logits(hidden[start:end], cast)
             grad_z = grad_log_norm[start:end, None] * torch.exp(z - log_norm[start:end, None])
             if head.softcap:
                 grad_z = grad_z * (1.0 - (z / head.softcap) ** 2)
-            grad_raw = (grad_z * head.scale).to(hidden.dtype)
+            grad_raw = grad_z * head.scale  # float32 [n, V]
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_raw @ weight
+                grad_hidden[start:end] = (grad_raw.to(ctx.dtype) @ cast).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_raw.T @ hidden[start:end]
+                grad_weight.addmm_(grad_raw.T, hidden[start:end].float())
             if grad_bias is not None:
                 grad_bias += grad_raw.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        to_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        to_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, to_weight, to_bias, None, None
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -205,7 +225,7 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     """The student's head as it is now (under FSDP: call it after a forward, when the head is gathered)."""
     lm = causal_lm(model)
     linear = lm.get_output_embeddings()
-    if not isinstance(linear, torch.nn.Linear) or type(linear) is not torch.nn.Linear:
+    if type(linear) is not torch.nn.Linear:
         raise ValueError(
             f"the output layer of {type(lm).__name__} is a {type(linear).__name__}, not a plain linear layer "
             "(a LoRA adapter on the lm head?): leave the output layer out of lora_target_modules"

@@ -124,7 +124,7 @@ def optimizer_step(
 ) -> dict:
     """Wait for the teacher, take one optimizer step over this rank's shard; metrics of the global batch."""
     started = time.perf_counter()
-    scores = pending.scores.result()  # with overlap_scoring the teacher may be done already
+    scores = pending.scores.result()  # with max_staleness > 0 the teacher may be done already
     teacher_wait = time.perf_counter() - started
     size = config.micro_batch_size
     micro_batches = [

@@ -8,8 +8,8 @@
 Policy lag: the number of optimizer steps between the weights that sampled a batch
 and the weights it trains. 0 with the hf rollout engine; with vLLM rollouts it is the
 steps since the last weight push (rollout_sync_every - 1 at most); max_staleness N
-adds up to N (batch i+N is sampled with the weights after step i, and the teacher scores
-it while steps i+1..i+N-1 train).
+adds up to N (batch i+N is sampled with the weights that train batch i, before step i, and
+the teacher scores it while steps i..i+N-1 train).
 """
 
 from __future__ import annotations

@@ -99,7 +99,11 @@ def _tenant_flags(tenants: argparse._ArgumentGroup, server: ServerConfig, limits
 
 def _operations_flags(ops: argparse._ArgumentGroup) -> None:
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
-    ops.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    ops.add_argument(
+        "--metrics-host",
+        default=ServerConfig.metrics_host,
+        help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 exposes tenant names and traffic)",
+    )
     ops.add_argument(
         "--log-format",
         choices=["text", "json"],

@@ -23,15 +23,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Longest status message sent: messages quote the request's values, and gRPC clients refuse
+# trailing metadata past 16 KiB (as RESOURCE_EXHAUSTED, hiding the real error).
+MAX_MESSAGE_CHARS = 1024
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
     """(status, message, retry hint in ms or 0) of an error raised while answering a request:
-    the one mapping for unary calls (end_with_status) and ScoreStream entries (servicer.py)."""
+    the one mapping for unary calls (end_with_status), ScoreStream entries (servicer.py) and HTTP."""
     if isinstance(error, TeacherError):
-        return error.code, str(error), error.retry_after_ms
+        return error.code, _bounded(str(error)), error.retry_after_ms
     if isinstance(error, MalformedTensor):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed tensor: {error}", 0
+        return grpc.StatusCode.INVALID_ARGUMENT, _bounded(f"malformed tensor: {error}"), 0
     log.error("unexpected error in a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); see the teacher's log", 0
+    message = f"internal error ({type(error).__name__}: {error}); see the teacher's log"
+    return grpc.StatusCode.INTERNAL, _bounded(message), 0
+
+
+def _bounded(message: str) -> str:
+    """The message, its middle cut out if it is too long (the end often says what to do)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    cut = f" ... (cut: {len(message)} characters in all) ... "
+    head = (MAX_MESSAGE_CHARS - len(cut)) * 3 // 4
+    return message[:head] + cut + message[-(MAX_MESSAGE_CHARS - len(cut) - head) :]
 
 
 def end_with_status(context: grpc.aio.ServicerContext, error: Exception) -> grpc.StatusCode:

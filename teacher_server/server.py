@@ -65,9 +65,10 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
-    # Prometheus /metrics over HTTP; None: not served. metrics_host None: the gRPC host.
+    # Prometheus /metrics over HTTP; None: not served. Loopback unless exposed on purpose: the
+    # metrics name tenants and their traffic, the model's path and its weights hash.
     metrics_port: int | None = None
-    metrics_host: str | None = None
+    metrics_host: str = "127.0.0.1"
     # The HTTP front end (vLLM's and SGLang's dialects, http/); None: not served. 0 picks a free port.
     http_port: int | None = None
 
@@ -120,7 +121,7 @@ class TeacherServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+            self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         await self._server.start()
         transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
         log.info("listening on %s:%d (%s), loading %s", config.host, self.port, transport, config.engine_config.model)

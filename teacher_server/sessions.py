@@ -26,7 +26,8 @@ from teacher_server.alignment.identity import IdentityAlignment
 from teacher_server.alignment.result import Coverage, Steps
 from teacher_server.alignment.specials import PairError, SpecialMap, SpecialVocab, special_map
 from teacher_server.alignment.text import TeacherText
-from teacher_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from teacher_server.errors import FailedPrecondition, InvalidArgument
+from teacher_server.tenancy import unknown_session
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,7 @@ class SessionRegistry:
         try:
             return self._sessions[session_id]
         except KeyError:
-            raise NotFound(
-                f"unknown session_id {session_id!r}: sessions live as long as the teacher process; "
-                "call OpenSession again (the same tokenizer gives the same id)"
-            ) from None
+            raise unknown_session(session_id) from None
 
     def close(self, session_id: str) -> None:
         self.get(session_id)

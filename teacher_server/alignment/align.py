@@ -140,7 +140,7 @@ def align(
     completion = units[prompt_end:]
 
     if messages:
-        prompt_ids = text.encode_prompt(text.render_chat(messages))
+        prompt_ids = text.encode_chat(messages)
     else:
         prompt_ids = _teacher_prompt(units[:prompt_end], text, specials)
     if len(prompt_ids) == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Sequence
@@ -188,6 +189,41 @@ class TeacherText:
     def start_ids(self) -> np.ndarray:
         """What the teacher's post-processor puts before a text (e.g. BOS)."""
         return self._start_ids
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> np.ndarray:
+        """The prompt in the teacher's chat template, as the teacher reads it, where only the
+        template makes control tokens: a special token's string inside a message stays text
+        (as it does in a completion), so a message cannot open a turn of another role."""
+        specials = self._special_strings()
+        if not any(special in content for _, content in messages for special in specials):
+            return self.encode_prompt(self.render_chat(messages))
+        # Mark where each content lands in the rendering (markers the client cannot forge), then
+        # turn the control tokens found inside those spans back into text.
+        marker = f"\ue000{secrets.randbelow(10**16):016d}\ue001"  # digits: case filters leave them alone
+        rendered = self.render_chat([(role, f"{marker}{content}{marker}") for role, content in messages])
+        pieces = rendered.split(marker)
+        if len(pieces) != 2 * len(messages) + 1:  # the template dropped, repeated or rewrote a content
+            raise ValueError(
+                "a message contains one of the teacher's control tokens, and the teacher's chat template does not "
+                "render each message's content once as it is, so it cannot be kept as plain text: remove it"
+            )
+        spans, text, offset = [], "", 0
+        for index, piece in enumerate(pieces):
+            if index % 2:  # between an opening and a closing marker: a message's content
+                spans.append((offset, offset + len(piece)))
+            text, offset = text + piece, offset + len(piece)
+        encoding = self._default.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            inside = any(low <= start and end <= high for low, high in spans)
+            if inside and text[start:end] in specials:
+                ids += self._plain.encode(text[start:end], add_special_tokens=False).ids
+            else:
+                ids.append(token)
+        return np.asarray(ids, dtype=np.int64)
+
+    def _special_strings(self) -> set[str]:
+        return {token.content for token in self._default.get_added_tokens_decoder().values() if token.special}
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """The prompt in the teacher's chat template, ready for the assistant's answer."""

@@ -170,6 +170,8 @@ def test_prometheus_metrics_per_tenant(tiny_model):
     server = LiveServer(server_config(tiny_model, api_keys=keys, metrics_port=0))
     try:
         port = server.server.metrics_port
+        # Loopback unless --metrics-host says otherwise: the metrics name tenants.
+        assert server.server.metrics._http.server_address[0] == "127.0.0.1"
         rng = np.random.default_rng(0)
         with grpc.insecure_channel(server.target) as channel:
             stub = teacher_pb2_grpc.TeacherStub(channel)

@@ -121,6 +121,18 @@ def test_unauthenticated_message_says_what_to_send(stub):
     assert "invalid API key" in caught.value.details() and WRONG_KEY not in caught.value.details()
 
 
+def test_error_messages_are_bounded_whatever_the_request_quotes(stub):
+    # A message quoting 100 KB of the request would exceed gRPC's 16 KiB metadata limit and
+    # reach the client as RESOURCE_EXHAUSTED instead of the real error.
+    request = score_request("s-" + "x" * 100_000)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(request, metadata=auth(ALICE_KEY), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details()
+    assert details.startswith("unknown session_id 's-xxxx") and len(details) <= 1024
+    assert "characters in all" in details and details.endswith("(the same tokenizer gives the same id)")
+
+
 def test_valid_keys_work_for_every_rpc(stub):
     for key in KEYS:
         session_id = open_session(stub, key, temperature=1.5)
