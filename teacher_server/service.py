@@ -17,13 +17,17 @@ import numpy as np
 from teacher_server import __version__
 from teacher_server.alignment.result import Coverage, ScoreResult, advance
 from teacher_server.engines import Engine, ScoringJob
-from teacher_server.errors import InvalidArgument
+from teacher_server.errors import InvalidArgument, ResourceExhausted
 from teacher_server.scheduler import Scheduler
 from teacher_server.sessions import Session, SessionRegistry, SessionSettings, StudentTokenizerSpec, TeacherVocabulary
 from teacher_server.tenancy import OPEN_TENANT, SessionOwners
 
 if TYPE_CHECKING:
     from teacher_server.metrics import TeacherMetrics
+
+# Chat messages may hold this many characters per token of the request limit (byte-level BPE
+# averages about 4 characters per token of English), checked before the template renders them.
+MESSAGE_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,7 @@ class TeacherService:
         length = len(tokens)
         if length == 0:
             raise InvalidArgument("tokens is empty; send the whole rollout (prompt and completion)")
+        self._validate_size(request)
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= session.student_vocab_size:
             bad = low if low < 0 else high
@@ -172,6 +177,23 @@ class TeacherService:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_k} (GetInfo.max_k), got {request.top_k}")
         if request.requested_ids is not None:
             self._validate_requested(request.requested_ids, length - request.score_from, session)
+
+    def _validate_size(self, request: ScoreInput) -> None:
+        """The request's size against the per-request limit, before any work on it: the student's
+        tokens (the teacher's job is checked again when it is queued) and the chat messages, at most
+        as many as the limit and MESSAGE_CHARS_PER_TOKEN characters per token of it in all."""
+        limit = self.scheduler.limits.max_request_tokens
+        if len(request.tokens) > limit:
+            raise ResourceExhausted(
+                f"the rollout has {len(request.tokens)} tokens, over this teacher's limit of {limit} per request; "
+                "send shorter rollouts"
+            )
+        characters = sum(len(role) + len(content) for role, content in request.messages)
+        if len(request.messages) > limit or characters > MESSAGE_CHARS_PER_TOKEN * limit:
+            raise ResourceExhausted(
+                f"the messages ({len(request.messages)}, {characters} characters) are over this teacher's limit "
+                f"({limit} messages, {MESSAGE_CHARS_PER_TOKEN * limit} characters); send a shorter prompt"
+            )
 
     def _validate_requested(self, requested: np.ndarray, positions: int, session: Session) -> None:
         if not self.engine.supports_requested_ids:

@@ -8,6 +8,9 @@ teacher also run the real model (test_fidelity.py).
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import numpy as np
 import pytest
 
@@ -298,3 +301,21 @@ def test_chat_template_and_think_tokens_give_no_spurious_penalties(stub):
         f"<think> read as text: token log-prob {literal_lp[0]:.2f} at <think>, {literal_lp[is_think].min():.2f} worst"
     )
     assert literal_lp[is_think].min() < token_lp[mask == 1].min() - 2.0
+
+
+def test_oversized_rollouts_and_messages_are_refused_before_any_work(stub):
+    need("gpt2")
+    gpt2 = T.load("gpt2")
+    opened = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120
+    )
+    # Default limit: 65,536 tokens per request. The student's rollout is checked as sent (a
+    # cross-tokenizer alignment of 200k tokens would take many seconds and gigabytes).
+    tokens = np.full(200_000, gpt2("hello")["input_ids"][0])
+    for messages in ((), [("user", "")] * 70_000, [("user", "word " * 120_000)]):
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as caught:
+            score(stub, opened.session_id, tokens if not messages else tokens[:100], 10, messages=messages)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over this teacher's limit" in caught.value.details()
+        assert time.perf_counter() - started < 5.0  # the 200k-token request is 0.8 MB on the wire
