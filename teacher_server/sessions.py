@@ -31,6 +31,10 @@ from teacher_server.tenancy import unknown_session
 
 log = logging.getLogger(__name__)
 
+# Largest student token id + 1 a session accepts: twice the largest real vocabularies (Gemma 3:
+# 262,144). A session's tables are sized by it, so one odd id could otherwise cost gigabytes.
+MAX_STUDENT_VOCAB = 1 << 19
+
 
 @dataclass(frozen=True)
 class TeacherVocabulary:
@@ -328,6 +332,14 @@ def _validated_vocab(student: StudentTokenizerSpec) -> dict[str, int]:
             "send the text of the student's tokenizer.json (tokenizer.backend_tokenizer.to_str())"
         ) from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if not vocab:
+        raise InvalidArgument("the student tokenizer's vocabulary is empty")
+    largest = max(vocab.values())
+    if largest >= MAX_STUDENT_VOCAB:
+        raise InvalidArgument(
+            f"the student tokenizer's largest id is {largest} ({len(vocab)} tokens), over this teacher's limit of "
+            f"{MAX_STUDENT_VOCAB} ids (the session's tables are sized by the largest id)"
+        )
     missing = [token for token in (*student.special_tokens, *student.eos_tokens) if token not in vocab]
     if missing:
         raise InvalidArgument(f"special or eos tokens not in the tokenizer's vocabulary: {missing}")

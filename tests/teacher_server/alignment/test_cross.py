@@ -217,6 +217,11 @@ def test_cross_tokenizer_session_over_grpc(stub, answers):
             '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}',
             "WordLevel",
         ),
+        (  # one token at id 40M: tables sized by the largest id would take gigabytes
+            '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 40000000}, "unk_token": "a"}}',
+            "largest id is 40000000",
+        ),
+        ('{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}', "vocabulary is empty"),
     ],
 )
 def test_bad_student_tokenizer_is_invalid_argument_with_the_reason(stub, payload, needle):
