@@ -70,8 +70,8 @@ def training_precision(config: TrainConfig, model) -> torch.autocast:
     """The forward's precision: bfloat16 autocast over the float32 weights, or plain float32.
 
     Autocast, as the HF Trainer's bf16 mode: no second copy of the weights, and the loss,
-    the gradient reductions and the optimizer stay float32 (head.py's blocks are recomputed
-    in the backward pass under the same autocast, so they match the forward's).
+    the gradient reductions and the optimizer stay float32 (head.py recomputes its blocks in
+    the backward pass in the forward's matmul dtype, so they match the forward's).
     """
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
