@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import threading
+from concurrent.futures import Future
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -181,6 +182,7 @@ class SessionRegistry:
         self._teacher_text: TeacherText | None = None
         self._teacher_error = ""
         self._lock = threading.Lock()
+        self._building: dict[str, Future] = {}  # session id -> the build under way
 
     def open(self, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         """Open (or find) the session for `student` (None = the teacher's own tokenizer)."""
@@ -190,11 +192,26 @@ class SessionRegistry:
         session_id = _session_id(student, settings)
         with self._lock:
             found = self._sessions.get(session_id)
-        if found is None:
+            building = self._building.get(session_id)
+            owner = found is None and building is None
+            if owner:
+                building = self._building[session_id] = Future()
+        if found is not None:
+            return found
+        if not owner:  # the same tokenizer is being built for another caller: one build, its result
+            return building.result()
+        try:
             built = self._build(session_id, student, settings)
             with self._lock:
                 found = self._sessions.setdefault(session_id, built)
-        return found
+            building.set_result(found)
+            return found
+        except BaseException as error:
+            building.set_exception(error)
+            raise
+        finally:
+            with self._lock:
+                del self._building[session_id]
 
     def get(self, session_id: str) -> Session:
         try:

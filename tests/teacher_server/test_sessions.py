@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import numpy as np
@@ -90,6 +91,30 @@ def test_different_tokenizer_opens_but_scoring_fails_precondition(stub):
         stub.Score(score_request(opened.session_id, [1, 2, 3, 4], 1, 4), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "tokenizer" in caught.value.details() and "same_as_teacher" in caught.value.details()
+
+
+def test_a_tokenizer_opened_by_many_at_once_is_built_once(stub, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from teacher_server.sessions import SessionRegistry
+
+    builds = []
+    original = SessionRegistry._build
+
+    def slow_build(self, *args):
+        builds.append(args[0])
+        time.sleep(0.5)  # every caller arrives while the first build runs
+        return original(self, *args)
+
+    monkeypatch.setattr(SessionRegistry, "_build", slow_build)
+    json_text = other_tokenizer_json().replace("tok47", "fresh47")  # not opened by any other test
+    request = teacher_pb2.OpenSessionRequest(
+        tokenizer=teacher_pb2.StudentTokenizer(hf=teacher_pb2.HFTokenizer(tokenizer_json=json_text)),
+    )
+    with ThreadPoolExecutor(6) as pool:
+        opened = list(pool.map(lambda _: stub.OpenSession(request, timeout=30), range(6)))
+    assert len({reply.session_id for reply in opened}) == 1
+    assert builds == [opened[0].session_id]
 
 
 @pytest.mark.parametrize(
