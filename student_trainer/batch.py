@@ -84,8 +84,10 @@ def _packed_layout(rollouts: list[Rollout], pad_id: int, positions: int) -> dict
         placed[index], filled[row] = (row, filled[row]), filled[row] + size
     input_ids = torch.full((len(filled), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(filled), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)  # real tokens (the model reads position_ids instead)
     for row, used in enumerate(filled):
         position_ids[row, used:] = torch.arange(width - used)
+        attention_mask[row, :used] = 1
     logit_index = torch.zeros((len(rollouts), positions), dtype=torch.long)
     for index, rollout in enumerate(rollouts):
         row, offset = placed[index]
@@ -93,9 +95,6 @@ def _packed_layout(rollouts: list[Rollout], pad_id: int, positions: int) -> dict
         position_ids[row, offset : offset + len(rollout.tokens)] = torch.arange(len(rollout.tokens))
         start = offset + rollout.prompt_length
         logit_index[index] = torch.arange(start - 1, start - 1 + positions).clamp(max=width - 1)
-    attention_mask = torch.zeros_like(input_ids)  # real tokens (the model reads position_ids instead)
-    for row, used in enumerate(filled):
-        attention_mask[row, :used] = 1
     return dict(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -270,41 +270,52 @@ def final_hidden_states(
     return captured[0], output.logits
 
 
+def _probe_ids(model: torch.nn.Module, length: int) -> torch.Tensor:
+    """`length` fixed ids spread over the student's vocabulary, on its device."""
+    vocab_size = output_head(model).weight.shape[0]
+    return torch.arange(length, device=next(model.parameters()).device) * 7919 % vocab_size
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    lm = causal_lm(model)
+    return getattr(lm.config, "model_type", type(lm).__name__)
+
+
+def _within(worst: float, reference: torch.Tensor, tolerance: float) -> bool:
+    return worst <= tolerance * max(1.0, float(reference.abs().max()))
+
+
 @torch.no_grad()
 def verify_head(model: torch.nn.Module, tolerance: float = 1e-3) -> None:
     """Refuse a student whose logits are not what OutputHead computes (an uncovered head).
 
     Run before FSDP shards the model (the probe reads the whole head).
     """
-    vocab_size = output_head(model).weight.shape[0]
-    device = next(model.parameters()).device
-    probe = (torch.arange(12, device=device) * 7919 % vocab_size)[None]
+    probe = _probe_ids(model, 12)[None]
     hidden, logits = final_hidden_states(model, probe, torch.ones_like(probe), logits_to_keep=0)
-    ours = output_head(model).block_logits(hidden)
-    worst = float((ours - logits.float()).abs().max())
-    if not worst <= tolerance * max(1.0, float(logits.abs().max())):
-        model_type = getattr(causal_lm(model).config, "model_type", type(causal_lm(model)).__name__)
+    worst = float((output_head(model).block_logits(hidden) - logits.float()).abs().max())
+    if not _within(worst, logits, tolerance):
         raise ValueError(
-            f"the student's output head ({model_type}) is not one the trainer can compute without full-vocabulary "
-            f"logits (its logits differ from a linear head with known scaling and soft-capping by {worst:.3g}); "
-            "covered: linear heads, tied or not, with bias, Cohere logit_scale, Granite logits_scaling, "
-            "Gemma final_logit_softcapping"
+            f"the student's output head ({_model_type(model)}) is not one the trainer can compute without "
+            f"full-vocabulary logits (its logits differ from a linear head with known scaling and soft-capping by "
+            f"{worst:.3g}); covered: linear heads, tied or not, with bias, Cohere logit_scale, Granite "
+            "logits_scaling, Gemma final_logit_softcapping"
         )
 
 
 @torch.no_grad()
 def verify_packing(model: torch.nn.Module, tolerance: float = 1e-4) -> None:
     """Refuse packing for a model whose attention does not keep packed sequences apart."""
-    vocab_size = output_head(model).weight.shape[0]
-    device = next(model.parameters()).device
-    first, second = (torch.arange(n, device=device) * 7919 % vocab_size for n in (7, 5))
-    alone = [final_hidden_states(model, ids[None], torch.ones_like(ids[None]))[0][0] for ids in (first, second)]
-    positions = torch.cat([torch.arange(7), torch.arange(5)]).to(device)[None]
-    packed, _ = final_hidden_states(model, torch.cat([first, second])[None], None, positions)
-    worst = float((packed[0] - torch.cat(alone)).abs().max())
-    if not worst <= tolerance * max(1.0, float(torch.cat(alone).abs().max())):
-        model_type = getattr(causal_lm(model).config, "model_type", type(causal_lm(model)).__name__)
+    probe = _probe_ids(model, 12)
+    first, second = probe[:7], probe[7:]
+    alone = torch.cat(
+        [final_hidden_states(model, ids[None], torch.ones_like(ids[None]))[0][0] for ids in (first, second)]
+    )
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).to(probe.device)[None]
+    packed, _ = final_hidden_states(model, probe[None], None, positions)
+    worst = float((packed[0] - alone).abs().max())
+    if not _within(worst, alone, tolerance):
         raise ValueError(
-            f"{model_type} does not keep packed sequences apart (hidden states differ by {worst:.3g} from "
+            f"{_model_type(model)} does not keep packed sequences apart (hidden states differ by {worst:.3g} from "
             "separate forwards): set packing: false (--no-packing) for this student"
         )

@@ -104,12 +104,15 @@ class TeacherText:
     _default: object = field(default=None, repr=False)
     _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
     _twin: TiktokenTwin | None = field(default=None, repr=False)
+    _specials: frozenset[str] = field(default=frozenset(), repr=False)  # the special tokens' strings
 
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
 
         spec = without_dummy_prefix(json.loads(self.tokenizer_json))
         self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
+        added = self._default.get_added_tokens_decoder().values()
+        self._specials = frozenset(token.content for token in added if token.special)
         self._plain = Tokenizer.from_str(json.dumps(spec))
         # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what
         # the post-processor adds around a text.
@@ -194,7 +197,7 @@ class TeacherText:
         """The prompt in the teacher's chat template, as the teacher reads it, where only the
         template makes control tokens: a special token's string inside a message stays text
         (as it does in a completion), so a message cannot open a turn of another role."""
-        specials = self._special_strings()
+        specials = self._specials
         if not any(special in content for _, content in messages for special in specials):
             return self.encode_prompt(self.render_chat(messages))
         # Mark where each content lands in the rendering (markers the client cannot forge), then
@@ -221,9 +224,6 @@ class TeacherText:
             else:
                 ids.append(token)
         return np.asarray(ids, dtype=np.int64)
-
-    def _special_strings(self) -> set[str]:
-        return {token.content for token in self._default.get_added_tokens_decoder().values() if token.special}
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """The prompt in the teacher's chat template, ready for the assistant's answer."""

@@ -37,7 +37,7 @@ def smollm2_text():
 
 
 def control_ids(text, ids) -> list[int]:
-    return [int(i) for i in ids if i in {text._default.token_to_id(s) for s in text._special_strings()}]
+    return [int(i) for i in ids if i in {text._default.token_to_id(s) for s in text._specials}]
 
 
 def test_control_token_strings_in_a_message_stay_text():
