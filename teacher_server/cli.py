@@ -95,6 +95,22 @@ def _tenant_flags(tenants: argparse._ArgumentGroup, server: ServerConfig, limits
     tenants.add_argument(
         "--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant"
     )
+    tenants.add_argument(
+        "--max-alignment-work",
+        type=int,
+        default=server.max_alignment_work,
+        help="scored positions of one cross-tokenizer request at the default alignment options "
+        "(options that multiply each position's work allow proportionally fewer)",
+    )
+    tenants.add_argument(
+        "--max-table-mib", type=int, default=server.max_table_mib, help="memory of all sessions' alignment tables"
+    )
+    tenants.add_argument(
+        "--max-tenant-table-mib",
+        type=int,
+        default=server.max_tenant_table_mib,
+        help="memory of one tenant's sessions' alignment tables",
+    )
 
 
 def _operations_flags(ops: argparse._ArgumentGroup) -> None:
@@ -181,6 +197,9 @@ def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> 
         max_request_bytes=args.max_request_bytes,
         api_keys=api_keys,
         max_sessions_per_tenant=args.max_sessions_per_tenant,
+        max_table_mib=args.max_table_mib,
+        max_alignment_work=args.max_alignment_work,
+        max_tenant_table_mib=args.max_tenant_table_mib,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -40,6 +40,12 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
     return grpc.StatusCode.INTERNAL, _bounded(message), 0
 
 
+def failed_request(error: BaseException) -> bool:
+    """Whether `error` ends one request (answered with a status) rather than the server: every
+    Exception, and the panics of Rust libraries (pyo3's PanicException derives from BaseException)."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
 def _bounded(message: str) -> str:
     """The message, its middle cut out if it is too long (the end often says what to do)."""
     if len(message) <= MAX_MESSAGE_CHARS:
@@ -133,7 +139,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 count(grpc.StatusCode.UNKNOWN)  # aborted by the handler itself; not ours to name
                 raise
-            except Exception as error:
+            except BaseException as error:
+                if not failed_request(error):
+                    raise
                 code = end_with_status(context, error)
                 count(code)
                 return None
@@ -155,7 +163,9 @@ def _guarded_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
                 yield reply
         except grpc.aio.AbortError:
             raise
-        except Exception as error:
+        except BaseException as error:
+            if not failed_request(error):
+                raise
             end_with_status(context, error)
 
     return guarded

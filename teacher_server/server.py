@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
+from teacher_server.alignment.cross import MAX_ALIGNMENT_WORK
 from teacher_server.auth import ApiKeys, Authenticator
 from teacher_server.engines import EngineConfig, load_engine
 from teacher_server.gate import GateInterceptor
@@ -38,12 +39,14 @@ from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import Scheduler, SchedulerLimits
 from teacher_server.service import TeacherService
 from teacher_server.servicer import TeacherServicer
-from teacher_server.sessions import TeacherVocabulary
-from teacher_server.tenancy import SessionOwners
+from teacher_server.sessions import MAX_TABLE_BYTES, TeacherVocabulary
+from teacher_server.tenancy import MAX_TENANT_TABLE_BYTES, SessionOwners
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
+MAX_STREAMS_PER_CONNECTION = 1024
+MAX_CONCURRENT_RPCS = 4096
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class ServerConfig:
     # Tenants: None serves everyone as one open tenant (and says so at start-up).
     api_keys: ApiKeys | None = None
     max_sessions_per_tenant: int = 64
+    # Memory of session tables (the student's side of each tokenizer pair), in all and per tenant.
+    max_table_mib: int = MAX_TABLE_BYTES >> 20
+    max_tenant_table_mib: int = MAX_TENANT_TABLE_BYTES >> 20
+    # Scored positions of one cross-tokenizer request, at the default alignment options (cross.py).
+    max_alignment_work: int = MAX_ALIGNMENT_WORK
     # TLS: cert + key; with client_ca, clients must present a certificate signed by it (mTLS).
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -103,7 +111,11 @@ class TeacherServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                # Streams past this on one connection wait in the client (HTTP/2 flow control).
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ],
+            # Past this over all connections: RESOURCE_EXHAUSTED, before the call is read.
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         teacher_pb2_grpc.add_TeacherServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -151,8 +163,18 @@ class TeacherServer:
         log.info("teacher: %s", teacher.describe_head())
         self.scheduler = Scheduler(engine, config.limits, self.metrics)
         self.scheduler.start()
-        owners = SessionOwners(config.max_sessions_per_tenant)
-        service = TeacherService(engine, teacher, self.scheduler, config.max_k, owners, sha, self.metrics)
+        owners = SessionOwners(config.max_sessions_per_tenant, config.max_tenant_table_mib << 20)
+        service = TeacherService(
+            engine,
+            teacher,
+            self.scheduler,
+            config.max_k,
+            owners,
+            sha,
+            self.metrics,
+            max_table_bytes=config.max_table_mib << 20,
+            max_alignment_work=config.max_alignment_work,
+        )
         self.servicer.set_service(service)
         tokenizer = config.tokenizer or model
         self.http_front.texts = TokenTexts(tokenizer)
@@ -192,6 +214,8 @@ class TeacherServer:
             await self._server.stop(rest)
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.http_front.service is not None:
+            self.http_front.service.shutdown()
         self.metrics.close()
 
     async def wait(self) -> None:

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from teacher_server import __version__
+from teacher_server.alignment.cross import MAX_ALIGNMENT_WORK
 from teacher_server.alignment.result import Coverage, ScoreResult, advance
 from teacher_server.engines import Engine, ScoringJob
 from teacher_server.errors import InvalidArgument, ResourceExhausted
 from teacher_server.scheduler import Scheduler
-from teacher_server.sessions import Session, SessionRegistry, SessionSettings, StudentTokenizerSpec, TeacherVocabulary
+from teacher_server.sessions import (
+    MAX_TABLE_BYTES,
+    Session,
+    SessionRegistry,
+    SessionSettings,
+    TeacherVocabulary,
+    session_id_of,
+)
+from teacher_server.student_tokenizer import StudentTokenizerSpec, TokenizerLimits
 from teacher_server.tenancy import OPEN_TENANT, SessionOwners
 
 if TYPE_CHECKING:
@@ -70,10 +79,14 @@ class TeacherService:
         owners: SessionOwners | None = None,
         weights_sha256: str = "",
         metrics: TeacherMetrics | None = None,
+        tokenizer_limits: TokenizerLimits = TokenizerLimits(),
+        max_table_bytes: int = MAX_TABLE_BYTES,
+        max_alignment_work: int = MAX_ALIGNMENT_WORK,
     ) -> None:
         self.engine = engine
+        self.max_alignment_work = max_alignment_work
         self.scheduler = scheduler
-        self.sessions = SessionRegistry(teacher, engine.max_sequence_length)
+        self.sessions = SessionRegistry(teacher, engine.max_sequence_length, tokenizer_limits, max_table_bytes)
         # Which tenant opened which session (tenancy.py): sessions are shared, access is not.
         self.owners = owners or SessionOwners()
         self.weights_sha256 = weights_sha256
@@ -106,15 +119,20 @@ class TeacherService:
                 f"the {self.engine.name} engine scores only at temperature {', '.join(map(str, served))}, "
                 f"not {temperature}; open the session with temperature 1 or use a teacher served with --engine hf"
             )
+        self.owners.admit(tenant, session_id_of(student, settings))  # at its caps: refused before any work
         session = self.sessions.open(student, settings)
         try:
-            self.owners.grant(tenant, session.session_id)
+            self.owners.grant(tenant, session.session_id, session.table_bytes)
         except Exception:
             if not self.owners.has_owner(session.session_id):  # built just now for a tenant over its cap
                 self.sessions.close(session.session_id)
             raise
         self._count_sessions()
         return session
+
+    def shutdown(self) -> None:
+        """Stop the workers that read students' tokenizers."""
+        self.sessions.shutdown()
 
     def close_session(self, session_id: str, tenant: str = OPEN_TENANT) -> None:
         if self.owners.release(tenant, session_id):  # the last tenant holding it
@@ -160,7 +178,9 @@ class TeacherService:
         length = len(tokens)
         if length == 0:
             raise InvalidArgument("tokens is empty; send the whole rollout (prompt and completion)")
-        self._validate_size(request)
+        messages = request.messages
+        self.validate_size(len(tokens), len(messages), lambda: sum(len(r) + len(c) for r, c in messages))
+        self._validate_work(request, session)
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= session.student_vocab_size:
             bad = low if low < 0 else high
@@ -178,21 +198,39 @@ class TeacherService:
         if request.requested_ids is not None:
             self._validate_requested(request.requested_ids, length - request.score_from, session)
 
-    def _validate_size(self, request: ScoreInput) -> None:
-        """The request's size against the per-request limit, before any work on it: the student's
-        tokens (the teacher's job is checked again when it is queued) and the chat messages, at most
-        as many as the limit and MESSAGE_CHARS_PER_TOKEN characters per token of it in all."""
+    def validate_size(self, tokens: int, messages: int, message_chars: Callable[[], int]) -> None:
+        """A request's size against the per-request limit, before any work on it (front ends call
+        it before they convert the request): the student's tokens (the teacher's job is checked
+        again when it is queued) and the chat messages, at most as many as the limit and
+        MESSAGE_CHARS_PER_TOKEN characters per token of it in all (counted once their number passed)."""
         limit = self.scheduler.limits.max_request_tokens
-        if len(request.tokens) > limit:
+        if tokens > limit:
             raise ResourceExhausted(
-                f"the rollout has {len(request.tokens)} tokens, over this teacher's limit of {limit} per request; "
+                f"the rollout has {tokens} tokens, over this teacher's limit of {limit} per request; "
                 "send shorter rollouts"
             )
-        characters = sum(len(role) + len(content) for role, content in request.messages)
-        if len(request.messages) > limit or characters > MESSAGE_CHARS_PER_TOKEN * limit:
+        if messages > limit:
+            raise ResourceExhausted(f"{messages} messages are over this teacher's limit of {limit}; send fewer")
+        characters = message_chars()
+        if characters > MESSAGE_CHARS_PER_TOKEN * limit:
             raise ResourceExhausted(
-                f"the messages ({len(request.messages)}, {characters} characters) are over this teacher's limit "
-                f"({limit} messages, {MESSAGE_CHARS_PER_TOKEN * limit} characters); send a shorter prompt"
+                f"the messages hold {characters} characters, over this teacher's limit of "
+                f"{MESSAGE_CHARS_PER_TOKEN * limit} ({MESSAGE_CHARS_PER_TOKEN} per token of the request limit); "
+                "send a shorter prompt"
+            )
+
+    def _validate_work(self, request: ScoreInput, session: Session) -> None:
+        """A cross-tokenizer request's alignment work (its session's options) against the limit."""
+        options = getattr(session.alignment, "options", None)
+        if options is None:
+            return
+        positions = len(request.tokens) - request.score_from
+        work = positions * options.relative_work()
+        if work > self.max_alignment_work:
+            raise ResourceExhausted(
+                f"{positions} scored positions with this session's alignment options ({options.relative_work():.1f} "
+                f"times the default work per position) are over this teacher's limit of {self.max_alignment_work} "
+                "positions at the default options; send shorter rollouts or open the session with smaller options"
             )
 
     def _validate_requested(self, requested: np.ndarray, positions: int, session: Session) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
@@ -17,9 +18,10 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.alignment.cross import CrossOptions
 from teacher_server.alignment.result import Coverage, ScoreResult
 from teacher_server.errors import InvalidArgument, Unavailable
-from teacher_server.interceptor import status_of
+from teacher_server.interceptor import failed_request, status_of
 from teacher_server.service import ScoreInput, TeacherService
-from teacher_server.sessions import SessionSettings, StudentTokenizerSpec
+from teacher_server.sessions import SessionSettings
+from teacher_server.student_tokenizer import StudentTokenizerSpec
 from teacher_server.tenancy import current_tenant
 
 if TYPE_CHECKING:
@@ -29,12 +31,14 @@ if TYPE_CHECKING:
 # further requests until an answer has been handed to gRPC (backpressure instead of
 # unbounded memory, also when the client reads its answers slowly).
 MAX_IN_FLIGHT_PER_STREAM = 256
+OPENING_THREADS = 16  # OpenSessions in progress (most wait for the tokenizer worker, sandbox.py)
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def __init__(self, metrics: TeacherMetrics | None = None) -> None:
         self._service: TeacherService | None = None
         self.metrics = metrics
+        self._opening = ThreadPoolExecutor(OPENING_THREADS, thread_name_prefix="open-session")
 
     def set_service(self, service: TeacherService) -> None:
         self._service = service
@@ -67,8 +71,12 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             mask_specials=not request.no_special_token_masking,
             options=_alignment_options(request.alignment),
         )
-        # A new student tokenizer builds its alignment tables (seconds): off the event loop.
-        session = await asyncio.to_thread(self.service.open_session, student, settings, current_tenant())
+        # A new student tokenizer is read in a worker process (seconds); the thread waiting for it
+        # is one of the pool's own, so waiting builds never hold the threads requests align in.
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(
+            self._opening, self.service.open_session, student, settings, current_tenant()
+        )
         return teacher_pb2.OpenSessionResponse(
             session_id=session.session_id,
             same_as_teacher=session.same_as_teacher,
@@ -111,7 +119,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as error:
+            except BaseException as error:
+                if not failed_request(error):
+                    raise
                 code, message, retry_after_ms = status_of(error)
                 reply = teacher_pb2.ScoreStreamResponse(
                     request_id=request.request_id,
@@ -153,6 +163,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def _score(self, request: teacher_pb2.ScoreRequest) -> teacher_pb2.ScoreResponse:
         tokens = from_tensor(request.tokens, name="tokens", dtype="int32", ndim=1)
+        messages = request.messages
+        # Before the messages become Python objects: a million of them take seconds to convert.
+        self.service.validate_size(
+            len(tokens), len(messages), lambda: sum(len(m.role) + len(m.content) for m in messages)
+        )
         tenant = current_tenant()
         result = await self.service.score(
             ScoreInput(
@@ -160,7 +175,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 tokens=tokens,
                 score_from=request.score_from,
                 top_k=request.top_k,
-                messages=tuple((m.role, m.content) for m in request.messages),
+                messages=tuple((m.role, m.content) for m in messages),
             ),
             tenant,
         )

@@ -21,20 +21,27 @@ from functools import cached_property
 
 import numpy as np
 
-from teacher_server.alignment.byte_tables import UnsupportedTokenizer, byte_table
 from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
 from teacher_server.alignment.identity import IdentityAlignment
 from teacher_server.alignment.result import Coverage, Steps
 from teacher_server.alignment.specials import PairError, SpecialMap, SpecialVocab, special_map
 from teacher_server.alignment.text import TeacherText
-from teacher_server.errors import FailedPrecondition, InvalidArgument
+from teacher_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from teacher_server.sandbox import return_freed_memory
+from teacher_server.student_tokenizer import (
+    StudentReading,
+    StudentTokenizers,
+    StudentTokenizerSpec,
+    TokenizerLimits,
+    teacher_text_of,
+)
 from teacher_server.tenancy import unknown_session
 
 log = logging.getLogger(__name__)
 
-# Largest student token id + 1 a session accepts: twice the largest real vocabularies (Gemma 3:
-# 262,144). A session's tables are sized by it, so one odd id could otherwise cost gigabytes.
-MAX_STUDENT_VOCAB = 1 << 19
+# Memory all sessions' tables may hold together (the student's side of each pair; the teacher's
+# own tables are shared): past it OpenSession is RESOURCE_EXHAUSTED until sessions close.
+MAX_TABLE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -110,16 +117,6 @@ class TeacherVocabulary:
 
 
 @dataclass(frozen=True)
-class StudentTokenizerSpec:
-    """A student's Hugging Face fast tokenizer as sent in OpenSession."""
-
-    tokenizer_json: str
-    special_tokens: tuple[str, ...] = ()
-    eos_tokens: tuple[str, ...] = ()
-    chat_template: str = ""
-
-
-@dataclass(frozen=True)
 class SessionSettings:
     """What a session is opened with besides the tokenizer (part of its content hash)."""
 
@@ -167,6 +164,7 @@ class Session:
     temperature: float
     alignment: IdentityAlignment | CrossTokenizer | UnalignedTokenizers
     special_token_pairs: tuple[tuple[str, str], ...] = ()
+    table_bytes: int = 0  # memory of the student's side of its tables (the budgets count it)
     stats: SessionStats = field(default_factory=SessionStats, compare=False)
 
     @property
@@ -175,9 +173,17 @@ class Session:
 
 
 class SessionRegistry:
-    def __init__(self, teacher: TeacherVocabulary, max_sequence_length: int = 2**31 - 1) -> None:
+    def __init__(
+        self,
+        teacher: TeacherVocabulary,
+        max_sequence_length: int = 2**31 - 1,
+        limits: TokenizerLimits = TokenizerLimits(),
+        max_table_bytes: int = MAX_TABLE_BYTES,
+    ) -> None:
         self.teacher = teacher
         self.max_sequence_length = max_sequence_length
+        self.max_table_bytes = max_table_bytes
+        self.tokenizers = StudentTokenizers(teacher, limits)  # student tokenizers are read in workers
         self._sessions: dict[str, Session] = {}
         self._teacher_text: TeacherText | None = None
         self._teacher_error = ""
@@ -189,12 +195,13 @@ class SessionRegistry:
         temperature = settings.temperature
         if not (temperature > 0 and np.isfinite(temperature)):
             raise InvalidArgument(f"temperature must be a positive number, got {temperature}")
-        session_id = _session_id(student, settings)
+        session_id = session_id_of(student, settings)
         with self._lock:
             found = self._sessions.get(session_id)
             building = self._building.get(session_id)
             owner = found is None and building is None
             if owner:
+                self._check_budget(0)
                 building = self._building[session_id] = Future()
         if found is not None:
             return found
@@ -203,6 +210,8 @@ class SessionRegistry:
         try:
             built = self._build(session_id, student, settings)
             with self._lock:
+                if session_id not in self._sessions:
+                    self._check_budget(built.table_bytes)
                 found = self._sessions.setdefault(session_id, built)
             building.set_result(found)
             return found
@@ -213,6 +222,19 @@ class SessionRegistry:
             with self._lock:
                 del self._building[session_id]
 
+    def _check_budget(self, adding: int) -> None:
+        held = self.table_bytes()
+        if held >= self.max_table_bytes or held + adding > self.max_table_bytes:
+            raise ResourceExhausted(
+                f"the sessions' tables would hold {(held + adding) >> 20} MiB, over this teacher's budget of "
+                f"{self.max_table_bytes >> 20} MiB (--max-table-mib); retry once other sessions have closed",
+                retry_after_s=60.0,
+            )
+
+    def table_bytes(self) -> int:
+        """Memory the open sessions' tables hold."""
+        return sum(session.table_bytes for session in list(self._sessions.values()))
+
     def get(self, session_id: str) -> Session:
         try:
             return self._sessions[session_id]
@@ -222,61 +244,51 @@ class SessionRegistry:
     def close(self, session_id: str) -> None:
         self.get(session_id)
         del self._sessions[session_id]
+        # Off the caller's thread (CloseSession runs on the event loop): trimming takes milliseconds.
+        threading.Thread(target=return_freed_memory, name="return-freed-memory", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Stop the tokenizer workers."""
+        self.tokenizers.close()
 
     def teacher_text(self) -> TeacherText | None:
         """The teacher's side of alignment, built once; None (and a reason) if it cannot be aligned."""
         with self._lock:
             if self._teacher_text is not None or self._teacher_error:
                 return self._teacher_text
-        teacher = self.teacher
-        text, error = None, ""
-        if not teacher.tokenizer_json:
-            error = "the teacher's tokenizer has no tokenizer.json (not a fast tokenizer)"
-        else:
-            try:
-                table = byte_table(teacher.tokenizer_json, teacher.special_tokens)
-                text = TeacherText(
-                    table, teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token
-                )
-            except UnsupportedTokenizer as reason:
-                error = f"the teacher's tokenizer cannot be aligned byte for byte: {reason}"
+        text, error = teacher_text_of(self.teacher)
         with self._lock:
             self._teacher_text, self._teacher_error = text, error
         return text
 
     def _build_cross(
-        self, session_id: str, student: StudentTokenizerSpec, settings: SessionSettings, student_vocab: dict[str, int]
+        self, session_id: str, student: StudentTokenizerSpec, settings: SessionSettings, reading: StudentReading
     ) -> Session:
-        common = dict(
-            session_id=session_id, student_vocab_size=max(student_vocab.values()) + 1, temperature=settings.temperature
-        )
+        common = dict(session_id=session_id, student_vocab_size=reading.vocab_size, temperature=settings.temperature)
         text = self.teacher_text()
-        if text is None:
+        if text is None or reading.unaligned:
             reason = (
-                f"this session's student tokenizer differs from the teacher's, and {self._teacher_error}; "
+                f"this session's student tokenizer differs from the teacher's, and "
+                f"{reading.unaligned or self._teacher_error}; "
                 "open the session with same_as_teacher or use a student that shares the teacher's tokenizer"
             )
             return Session(**common, alignment=UnalignedTokenizers(reason))
-        try:
-            table = byte_table(student.tokenizer_json, student.special_tokens)
-        except UnsupportedTokenizer as reason:
-            raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
-        common["student_vocab_size"] = table.vocab_size
+        tables = self.tokenizers.attach(reading, text, student.tokenizer_json)
         teacher = self.teacher
         specials = _paired_specials(
-            table.special_vocab, text.table.special_vocab, student.eos_tokens, teacher, settings
+            tables.student.special_vocab, text.table.special_vocab, student.eos_tokens, teacher, settings
         )
         cross = CrossTokenizer.build(
-            table, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options
+            tables.student, text, specials, teacher.model_vocab_size, self.max_sequence_length, settings.options, tables
         )
-        return Session(**common, alignment=cross, special_token_pairs=specials.pairs)
+        return Session(**common, alignment=cross, special_token_pairs=specials.pairs, table_bytes=reading.nbytes)
 
     def _build(self, session_id: str, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         teacher = self.teacher
         if student is not None:
-            student_vocab = _validated_vocab(student)
-            if student_vocab != teacher.vocab:
-                return self._build_cross(session_id, student, settings, student_vocab)
+            reading = self.tokenizers.read(student)
+            if not reading.same_as_teacher:
+                return self._build_cross(session_id, student, settings, reading)
         # Identity alignment: the student's ids are the teacher's ids.
         for student_token, teacher_token in settings.special_token_pairs:
             if student_token != teacher_token:
@@ -319,7 +331,8 @@ def _paired_specials(
         raise InvalidArgument(str(reason)) from None
 
 
-def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:
+def session_id_of(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:
+    """The content-addressed id of the session for `student` and `settings`."""
     described = {"student": None if student is None else student.__dict__, "temperature": float(settings.temperature)}
     if settings != SessionSettings(temperature=settings.temperature):  # ids of default sessions stay as they were
         described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
@@ -336,28 +349,3 @@ def _session_id(student: StudentTokenizerSpec | None, settings: SessionSettings)
             described["mask_specials"] = False
     content = json.dumps(described, sort_keys=True)
     return "s-" + hashlib.sha256(content.encode()).hexdigest()[:24]
-
-
-def _validated_vocab(student: StudentTokenizerSpec) -> dict[str, int]:
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_str(student.tokenizer_json)
-    except Exception as error:
-        raise InvalidArgument(
-            f"tokenizer_json is not a valid Hugging Face tokenizer.json: {error}; "
-            "send the text of the student's tokenizer.json (tokenizer.backend_tokenizer.to_str())"
-        ) from None
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if not vocab:
-        raise InvalidArgument("the student tokenizer's vocabulary is empty")
-    largest = max(vocab.values())
-    if largest >= MAX_STUDENT_VOCAB:
-        raise InvalidArgument(
-            f"the student tokenizer's largest id is {largest} ({len(vocab)} tokens), over this teacher's limit of "
-            f"{MAX_STUDENT_VOCAB} ids (the session's tables are sized by the largest id)"
-        )
-    missing = [token for token in (*student.special_tokens, *student.eos_tokens) if token not in vocab]
-    if missing:
-        raise InvalidArgument(f"special or eos tokens not in the tokenizer's vocabulary: {missing}")
-    return vocab

@@ -22,6 +22,8 @@ from collections import defaultdict
 from teacher_server.errors import NotFound, ResourceExhausted
 
 OPEN_TENANT = "open"
+# Memory the tables of one tenant's sessions may hold (--max-tenant-table-mib).
+MAX_TENANT_TABLE_BYTES = 2 << 30
 
 _TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("opd_tenant", default=OPEN_TENANT)
 
@@ -42,33 +44,54 @@ def unknown_session(session_id: str) -> NotFound:
 
 
 class SessionOwners:
-    """Which tenants opened which sessions, with a cap on sessions per tenant.
+    """Which tenants opened which sessions, with a cap on each tenant's sessions and on the memory
+    their tables hold (a session shared by several tenants counts in full for each).
 
     OpenSession grants from a worker thread (it may build alignment tables) while the
-    other RPCs check and release on the event loop: one lock keeps the two maps consistent.
+    other RPCs check and release on the event loop: one lock keeps the maps consistent.
     """
 
-    def __init__(self, max_sessions_per_tenant: int = 64) -> None:
+    def __init__(self, max_sessions_per_tenant: int = 64, max_tenant_table_bytes: int = MAX_TENANT_TABLE_BYTES) -> None:
         self.max_sessions_per_tenant = max_sessions_per_tenant
+        self.max_tenant_table_bytes = max_tenant_table_bytes
         self._by_tenant: dict[str, set[str]] = defaultdict(set)
         self._owners: dict[str, set[str]] = defaultdict(set)
+        self._bytes: dict[str, int] = {}  # session id -> its tables' bytes
         self._lock = threading.Lock()
 
-    def grant(self, tenant: str, session_id: str) -> None:
+    def admit(self, tenant: str, session_id: str) -> None:
+        """Before any work on a session: may `tenant` open it (it holds it already, or it is below
+        its caps)?"""
+        with self._lock:
+            if session_id not in self._by_tenant.get(tenant, ()):
+                self._check(tenant, 1, 0)
+
+    def grant(self, tenant: str, session_id: str, table_bytes: int = 0) -> None:
         """Record that `tenant` opened `session_id` (again: a no-op)."""
         with self._lock:
-            owned = self._by_tenant[tenant]
-            if session_id in owned:
+            if session_id in self._by_tenant[tenant]:
                 return
-            if len(owned) >= self.max_sessions_per_tenant:
-                # Every session holds tables in memory: without this cap one tenant opening
-                # sessions with ever new tokenizers would grow the server without bound.
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} already has {len(owned)} open sessions, the limit is "
-                    f"{self.max_sessions_per_tenant}; close sessions it no longer uses (CloseSession)"
-                )
-            owned.add(session_id)
+            self._check(tenant, 1, table_bytes)
+            self._by_tenant[tenant].add(session_id)
             self._owners[session_id].add(tenant)
+            self._bytes[session_id] = table_bytes
+
+    def _check(self, tenant: str, adding: int, adding_bytes: int) -> None:
+        # Every session holds tables in memory: without these caps one tenant opening sessions
+        # with ever new tokenizers would grow the server without bound.
+        owned = self._by_tenant.get(tenant, set())
+        if len(owned) + adding > self.max_sessions_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already has {len(owned)} open sessions, the limit is "
+                f"{self.max_sessions_per_tenant}; close sessions it no longer uses (CloseSession)"
+            )
+        held = sum(self._bytes.get(session_id, 0) for session_id in owned)
+        if held + adding_bytes > self.max_tenant_table_bytes or held >= self.max_tenant_table_bytes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r}'s sessions would hold {(held + adding_bytes) >> 20} MiB of tables, over the "
+                f"limit of {self.max_tenant_table_bytes >> 20} MiB per tenant; close sessions it no longer uses "
+                "(CloseSession)"
+            )
 
     def check(self, tenant: str, session_id: str) -> None:
         with self._lock:
@@ -88,6 +111,7 @@ class SessionOwners:
             if owners:
                 return False
             del self._owners[session_id]
+            self._bytes.pop(session_id, None)
             return True
 
     def has_owner(self, session_id: str) -> bool:

@@ -128,10 +128,10 @@ class StudentFirstToken:
     the longest student token the bytes begin with where that is undefined (not UTF-8 text)."""
 
     def __init__(self, cross) -> None:
-        from teacher_server.alignment.text import plain_tokenizer
+        from teacher_server.alignment.text import plain_encoder
 
         self.student, self.trie = cross.student, cross.tables.trie
-        self.tokenizer = plain_tokenizer(self.student.tokenizer_json) if self.student.tokenizer_json else None
+        self.encoder = plain_encoder(self.student.tokenizer_json) if self.student.tokenizer_json else None
         self.cache: dict[bytes, int] = {}
 
     def of(self, texts: list[bytes]) -> list[int]:
@@ -140,9 +140,7 @@ class StudentFirstToken:
         todo = [text for text in dict.fromkeys(texts) if text not in self.cache]
         if todo:
             first = (
-                first_tokens(self.student, self.trie, self.tokenizer, todo)
-                if self.tokenizer
-                else np.full(len(todo), -1)
+                first_tokens(self.student, self.trie, self.encoder, todo) if self.encoder else np.full(len(todo), -1)
             )
             data = np.frombuffer(b"".join(todo), np.uint8).astype(np.int64)
             ends = np.cumsum([len(text) for text in todo])

@@ -38,7 +38,10 @@ from teacher_server.alignment.specials import SpecialVocab
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # A text that exercises the decoding rules (spaces, runs of whitespace, newlines, digits).
 PROBE = "Hello, world! 123 4567\n\n  indented\ttab x=y+1; end."
-PROBE_TOKENS = 512  # a vocabulary that cannot spell PROBE is probed with up to this many of its own tokens
+# A vocabulary that cannot spell PROBE is probed with up to this many of its own tokens, and
+# at most PROBE_CHARS characters in all: the probe's cost must not grow with the tenant's tokens.
+PROBE_TOKENS = 64
+PROBE_CHARS = 512
 
 
 class UnsupportedTokenizer(ValueError):
@@ -164,8 +167,9 @@ def _vocabulary(spec: dict) -> dict[str, int]:
     return vocab
 
 
-def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> ByteTable:
-    """Read the byte table of a tokenizer.json text; UnsupportedTokenizer if it has none."""
+def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = (), check: bool = True) -> ByteTable:
+    """Read the byte table of a tokenizer.json text; UnsupportedTokenizer if it has none.
+    check=False leaves out the probe (checked_table), for a caller that limits it on its own."""
     try:
         spec = json.loads(tokenizer_json)
     except ValueError as error:
@@ -201,7 +205,7 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = ()) -> 
         padded=padded,
         tokenizer_json=tokenizer_json,
     )
-    return _checked(table, tokenizer_json)
+    return checked_table(table) if check else table
 
 
 def _special_ids(spec: dict, vocab: dict[str, int], extra_special: Iterable[str]) -> set[int]:
@@ -270,7 +274,7 @@ def probe_text(table: ByteTable) -> str:
     A small vocabulary (the digits of a synthetic task) cannot encode PROBE at all: a WordLevel
     model without an unknown token raises, a BPE drops the characters it lacks. Its text can
     only ever be made of its tokens, so those (one after another, up to PROBE_TOKENS of them,
-    spread over the ids) are what must come back.
+    spread over the ids, PROBE_CHARS characters in all) are what must come back.
     """
     spelled = {byte for token, special in zip(table.tokens, table.special.tolist()) if not special for byte in token}
     if set(PROBE.encode()) <= spelled:
@@ -283,13 +287,13 @@ def probe_text(table: ByteTable) -> str:
             texts.append(table.tokens[index].decode("utf-8"))
         except UnicodeDecodeError:  # a fragment of a character: it only comes with the rest
             continue
-    return "".join(char for char in PROBE if set(char.encode()) <= spelled) + "".join(texts)
+    return ("".join(char for char in PROBE if set(char.encode()) <= spelled) + "".join(texts))[:PROBE_CHARS]
 
 
-def _checked(table: ByteTable, tokenizer_json: str) -> ByteTable:
+def checked_table(table: ByteTable) -> ByteTable:
     """Encode a probe text and require the table to give it back (learning the dummy prefix)."""
     try:
-        tokenizer = parsed_tokenizer(tokenizer_json)
+        tokenizer = parsed_tokenizer(table.tokenizer_json)
     except Exception as error:
         raise UnsupportedTokenizer(f"tokenizers cannot load it: {error}") from None
     probe = probe_text(table)

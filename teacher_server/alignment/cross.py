@@ -29,6 +29,11 @@ from teacher_server.errors import InvalidArgument
 MAX_CANDIDATES = 1024
 MAX_EXPANSION_ROUNDS = 8
 MAX_BRANCH_TOKEN_FACTOR = 8.0
+# Alignment work one request may ask for (--max-alignment-work), in scored positions at the default
+# options: options that multiply each position's work (relative_work) allow fewer positions.
+# Measured with SmolLM2 (bench/attacks.py): about 0.3 MB per position at the defaults, up to 11 MB at
+# the maxima (36x); at 4,096 one request holds about 1.2 GB at most, and the maxima allow 113.
+MAX_ALIGNMENT_WORK = 4096
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,17 @@ class CrossOptions:
     # Inside a teacher token, LOW_MASS when the consistent paths read carry less than what the
     # unread candidates could (project.py), or less than this absolute floor.
     min_consistent_mass: float = 0.0
+
+    def relative_work(self) -> float:
+        """Alignment work per scored position against the defaults': candidates read per row, times
+        the passes (the main one and the branch rounds), times the branch budget."""
+        defaults = CrossOptions()
+
+        def work(options: CrossOptions) -> float:
+            candidates = max(options.candidates, options.inside_candidates)
+            return candidates * (1 + options.rounds) * max(options.branch_token_factor, 1.0)
+
+        return work(self) / work(defaults)
 
     @classmethod
     def requested(
@@ -135,12 +151,14 @@ class CrossTokenizer:
         model_vocab_size: int,
         max_sequence_length: int,
         options: CrossOptions = CrossOptions(),
+        tables: PairTables | None = None,
     ) -> "CrossTokenizer":
+        """`tables`: the pair's tables if already built (in the sandbox, student_tokenizer.py)."""
         return cls(
             student=student,
             text=text,
             specials=specials,
-            tables=pair_tables(student, text),
+            tables=tables or pair_tables(student, text),
             excluded=excluded_support(
                 np.flatnonzero(text.table.special[:model_vocab_size]),
                 specials,

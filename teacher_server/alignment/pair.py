@@ -20,11 +20,12 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable
-from teacher_server.alignment.text import TeacherText, plain_ids, plain_tokenizer
+from teacher_server.alignment.text import PlainEncoder, TeacherText, plain_encoder, plain_ids
 from teacher_server.alignment.trie import ByteTrie, build_trie
 
 HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -36,6 +37,7 @@ BYTE_CLASS[[*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1), *ran
 BYTE_CLASS[ord("0") : ord("9") + 1] = DIGIT
 BYTE_CLASS[[ord(c) for c in " \t\n\r\x0b\x0c"]] = SPACE
 LONE_SPACE = 4  # a token that is one space: any word may follow it in the same piece
+FIRST_AFTER_KEPT = 1 << 20  # first_after answers a session keeps (about 100 bytes each)
 
 
 def path_hash(previous: np.ndarray, token: np.ndarray) -> np.ndarray:
@@ -58,7 +60,7 @@ class PairTables:
     first_student: np.ndarray
     student_last_class: np.ndarray  # int8 per student token: BYTE_CLASS of its last byte, LONE_SPACE, -1 no bytes
     teacher_first_class: np.ndarray  # int8 per teacher token: BYTE_CLASS of its first byte, -1 no bytes or special
-    encoder: object = None  # the student's plain_tokenizer (None: the table has no tokenizer)
+    encoder: PlainEncoder | None = None  # the student's tokenizer, as text that continues a text
     _first_after: dict = field(default_factory=dict, repr=False)  # (student, teacher) -> first_after
 
     def continues_word(self, student_ids: np.ndarray, teacher_ids: np.ndarray) -> np.ndarray:
@@ -78,8 +80,12 @@ class PairTables:
         (GPT-2 writes "\n\n" as one token only where no word follows), and what the student's
         first token is does not depend on the next word."""
         keys = list(zip(student_ids.tolist(), teacher_ids.tolist()))
-        todo = [key for key in dict.fromkeys(keys) if key not in self._first_after]
+        unique = dict.fromkeys(keys)
+        todo = [key for key in unique if key not in self._first_after]
         if todo and self.encoder is not None:
+            if len(self._first_after) + len(todo) > FIRST_AFTER_KEPT:  # bounded: rollouts bring ever new pairs
+                self._first_after.clear()
+                todo = list(unique)
             joined = [self.student.tokens[s] + self.teacher.tokens[t] for s, t in todo]
             ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in joined]
             first = first_tokens(self.student, self.trie, self.encoder, ended)
@@ -129,7 +135,7 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
     index = np.maximum.accumulate(np.maximum(index, segment_start - 1))
     valid = index >= segment_start
     prefix_best = np.where(valid, best[np.maximum(index, 0)], -1)
-    encoder = plain_tokenizer(student.tokenizer_json) if student.tokenizer_json else None
+    encoder = plain_encoder(student.tokenizer_json) if student.tokenizer_json else None
     return PairTables(
         student=student,
         teacher=text.table,
@@ -170,8 +176,8 @@ def first_student_tokens(student: ByteTable, trie: ByteTrie, teacher: ByteTable,
     return first
 
 
-def first_tokens(student: ByteTable, trie: ByteTrie, tokenizer, texts: list[bytes]) -> np.ndarray:
-    """The first token of each text's encoding by `tokenizer` (a plain_tokenizer of the student's:
+def first_tokens(student: ByteTable, trie: ByteTrie, encoder: PlainEncoder, texts: list[bytes]) -> np.ndarray:
+    """The first token of each text's encoding by `encoder` (the student's plain tokenizer:
     as text that continues a text, no dummy prefix), as the preferred id of its bytes; -1 where the
     bytes are not UTF-8 text or the tokens do not give them back (a normalizer rewrote them, an
     unknown token)."""
@@ -185,7 +191,7 @@ def first_tokens(student: ByteTable, trie: ByteTrie, tokenizer, texts: list[byte
         owners.append(index)
     tokens, lengths = student.tokens, student.lengths.tolist()
     known, leading = [], []
-    for index, ids in zip(owners, plain_ids(tokenizer, student, decoded) if decoded else []):
+    for index, ids in zip(owners, plain_ids(encoder, student, decoded) if decoded else []):
         raw = texts[index]
         if ids and raw.startswith(tokens[ids[0]]) and sum(lengths[i] for i in ids) == len(raw):
             known.append(index)
@@ -216,10 +222,15 @@ def trie_of(table: ByteTable) -> ByteTrie:
 def pair_tables(student: ByteTable, text: TeacherText) -> PairTables:
     """The cached tables of this pair (built on first use, then shared by every session)."""
     key = (student.content_hash, text.table.content_hash)
+    return shared_pair_tables(key, lambda: build_pair_tables(student, text, trie_of(student), trie_of(text.table)))
+
+
+def shared_pair_tables(key: tuple[str, str], build: Callable[[], PairTables]) -> PairTables:
+    """The tables cached under (student hash, teacher hash), else `build()`'s, cached from now on."""
     with _lock:
         cached = _pairs.get(key)
     if cached is not None:
         return cached
-    built = build_pair_tables(student, text, trie_of(student), trie_of(text.table))
+    built = build()
     with _lock:
         return _pairs.setdefault(key, built)

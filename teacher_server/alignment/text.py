@@ -15,8 +15,9 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -75,16 +76,31 @@ def encodable_prefix(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def plain_ids(tokenizer, table: ByteTable, texts: list[str]) -> list[list[int] | None]:
-    """Each text's tokens with a `plain_tokenizer`; None where it cannot encode all of it."""
+# Encodes texts with a plain tokenizer: (each text's ids, whether every text was encoded whole;
+# if not, each entry is the ids of the text's encodable prefix). `encoded_texts` over a tokenizer
+# in this process; a student's tokenizer is run in the sandbox instead (student_tokenizer.py).
+PlainEncoder = Callable[[list[str]], tuple[list[list[int]], bool]]
+
+
+def encoded_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], bool]:
+    """A PlainEncoder's answer for `tokenizer` (a plain_tokenizer)."""
     try:
-        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)], True
     except Exception:  # one text outside a WordLevel vocabulary fails the whole batch: one by one
-        out: list[list[int] | None] = []
-        for text in texts:
-            ids = encodable_prefix(tokenizer, text)
-            out.append(ids if table.token_bytes(ids) == text.encode() else None)
-        return out
+        return [encodable_prefix(tokenizer, text) for text in texts], False
+
+
+def plain_encoder(tokenizer_json: str) -> PlainEncoder:
+    """A PlainEncoder running `tokenizer_json`'s plain_tokenizer in this process."""
+    return partial(encoded_texts, plain_tokenizer(tokenizer_json))
+
+
+def plain_ids(encoder: PlainEncoder, table: ByteTable, texts: list[str]) -> list[list[int] | None]:
+    """Each text's tokens with a plain encoder; None where it cannot encode all of it."""
+    encodings, whole = encoder(texts)
+    if whole:
+        return encodings
+    return [ids if table.token_bytes(ids) == text.encode() else None for ids, text in zip(encodings, texts)]
 
 
 def _is_prepend(node) -> bool:
@@ -163,7 +179,7 @@ class TeacherText:
 
     def plain_ids(self, texts: list[str]) -> list[list[int] | None]:
         """The teacher's tokens of each text (no dummy prefix); None where it cannot encode all of it."""
-        return plain_ids(self._plain, self.table, texts)
+        return plain_ids(partial(encoded_texts, self._plain), self.table, texts)
 
     def encode(self, data: bytes) -> tuple[np.ndarray, int]:
         """Teacher ids for `data` and how many leading bytes they reproduce exactly."""

@@ -31,7 +31,7 @@ from teacher_server.auth import Authenticator
 from teacher_server.errors import TeacherError, Unavailable
 from teacher_server.http import sglang_dialect, vllm_dialect
 from teacher_server.http.scoring import DialectError, TokenTexts
-from teacher_server.interceptor import status_of
+from teacher_server.interceptor import failed_request, status_of
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.service import TeacherService
 
@@ -139,7 +139,9 @@ def _handler(front: HttpFront, path: str, handler: Handler, dialect: str) -> Cal
                 answer = await handler(request, tenant)
                 # K entries per position: encoded off the event loop, which keeps serving meanwhile.
                 response = Response(await asyncio.to_thread(orjson.dumps, answer), media_type="application/json")
-        except Exception as error:  # every domain error is the client's answer, never a crash
+        except BaseException as error:  # every domain error is the client's answer, never a crash
+            if not failed_request(error):
+                raise
             response = _error_response(error, dialect)
         if front.metrics is not None:
             front.metrics.request(

@@ -324,3 +324,18 @@ def test_oversized_rollouts_and_messages_are_refused_before_any_work(stub):
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "over this teacher's limit" in caught.value.details()
         assert time.perf_counter() - started < 5.0  # the 200k-token request is 0.8 MB on the wire
+    # Options at their maxima multiply each position's work 36 times: 3,000 positions are too many.
+    widest = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(
+            tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2)),
+            alignment=teacher_pb2.AlignmentOptions(
+                candidates=1024, inside_candidates=1024, expansion_rounds=8, branch_token_factor=8.0
+            ),
+        ),
+        timeout=120,
+    )
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as caught:
+        score(stub, widest.session_id, tokens[:3000], 10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "36.0 times" in caught.value.details()
+    assert time.perf_counter() - started < 1.0

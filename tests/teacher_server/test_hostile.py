@@ -1,0 +1,229 @@
+"""A shared teacher against its own tenants: the sandbox's limits, hostile tokenizers, budgets,
+sizes checked before work (issue 20). Each case is bounded in time and memory on 2 cores;
+bench/attacks.py runs the same attacks against a live server with a victim tenant and reports
+what each costs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import pytest
+
+from teacher_server.alignment.cross import CrossOptions
+from teacher_server.errors import InvalidArgument, ResourceExhausted, TeacherError
+from teacher_server.sandbox import Limits, Sandbox, SandboxBusy, SandboxFailure, phase
+from teacher_server.sessions import SessionRegistry, SessionSettings, TeacherVocabulary
+from teacher_server.student_tokenizer import SandboxedEncoder, StudentTokenizerSpec
+from teacher_server.tenancy import SessionOwners
+from testkit import hostile
+from testkit import tokenizers as T
+
+LIMITS = Limits(cpu_s=20.0, wall_s=60.0, memory_bytes=1 << 30)
+
+
+# ------------------------------------------------------------- the sandbox (functions run in it)
+
+
+def spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def allocate(megabytes: int) -> int:
+    return len(bytearray(megabytes << 20))
+
+
+def refuse(message: str) -> None:
+    raise InvalidArgument(message)
+
+
+def panic() -> None:
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    raise PanicException("range end index 18446744073709551568 out of range")
+
+
+def spin_in_a_phase() -> None:
+    phase("probing", cpu_s=1.0)
+    spin(30)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    box = Sandbox("test", LIMITS, max_waiting=4)
+    yield box
+    box.close()
+
+
+def test_a_call_past_its_cpu_limit_fails_and_the_next_gets_a_new_worker(sandbox):
+    first = sandbox.call(os.getpid)
+    started = time.monotonic()
+    with pytest.raises(SandboxFailure, match="more than 1 s of CPU time"):
+        sandbox.call(spin, 30.0, limits=Limits(cpu_s=1.0, wall_s=30.0, memory_bytes=LIMITS.memory_bytes))
+    assert time.monotonic() - started < 10
+    assert sandbox.call(os.getpid) not in (first, os.getpid())
+
+
+def test_a_phase_names_itself_and_tightens_the_cpu_limit(sandbox):
+    with pytest.raises(SandboxFailure, match="while probing, it used more than 1 s of CPU time"):
+        sandbox.call(spin_in_a_phase)
+
+
+def test_memory_past_the_limit_fails_with_the_limit_named(sandbox):
+    with pytest.raises(SandboxFailure, match="ran out of memory .the limit is 1024 MiB"):
+        sandbox.call(allocate, 4096)
+    assert sandbox.call(allocate, 16) == 16 << 20
+
+
+def test_wall_clock_limit(sandbox):
+    started = time.monotonic()
+    with pytest.raises(SandboxFailure, match="took longer than 1 s"):
+        sandbox.call(time.sleep, 30, limits=Limits(cpu_s=20.0, wall_s=1.0, memory_bytes=LIMITS.memory_bytes))
+    assert time.monotonic() - started < 5
+
+
+def test_domain_errors_pass_through_and_panics_become_failures(sandbox):
+    with pytest.raises(InvalidArgument, match="as sent"):
+        sandbox.call(refuse, "as sent")
+    with pytest.raises(SandboxFailure, match="PanicException: range end index"):
+        sandbox.call(panic)
+    assert sandbox.call(len, "still serving") == 13
+
+
+def test_callers_past_the_waiting_limit_are_told_so_at_once():
+    import threading
+
+    box = Sandbox("busy", LIMITS, max_waiting=1)
+    running = threading.Thread(target=box.call, args=(time.sleep, 3))
+    running.start()
+    time.sleep(1.5)  # the worker has started and is sleeping
+    with pytest.raises(SandboxBusy, match="1 calls are already waiting"):
+        box.call(len, "x")
+    running.join()
+    box.close()
+
+
+# ------------------------------------------------------------- hostile tokenizers, real teacher
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    if T.missing_reason("smollm2"):
+        pytest.skip(T.missing_reason("smollm2"))
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    T.load("smollm2").save_pretrained(path)
+    sessions = SessionRegistry(TeacherVocabulary.from_pretrained(str(path), 49152))
+    yield sessions
+    sessions.shutdown()
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("retry_limit_regex", "while encoding a probe text with the student's tokenizer, PanicException"),
+        ("long_subword_prefix", "while parsing the student's tokenizer.json, PanicException"),
+        ("huge_id", "largest id is 40000000"),
+        ("empty_vocabulary", "vocabulary is empty"),
+    ],
+)
+def test_hostile_tokenizers_are_refused_quickly_with_the_reason(registry, name, needle):
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as refused:
+        registry.open(StudentTokenizerSpec(getattr(hostile, name)()), SessionSettings())
+    assert needle in str(refused.value)
+    assert time.monotonic() - started < 5
+
+
+def test_a_backtracking_regex_costs_a_bounded_probe(registry):
+    """Slow on runs of its own tokens, but the probe is at most PROBE_CHARS characters."""
+    started = time.monotonic()
+    registry.open(StudentTokenizerSpec(hostile.backtracking_regex()), SessionSettings())
+    assert time.monotonic() - started < 10
+
+
+def test_a_real_student_opens_and_its_tables_count_against_the_budget(registry):
+    if T.missing_reason("gpt2"):
+        pytest.skip(T.missing_reason("gpt2"))
+    spec = StudentTokenizerSpec(T.load("gpt2").backend_tokenizer.to_str(), eos_tokens=("<|endoftext|>",))
+    session = registry.open(spec, SessionSettings())
+    assert 5 << 20 < session.table_bytes < 200 << 20
+    small = SessionRegistry(registry.teacher, max_table_bytes=session.table_bytes - 1)
+    small.tokenizers = registry.tokenizers  # the same workers: no second start-up
+    with pytest.raises(ResourceExhausted, match="over this teacher's budget"):
+        small.open(spec, SessionSettings())
+    assert small.table_bytes() == 0
+
+
+def test_a_tokenizer_over_the_size_limit_is_refused_before_any_work(registry):
+    text = " " * (registry.tokenizers.limits.max_chars + 1)
+    with pytest.raises(InvalidArgument, match="over this teacher's limit"):
+        registry.open(StudentTokenizerSpec(text), SessionSettings())
+
+
+def test_an_encoder_that_fails_while_scoring_refuses_its_session_from_then_on():
+    box = Sandbox("encodes", LIMITS)
+    encoder = SandboxedEncoder(box, hostile.long_subword_prefix())
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="failed while this session was scoring .*PanicException"):
+            encoder(["ab"])
+    box.close()
+
+
+# ------------------------------------------------------------- budgets and costs, before work
+
+
+def test_tenant_caps_are_checked_before_building():
+    owners = SessionOwners(max_sessions_per_tenant=2, max_tenant_table_bytes=100)
+    owners.grant("a", "s1", 60)
+    owners.admit("a", "s2")  # one more session may come, its size not known yet
+    with pytest.raises(ResourceExhausted, match="160 MiB|would hold"):
+        owners.grant("a", "s2", 100)
+    owners.grant("a", "s2", 30)
+    with pytest.raises(ResourceExhausted, match="2 open sessions"):
+        owners.admit("a", "s3")
+    owners.admit("a", "s1")  # one it holds: re-opening it costs nothing
+    owners.admit("b", "s3")
+    assert owners.release("a", "s1") and owners.release("a", "s2")
+    owners.grant("a", "s3", 100)  # released sessions no longer count
+
+
+def test_alignment_options_scale_the_work_a_request_may_ask_for():
+    assert CrossOptions().relative_work() == 1.0
+    largest = CrossOptions.requested(candidates=1024, inside_candidates=1024, rounds=8, branch_token_factor=8.0)
+    assert largest.relative_work() == 36.0
+
+
+def fuzz_registry() -> SessionRegistry:
+    """Sessions against a small byte-level BPE teacher: valid mutants are built in milliseconds."""
+    text = hostile.small_byte_level_bpe()
+    vocab = json.loads(text)["model"]["vocab"]
+    teacher = TeacherVocabulary(
+        vocab=vocab, special_ids=frozenset(), eos_ids=frozenset(), model_vocab_size=len(vocab), tokenizer_json=text
+    )
+    return SessionRegistry(teacher)
+
+
+def open_statuses(registry: SessionRegistry, texts) -> Counter:
+    """The status of opening each tokenizer (OK or the error's code)."""
+    codes = Counter()
+    for text in texts:
+        try:
+            registry.open(StudentTokenizerSpec(text), SessionSettings())
+            codes["OK"] += 1
+        except TeacherError as error:
+            codes[error.code.name] += 1
+    return codes
+
+
+def test_mutated_tokenizers_get_documented_statuses_only():
+    """bench/attacks.py --fuzz runs 10,000 of them; here 600, every status a documented one."""
+    registry = fuzz_registry()
+    codes = open_statuses(registry, hostile.mutated_tokenizers(600, seed=1))
+    registry.shutdown()
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}, codes
+    assert codes["OK"] > 20 and codes["INVALID_ARGUMENT"] > 100, codes
