@@ -37,6 +37,15 @@ def allocate(megabytes: int) -> int:
     return len(bytearray(megabytes << 20))
 
 
+HELD = []
+
+
+def hold(megabytes: int) -> int:
+    """Keep `megabytes` of touched memory in the worker (what a library's caches do)."""
+    HELD.append(b"x" * (megabytes << 20))
+    return os.getpid()
+
+
 def refuse(message: str) -> None:
     raise InvalidArgument(message)
 
@@ -78,6 +87,15 @@ def test_memory_past_the_limit_fails_with_the_limit_named(sandbox):
     with pytest.raises(SandboxFailure, match="ran out of memory .the limit is 1024 MiB"):
         sandbox.call(allocate, 4096)
     assert sandbox.call(allocate, 16) == 16 << 20
+
+
+def test_a_worker_that_grew_past_half_its_memory_limit_is_replaced():
+    box = Sandbox("grows", Limits(cpu_s=20.0, wall_s=60.0, memory_bytes=1 << 30))
+    first = box.call(hold, 100)
+    assert box.call(hold, 100) == first  # about 260 MiB resident: below half the limit
+    assert box.call(hold, 400) == first  # about 660 MiB now: the worker is replaced after this call
+    assert box.call(os.getpid) != first
+    box.close()
 
 
 def test_wall_clock_limit(sandbox):
