@@ -37,7 +37,7 @@ class Limits:
 
     cpu_s: float  # CPU time of the call
     wall_s: float  # time the caller waits for it (a worker stopped by the kernel never answers)
-    memory_bytes: int  # address space the worker may grow by over what it holds once set up (a Sandbox's own)
+    memory_bytes: int  # address space the worker may grow by once set up (the Sandbox's; not per call)
 
 
 class SandboxFailure(Exception):
@@ -105,7 +105,7 @@ class Sandbox:
             try:
                 kind, value = connection.recv()
             except (EOFError, OSError):
-                raise self._failure(_during(phase) + self._death(cpu_s, limits.memory_bytes)) from None
+                raise self._failure(_during(phase) + self._death(cpu_s)) from None
             if kind == "phase":
                 phase, cpu_s = value[0], value[1] or cpu_s
                 continue
@@ -159,7 +159,7 @@ class Sandbox:
         log.warning("the %s worker was stopped, a new one takes the next call: %s", self.name, why)
         return SandboxFailure(why)
 
-    def _death(self, cpu_s: float, memory_bytes: int) -> str:
+    def _death(self, cpu_s: float) -> str:
         """Why the worker died, as a person can act on it."""
         process = self._process
         process.join(5)
@@ -168,7 +168,9 @@ class Sandbox:
         if code == -signal.SIGXCPU:
             return f"it used more than {cpu_s:g} s of CPU time"
         if code in (-signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV):
-            return f"it ran out of memory (the limit is {memory_bytes >> 20} MiB) or crashed (signal {-code})"
+            return (
+                f"it ran out of memory (the limit is {self.limits.memory_bytes >> 20} MiB) or crashed (signal {-code})"
+            )
         return f"the worker stopped (exit code {code})"
 
     def _stop(self) -> None:

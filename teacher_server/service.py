@@ -119,8 +119,9 @@ class TeacherService:
                 f"the {self.engine.name} engine scores only at temperature {', '.join(map(str, served))}, "
                 f"not {temperature}; open the session with temperature 1 or use a teacher served with --engine hf"
             )
-        self.owners.admit(tenant, session_id_of(student, settings))  # at its caps: refused before any work
-        session = self.sessions.open(student, settings)
+        session_id = session_id_of(student, settings)
+        self.owners.admit(tenant, session_id)  # at its caps: refused before any work
+        session = self.sessions.open(student, settings, session_id)
         try:
             self.owners.grant(tenant, session.session_id, session.table_bytes)
         except Exception:

@@ -190,12 +190,15 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._building: dict[str, Future] = {}  # session id -> the build under way
 
-    def open(self, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
-        """Open (or find) the session for `student` (None = the teacher's own tokenizer)."""
+    def open(
+        self, student: StudentTokenizerSpec | None, settings: SessionSettings, session_id: str | None = None
+    ) -> Session:
+        """Open (or find) the session for `student` (None = the teacher's own tokenizer); `session_id`:
+        session_id_of(student, settings) if the caller has it already (it hashes the whole tokenizer)."""
         temperature = settings.temperature
         if not (temperature > 0 and np.isfinite(temperature)):
             raise InvalidArgument(f"temperature must be a positive number, got {temperature}")
-        session_id = session_id_of(student, settings)
+        session_id = session_id or session_id_of(student, settings)
         with self._lock:
             found = self._sessions.get(session_id)
             building = self._building.get(session_id)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -222,15 +221,10 @@ def trie_of(table: ByteTable) -> ByteTrie:
 def pair_tables(student: ByteTable, text: TeacherText) -> PairTables:
     """The cached tables of this pair (built on first use, then shared by every session)."""
     key = (student.content_hash, text.table.content_hash)
-    return shared_pair_tables(key, lambda: build_pair_tables(student, text, trie_of(student), trie_of(text.table)))
-
-
-def shared_pair_tables(key: tuple[str, str], build: Callable[[], PairTables]) -> PairTables:
-    """The tables cached under (student hash, teacher hash), else `build()`'s, cached from now on."""
     with _lock:
         cached = _pairs.get(key)
     if cached is not None:
         return cached
-    built = build()
+    built = build_pair_tables(student, text, trie_of(student), trie_of(text.table))
     with _lock:
         return _pairs.setdefault(key, built)
