@@ -210,6 +210,41 @@ def unauthenticated_flood(stub) -> dict:
     return {"64 unauthenticated 60 MB OpenSessions": flood}
 
 
+def stream_flood(target: str, stub) -> dict:
+    """5,000 ScoreStreams at once on one connection, each held open for 5 s once answered."""
+    import asyncio
+    from collections import Counter
+
+    import grpc
+
+    same = teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True))
+    session = stub.OpenSession(same, metadata=auth(ATTACKER_KEY), timeout=60).session_id
+    tokens = to_tensor(np.arange(200, 232, dtype=np.int32))
+    request = teacher_pb2.ScoreRequest(session_id=session, tokens=tokens, score_from=1, top_k=8)
+
+    async def streams(count: int) -> str:
+        async with grpc.aio.insecure_channel(target) as channel:
+            attacker = teacher_pb2_grpc.TeacherStub(channel)
+
+            async def one() -> str:
+                call = attacker.ScoreStream(metadata=auth(ATTACKER_KEY), timeout=120)
+                try:
+                    await call.write(request)
+                    if await call.read() is not grpc.aio.EOF:
+                        await asyncio.sleep(5.0)
+                    await call.done_writing()
+                except grpc.aio.AioRpcError:
+                    pass
+                if await call.details() == "Internal error from Core":  # grpc/grpc#36066: the server's
+                    return "INTERNAL (aio client: its write raced the status)"  # status, lost by the client
+                return (await call.code()).name
+
+            codes = Counter(await asyncio.gather(*(one() for _ in range(count))))
+            return ", ".join(f"{code} x{number}" for code, number in sorted(codes.items()))
+
+    return {"5,000 ScoreStreams on one connection": lambda: asyncio.run(streams(5000))}
+
+
 def real_tokenizer_rounds(stub, watch: Watch, count: int, rounds: int) -> list[dict]:
     """One tenant opens `count` real tokenizers back to back (variants of the real ones: each is a
     new content, so each is a full build), then closes them; `rounds` times."""
@@ -283,7 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokenizers", type=int, default=30)
-    parser.add_argument("--only", nargs="*", default=["tokenizers", "scores", "flood", "rounds"])
+    parser.add_argument("--only", nargs="*", default=["tokenizers", "scores", "flood", "streams", "rounds"])
     parser.add_argument("--fuzz", type=int, default=0, help="instead: this many mutated tokenizers, in process")
     args = parser.parse_args()
     if args.fuzz:
@@ -323,6 +358,8 @@ def run(teacher: TeacherProcess, args: argparse.Namespace) -> None:
         attacks.update(score_attacks(stub))
     if "flood" in args.only:
         attacks.update(unauthenticated_flood(stub))
+    if "streams" in args.only:
+        attacks.update(stream_flood(teacher.target, stub))
     for name, attack in attacks.items():
         started = time.monotonic()
         status = attack()

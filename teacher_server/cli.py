@@ -52,6 +52,12 @@ def _serving_flags(
     )
     run.add_argument("--max-batch-size", type=int, default=limits.max_batch_size, help="sequences per forward pass")
     run.add_argument(
+        "--max-batch-seconds",
+        type=float,
+        default=limits.max_batch_seconds,
+        help="engine time one batch may take at the recent throughput (what a light tenant waits at most); 0: unbounded",
+    )
+    run.add_argument(
         "--max-queued-jobs", type=int, default=limits.max_queued_jobs, help="queued requests before RESOURCE_EXHAUSTED"
     )
     run.add_argument("--grace", type=float, default=server.grace_s, help="seconds in-flight requests get on shutdown")
@@ -68,49 +74,21 @@ def _tenant_flags(tenants: argparse._ArgumentGroup, server: ServerConfig, limits
     tenants.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain of the server (TLS)")
     tenants.add_argument("--tls-key", metavar="FILE", help="PEM private key of the server (TLS)")
     tenants.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA bundle: require client certificates (mTLS)")
-    tenants.add_argument(
-        "--quantum-tokens",
-        type=int,
-        default=limits.quantum_tokens,
-        help="fair-scheduling credit per tenant turn, in tokens (deficit round robin)",
+    limit_flags = (
+        ("--quantum-tokens", limits.quantum_tokens, "tokens of fair-scheduling credit per tenant turn"),
+        ("--max-tenant-queued-tokens", limits.max_tenant_queued_tokens, "tokens one tenant may have waiting"),
+        ("--max-tenant-in-flight", limits.max_tenant_in_flight, "requests one tenant may have queued or running"),
+        ("--max-request-tokens", limits.max_request_tokens, "tokens in one request"),
+        ("--max-request-bytes", server.max_request_bytes, "bytes of a request message (Score: what its tokens need)"),
+        ("--max-calls", server.max_calls, "Teacher calls in progress over all clients"),
+        ("--max-tenant-calls", server.max_tenant_calls, "Teacher calls in progress of one tenant"),
+        ("--max-sessions-per-tenant", server.max_sessions_per_tenant, "open sessions per tenant"),
+        ("--max-alignment-work", server.max_alignment_work, "cross-tokenizer positions per request (default options)"),
+        ("--max-table-mib", server.max_table_mib, "memory of all sessions' alignment tables"),
+        ("--max-tenant-table-mib", server.max_tenant_table_mib, "memory of one tenant's sessions' alignment tables"),
     )
-    tenants.add_argument(
-        "--max-tenant-queued-tokens",
-        type=int,
-        default=limits.max_tenant_queued_tokens,
-        help="tokens one tenant may have waiting before RESOURCE_EXHAUSTED",
-    )
-    tenants.add_argument(
-        "--max-tenant-in-flight",
-        type=int,
-        default=limits.max_tenant_in_flight,
-        help="requests one tenant may have queued or running before RESOURCE_EXHAUSTED",
-    )
-    tenants.add_argument(
-        "--max-request-tokens", type=int, default=limits.max_request_tokens, help="tokens in one request"
-    )
-    tenants.add_argument(
-        "--max-request-bytes", type=int, default=server.max_request_bytes, help="bytes in one request message"
-    )
-    tenants.add_argument(
-        "--max-sessions-per-tenant", type=int, default=server.max_sessions_per_tenant, help="open sessions per tenant"
-    )
-    tenants.add_argument(
-        "--max-alignment-work",
-        type=int,
-        default=server.max_alignment_work,
-        help="scored positions of one cross-tokenizer request at the default alignment options "
-        "(options that multiply each position's work allow proportionally fewer)",
-    )
-    tenants.add_argument(
-        "--max-table-mib", type=int, default=server.max_table_mib, help="memory of all sessions' alignment tables"
-    )
-    tenants.add_argument(
-        "--max-tenant-table-mib",
-        type=int,
-        default=server.max_tenant_table_mib,
-        help="memory of one tenant's sessions' alignment tables",
-    )
+    for flag, default, meaning in limit_flags:  # past each: RESOURCE_EXHAUSTED (README, the limits' tables)
+        tenants.add_argument(flag, type=int, default=default, help=meaning)
 
 
 def _operations_flags(ops: argparse._ArgumentGroup) -> None:
@@ -187,6 +165,7 @@ def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> 
         limits=SchedulerLimits(
             max_batch_tokens=args.max_batch_tokens,
             max_batch_size=args.max_batch_size,
+            max_batch_seconds=args.max_batch_seconds,
             max_queued_jobs=args.max_queued_jobs,
             quantum_tokens=args.quantum_tokens,
             max_tenant_queued_tokens=args.max_tenant_queued_tokens,
@@ -195,6 +174,8 @@ def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> 
         ),
         grace_s=args.grace,
         max_request_bytes=args.max_request_bytes,
+        max_calls=args.max_calls,
+        max_tenant_calls=args.max_tenant_calls,
         api_keys=api_keys,
         max_sessions_per_tenant=args.max_sessions_per_tenant,
         max_table_mib=args.max_table_mib,

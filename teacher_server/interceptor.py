@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import grpc
 
 from opd.metadata import RETRY_AFTER_MS
 from opd.tensors import MalformedTensor
-from teacher_server.errors import InvalidArgument, TeacherError
+from teacher_server.errors import InvalidArgument, ResourceExhausted, TeacherError
 from teacher_server.tenancy import current_tenant
 
 if TYPE_CHECKING:
@@ -71,30 +71,43 @@ def end_with_status(context: grpc.aio.ServicerContext, error: Exception) -> grpc
     return code
 
 
-class MalformedRequest:
-    """Stands in for a request message that did not parse; handlers turn it into INVALID_ARGUMENT."""
+class RefusedRequest:
+    """Stands in for a request message refused before it was parsed; handlers raise its error.
+    It keeps the error's type and message, not an exception: one raised later would hold its
+    traceback, and through it the frame holding this request, in a reference cycle."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = f"{type(error).__name__}: {error}"[:200]
+    def __init__(self, error: type[TeacherError], message: str) -> None:
+        self.error, self.message = error, message
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """gRPC reports a deserializer failure as UNKNOWN; we want INVALID_ARGUMENT with a message."""
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None, method: str, limit: int | None
+) -> Callable[[bytes], Any] | None:
+    """The deserializer, with a per-method size limit checked before parsing (gRPC's own receive
+    limit is one for all methods, and a Score never needs the room of a tokenizer); gRPC reports a
+    deserializer failure as UNKNOWN, we want INVALID_ARGUMENT with a message."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
+        if limit is not None and len(data) > limit:
+            return RefusedRequest(
+                ResourceExhausted,
+                f"the {method} message is {len(data)} bytes, over this teacher's limit of {limit} for {method}; "
+                "send a smaller request",
+            )
         try:
             return deserializer(data)
         except Exception as error:
-            return MalformedRequest(error)
+            why = f"{type(error).__name__}: {error}"[:200]
+            return RefusedRequest(InvalidArgument, f"the request is not a valid protobuf message of this RPC ({why})")
 
     return deserialize
 
 
 def _refuse_malformed(request: Any) -> None:
-    if isinstance(request, MalformedRequest):
-        raise InvalidArgument(f"the request is not a valid protobuf message of this RPC ({request.error})")
+    if isinstance(request, RefusedRequest):
+        raise request.error(request.message)
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -102,8 +115,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     retry hint), counted in the metrics. ScoreStream answers per-request errors in the
     stream itself; what ends a whole stream (an unparsable request) becomes a status too."""
 
-    def __init__(self, metrics: "TeacherMetrics | None" = None) -> None:
+    def __init__(
+        self, metrics: "TeacherMetrics | None" = None, receive_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.metrics = metrics  # counts unary calls by method, tenant and status
+        self.receive_limits = dict(receive_limits or {})  # bytes of one request message, by method name
 
     async def intercept_service(
         self,
@@ -113,8 +129,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        method = handler_call_details.method.rpartition("/")[2]
         options = dict(
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=_tolerant(handler.request_deserializer, method, self.receive_limits.get(method)),
             response_serializer=handler.response_serializer,
         )
         if handler.stream_stream is not None:
@@ -122,7 +139,6 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is None:
             return handler
         behaviour = handler.unary_unary
-        method = handler_call_details.method.rpartition("/")[2]
         metrics = self.metrics
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -22,8 +22,9 @@ Each tenant thus gets about the same number of tokens per round whatever its
 queue length, so a tenant flooding the queue with thousands of jobs delays a
 light tenant's job by at most one quantum of its own work plus the batch already
 on the device. Inside a tenant the same rule spreads its share over its sessions.
-Batches are filled by popping jobs in DRR order until the token budget or batch
-size is reached; the DRR state carries over from one batch to the next.
+Batches are filled by popping jobs in DRR order until the token budget, the batch
+size or the time bound (the tokens the engine runs in `max_batch_seconds` at its recent
+throughput) is reached; the DRR state carries over from one batch to the next.
 
 Limits (SchedulerLimits): a request longer than `max_request_tokens` is refused
 outright; per tenant, the tokens waiting in the queue and the requests in flight
@@ -63,6 +64,10 @@ class SchedulerLimits:
     # Padded tokens (batch size x longest sequence) in one forward pass.
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
+    # ... and no more tokens than the engine runs in this long at its recent throughput (at least
+    # one job): a light tenant's job waits at most about this for the batch on the device. A GPU
+    # fills whole batches within it; 2 CPU cores take seconds for a full one. 0: no time bound.
+    max_batch_seconds: float = 0.5
     # Jobs waiting in the queue, over all tenants; beyond it: RESOURCE_EXHAUSTED.
     max_queued_jobs: int = 1024
     # DRR credit a tenant (and a session within it) gets per turn, in tokens. Smaller
@@ -312,11 +317,16 @@ class Scheduler:
 
     def _next_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
-        longest = 0
+        longest, cost = 0, 0
+        limits = self.limits
+        timely = (
+            self._tokens_per_s * limits.max_batch_seconds if self._tokens_per_s and limits.max_batch_seconds else None
+        )
         while (head := self._queues.peek()) is not None:
             tokens = len(head.job.token_ids)
             padded = (len(batch) + 1) * max(longest, tokens)
-            if batch and (padded > self.limits.max_batch_tokens or len(batch) >= self.limits.max_batch_size):
+            full = padded > limits.max_batch_tokens or len(batch) >= limits.max_batch_size
+            if batch and (full or (timely is not None and cost + head.cost > timely)):
                 break
             pending = self._queues.pop()
             if not pending.dequeued:
@@ -326,7 +336,7 @@ class Scheduler:
                 load.queued_jobs -= 1
                 load.queued_tokens -= pending.cost
             batch.append(pending)
-            longest = max(longest, tokens)
+            longest, cost = max(longest, tokens), cost + pending.cost
         return batch
 
     async def _run(self) -> None:

@@ -30,14 +30,14 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.alignment.cross import MAX_ALIGNMENT_WORK
 from teacher_server.auth import ApiKeys, Authenticator
 from teacher_server.engines import EngineConfig, load_engine
-from teacher_server.gate import GateInterceptor
+from teacher_server.gate import MAX_CALLS_IN_PROGRESS, MAX_TENANT_CALLS, GateInterceptor
 from teacher_server.http.app import HttpFront, HttpServer, TlsFiles
 from teacher_server.http.scoring import TokenTexts
 from teacher_server.identity import TeacherIdentity, weights_sha256
 from teacher_server.interceptor import StatusInterceptor
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import Scheduler, SchedulerLimits
-from teacher_server.service import TeacherService
+from teacher_server.service import TeacherService, receive_limits
 from teacher_server.servicer import TeacherServicer
 from teacher_server.sessions import MAX_TABLE_BYTES, TeacherVocabulary
 from teacher_server.tenancy import MAX_TENANT_TABLE_BYTES, SessionOwners
@@ -45,8 +45,11 @@ from teacher_server.tenancy import MAX_TENANT_TABLE_BYTES, SessionOwners
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
-MAX_STREAMS_PER_CONNECTION = 1024
-MAX_CONCURRENT_RPCS = 4096
+# gRPC's own bounds, above the gate's (gate.MAX_CALLS_IN_PROGRESS), which answers RESOURCE_EXHAUSTED:
+# streams past this on one connection are refused by HTTP/2 (UNAVAILABLE, safe to retry); calls
+# past the pending bound would be cancelled by gRPC before the gate sees them.
+MAX_STREAMS_PER_CONNECTION = 4 * MAX_CALLS_IN_PROGRESS
+MAX_PENDING_CALLS = 4 * MAX_CALLS_IN_PROGRESS
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class ServerConfig:
     limits: SchedulerLimits = SchedulerLimits()
     max_message_bytes: int = 256 * 1024 * 1024  # largest response
     max_request_bytes: int = 64 * 1024 * 1024  # largest request (a tokenizer.json of a big vocabulary fits)
+    max_calls: int = MAX_CALLS_IN_PROGRESS  # Teacher calls in progress over all connections
+    max_tenant_calls: int = MAX_TENANT_CALLS  # ... of one tenant
     grace_s: float = 30.0
     # Tenants: None serves everyone as one open tenant (and says so at start-up).
     api_keys: ApiKeys | None = None
@@ -105,17 +110,22 @@ class TeacherServer:
             self.http = HttpServer(self.http_front, config.host, config.http_port, tls)
         self._server = grpc.aio.server(
             interceptors=[
-                GateInterceptor(config.api_keys, lambda: self.identity, self.metrics),
-                StatusInterceptor(self.metrics),
+                GateInterceptor(
+                    config.api_keys, lambda: self.identity, self.metrics, config.max_calls, config.max_tenant_calls
+                ),
+                StatusInterceptor(
+                    self.metrics, receive_limits(config.limits.max_request_tokens, config.max_request_bytes)
+                ),
             ],
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                # Streams past this on one connection wait in the client (HTTP/2 flow control).
-                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                ("grpc.max_concurrent_streams", max(MAX_STREAMS_PER_CONNECTION, 4 * config.max_calls)),
+                ("grpc.server.max_pending_requests", max(MAX_PENDING_CALLS, 4 * config.max_calls)),
+                ("grpc.server.max_pending_requests_hard_limit", max(MAX_PENDING_CALLS, 4 * config.max_calls)),
             ],
-            # Past this over all connections: RESOURCE_EXHAUSTED, before the call is read.
-            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            # Counts calls still receiving their request too, which the gate does not see.
+            maximum_concurrent_rpcs=2 * config.max_calls,
         )
         teacher_pb2_grpc.add_TeacherServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -37,6 +37,22 @@ if TYPE_CHECKING:
 # Chat messages may hold this many characters per token of the request limit (byte-level BPE
 # averages about 4 characters per token of English), checked before the template renders them.
 MESSAGE_CHARS_PER_TOKEN = 8
+SMALL_REQUEST_BYTES = 64 * 1024  # a request without tokens or a tokenizer, with room to spare
+
+
+def receive_limits(max_request_tokens: int, max_open_session_bytes: int) -> dict[str, int]:
+    """Bytes of one request message by method: a Score (or ScoreStream entry) within the size
+    limits of validate_size (packed int32 tokens; messages of up to 4 UTF-8 bytes per character
+    and some framing each), OpenSession the room of a large tokenizer, the others a little."""
+    score = max_request_tokens * (4 + 4 * MESSAGE_CHARS_PER_TOKEN + 12) + SMALL_REQUEST_BYTES
+    return {
+        "Score": score,
+        "ScoreStream": score,
+        "OpenSession": max_open_session_bytes,
+        "GetInfo": SMALL_REQUEST_BYTES,
+        "GetSessionStats": SMALL_REQUEST_BYTES,
+        "CloseSession": SMALL_REQUEST_BYTES,
+    }
 
 
 @dataclass(frozen=True)

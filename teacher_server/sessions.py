@@ -165,6 +165,7 @@ class Session:
     alignment: IdentityAlignment | CrossTokenizer | UnalignedTokenizers
     special_token_pairs: tuple[tuple[str, str], ...] = ()
     table_bytes: int = 0  # memory of the student's side of its tables (the budgets count it)
+    student_key: str = ""  # student_key_of its tokenizer: sessions of one tokenizer share its tables
     stats: SessionStats = field(default_factory=SessionStats, compare=False)
 
     @property
@@ -189,6 +190,8 @@ class SessionRegistry:
         self._teacher_error = ""
         self._lock = threading.Lock()
         self._building: dict[str, Future] = {}  # session id -> the build under way
+        # student_key_of -> the worker's reading of that tokenizer, while it is read or a session holds it
+        self._readings: dict[str, Future] = {}
 
     def open(
         self, student: StudentTokenizerSpec | None, settings: SessionSettings, session_id: str | None = None
@@ -224,6 +227,7 @@ class SessionRegistry:
         finally:
             with self._lock:
                 del self._building[session_id]
+                self._forget_unused_readings()
 
     def _check_budget(self, adding: int) -> None:
         held = self.table_bytes()
@@ -235,8 +239,9 @@ class SessionRegistry:
             )
 
     def table_bytes(self) -> int:
-        """Memory the open sessions' tables hold."""
-        return sum(session.table_bytes for session in list(self._sessions.values()))
+        """Memory the open sessions' tables hold (those of one tokenizer counted once)."""
+        held = {session.student_key: session.table_bytes for session in list(self._sessions.values())}
+        return sum(held.values())
 
     def get(self, session_id: str) -> Session:
         try:
@@ -246,13 +251,42 @@ class SessionRegistry:
 
     def close(self, session_id: str) -> None:
         self.get(session_id)
-        del self._sessions[session_id]
+        with self._lock:
+            del self._sessions[session_id]
+            self._forget_unused_readings()
         # Off the caller's thread (CloseSession runs on the event loop): trimming takes milliseconds.
         threading.Thread(target=return_freed_memory, name="return-freed-memory", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop the tokenizer workers."""
         self.tokenizers.close()
+
+    def _read(self, student: StudentTokenizerSpec) -> tuple[str, StudentReading]:
+        """(its key, the worker's reading of `student`): read once per tokenizer content, shared by
+        the callers opening it at once and by the sessions that hold it, whatever their settings."""
+        key = student_key_of(student)
+        with self._lock:
+            reading = self._readings.get(key)
+            owner = reading is None
+            if owner:
+                reading = self._readings[key] = Future()
+        if not owner:
+            return key, reading.result()
+        try:
+            reading.set_result(self.tokenizers.read(student))
+        except BaseException as error:
+            with self._lock:
+                del self._readings[key]
+            reading.set_exception(error)
+            raise
+        return key, reading.result()
+
+    def _forget_unused_readings(self) -> None:
+        """Drop the readings no session holds (called with the lock held); their memory goes with
+        the last session that used them."""
+        held = {session.student_key for session in self._sessions.values()}
+        for key in [key for key, reading in self._readings.items() if reading.done() and key not in held]:
+            del self._readings[key]
 
     def teacher_text(self) -> TeacherText | None:
         """The teacher's side of alignment, built once; None (and a reason) if it cannot be aligned."""
@@ -265,9 +299,19 @@ class SessionRegistry:
         return text
 
     def _build_cross(
-        self, session_id: str, student: StudentTokenizerSpec, settings: SessionSettings, reading: StudentReading
+        self,
+        session_id: str,
+        student: StudentTokenizerSpec,
+        settings: SessionSettings,
+        key: str,
+        reading: StudentReading,
     ) -> Session:
-        common = dict(session_id=session_id, student_vocab_size=reading.vocab_size, temperature=settings.temperature)
+        common = dict(
+            session_id=session_id,
+            student_vocab_size=reading.vocab_size,
+            temperature=settings.temperature,
+            student_key=key,
+        )
         text = self.teacher_text()
         if text is None or reading.unaligned:
             reason = (
@@ -289,9 +333,9 @@ class SessionRegistry:
     def _build(self, session_id: str, student: StudentTokenizerSpec | None, settings: SessionSettings) -> Session:
         teacher = self.teacher
         if student is not None:
-            reading = self.tokenizers.read(student)
+            key, reading = self._read(student)
             if not reading.same_as_teacher:
-                return self._build_cross(session_id, student, settings, reading)
+                return self._build_cross(session_id, student, settings, key, reading)
         # Identity alignment: the student's ids are the teacher's ids.
         for student_token, teacher_token in settings.special_token_pairs:
             if student_token != teacher_token:
@@ -332,6 +376,11 @@ def _paired_specials(
         )
     except PairError as reason:
         raise InvalidArgument(str(reason)) from None
+
+
+def student_key_of(student: StudentTokenizerSpec) -> str:
+    """The content hash of a student tokenizer as sent (what the build worker reads)."""
+    return hashlib.sha256(json.dumps(student.__dict__, sort_keys=True).encode()).hexdigest()
 
 
 def session_id_of(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:

@@ -193,9 +193,14 @@ def _read_student(student: StudentTokenizerSpec) -> StudentReading:
         tables = build_pair_tables(table, _teacher_text, trie_of(table), trie_of(_teacher_text.table))
     except UnsupportedTokenizer as reason:
         raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
-    # The teacher's side stays out of the answer (the server has its own); so does the JSON.
+    # The teacher's side stays out of the answer (the server has its own); so do the JSON and the
+    # tokens as Python objects (serving reads token bytes from the arrays).
     student_side = dataclasses.replace(
-        tables, student=dataclasses.replace(table, tokenizer_json=""), teacher=None, teacher_trie=None, encoder=None
+        tables,
+        student=dataclasses.replace(table, tokenizer_json="", tokens=()),
+        teacher=None,
+        teacher_trie=None,
+        encoder=None,
     )
     return StudentReading(table.vocab_size, tables=student_side, nbytes=footprint(student_side))
 

@@ -75,7 +75,7 @@ def student_units(
     if strip_dummy and table.dummy_prefix:
         # The tokenizer put a space before the text: the decoder drops it, so does the stream.
         content = np.flatnonzero(~table.special[tokens])
-        if len(content) and table.tokens[tokens[content[0]]][:1] == b" ":
+        if len(content) and table.token(tokens[content[0]])[:1] == b" ":
             skip[content[0]] = 1
             lengths[content[0]] -= 1
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)

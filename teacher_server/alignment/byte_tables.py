@@ -74,7 +74,9 @@ class ByteTable:
     starts: np.ndarray  # int64 [V + 1]
     special: np.ndarray  # bool [V]: control/unknown tokens and holes in the id range (no bytes)
     preferred: np.ndarray  # bool [V]: the id to project onto among tokens with equal bytes
-    tokens: tuple[bytes, ...]  # the same bytes as Python objects (table building only)
+    # The same bytes as Python objects, for building tables; empty in a student's table as the
+    # server keeps it (student_tokenizer.py): 150k small objects fragment the serving heap.
+    tokens: tuple[bytes, ...]
     strings: tuple[str | None, ...]  # vocabulary string of every id (None for holes)
     ids: dict[str, int]  # vocabulary string -> id, added tokens included
     dummy_prefix: bool  # the tokenizer puts a space before the text it encodes
@@ -92,6 +94,10 @@ class ByteTable:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.starts)
+
+    def token(self, index: int) -> bytes:
+        """The bytes of token `index` (from data: `tokens` may be left out)."""
+        return self.data[self.starts[index] : self.starts[index + 1]].tobytes()
 
     def token_bytes(self, ids: np.ndarray) -> bytes:
         """The bytes of `ids` back to back (gathered in one numpy pass)."""

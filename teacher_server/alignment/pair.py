@@ -85,7 +85,7 @@ class PairTables:
             if len(self._first_after) + len(todo) > FIRST_AFTER_KEPT:  # bounded: rollouts bring ever new pairs
                 self._first_after.clear()
                 todo = list(unique)
-            joined = [self.student.tokens[s] + self.teacher.tokens[t] for s, t in todo]
+            joined = [self.student.token(s) + self.teacher.token(t) for s, t in todo]
             ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in joined]
             first = first_tokens(self.student, self.trie, self.encoder, ended)
             inside = (first >= 0) & (self.student.lengths[first] <= np.asarray([len(text) for text in joined]))
@@ -188,11 +188,11 @@ def first_tokens(student: ByteTable, trie: ByteTrie, encoder: PlainEncoder, text
         except UnicodeDecodeError:
             continue
         owners.append(index)
-    tokens, lengths = student.tokens, student.lengths.tolist()
+    lengths = student.lengths.tolist()
     known, leading = [], []
     for index, ids in zip(owners, plain_ids(encoder, student, decoded) if decoded else []):
         raw = texts[index]
-        if ids and raw.startswith(tokens[ids[0]]) and sum(lengths[i] for i in ids) == len(raw):
+        if ids and raw.startswith(student.token(ids[0])) and sum(lengths[i] for i in ids) == len(raw):
             known.append(index)
             leading.append(ids[0])
     if known:

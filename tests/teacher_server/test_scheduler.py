@@ -1,13 +1,14 @@
 """The scheduler on its own: deficit round robin across tenants and sessions, limits, drain.
 
 A recording engine stands in for the model (the scheduler is engine-agnostic), so
-the order of service is checked exactly, without timing.
+the order of service is checked exactly, without timing (one test gives it a known speed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,32 @@ def test_fair_share_is_by_tokens_not_by_requests():
     long_tokens = 128 * sum(tag.startswith("L") for tag in first)
     short_tokens = 16 * sum(tag.startswith("S") for tag in first)
     assert abs(long_tokens - short_tokens) <= 128, (long_tokens, short_tokens)
+
+
+class SlowEngine(RecordingEngine):
+    """Takes 10 ms per token of a batch (a CPU running a real model, scaled down)."""
+
+    def score(self, jobs):
+        time.sleep(0.01 * sum(len(job.token_ids) for job in jobs))
+        self.gate.set()
+        return super().score(jobs)
+
+
+@pytest.mark.parametrize("max_batch_seconds, sizes", [(0.05, [1] * 10), (0.0, [10])])
+def test_batches_hold_what_the_engine_runs_within_the_time_bound(max_batch_seconds, sizes):
+    """At 100 tokens/s a 0.05 s bound leaves room for one 4-token job per batch; unbounded, the
+    ten queued jobs share one batch."""
+
+    async def scenario():
+        engine = SlowEngine()
+        scheduler = Scheduler(engine, SchedulerLimits(max_batch_seconds=max_batch_seconds))
+        scheduler.start()
+        await scheduler.submit("s", job("warm-up", 8), "t")  # the engine's throughput, measured
+        await asyncio.gather(*(scheduler.submit("s", job(f"j{i}", 4), "t") for i in range(10)))
+        await scheduler.stop()
+        return [len(batch) for batch in engine.batches[1:]]
+
+    assert asyncio.run(scenario()) == sizes
 
 
 def test_sessions_within_a_tenant_share_its_turns_and_tenants_not_sessions_are_the_unit():
