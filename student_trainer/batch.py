@@ -19,7 +19,7 @@ import torch
 from opd.mask_reasons import MASK_REASONS
 from opd.v1 import teacher_pb2
 from student_trainer.head import final_hidden_states, output_head
-from student_trainer.losses import drop_special_support, special_token_mask, support_metrics
+from student_trainer.losses import drop_special_support, special_token_mask, support_metrics, union_support
 from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import Rollout
 
@@ -135,6 +135,7 @@ def collate(
         reason[row, :count] = torch.tensor(score.reason.astype(np.int64))
         if rollout.logprobs is not None:
             behaviour_logprobs[row, :count] = torch.tensor(rollout.logprobs)
+    teacher_ids, teacher_logprobs = _with_candidates(rollouts, scores, teacher_ids, teacher_logprobs)
     input_ids, logit_index = layout["input_ids"], layout["logit_index"]
     rows = layout.get("rows", torch.arange(size))
     targets = input_ids[rows].gather(1, (logit_index + 1).clamp(max=input_ids.shape[1] - 1))
@@ -159,6 +160,24 @@ def collate(
         reason=reason,
         behaviour_logprobs=behaviour_logprobs,
     )
+
+
+def _with_candidates(
+    rollouts: list[Rollout], scores: list[TeacherScores], teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support joined with the student's candidates the teacher scored (losses.union_support):
+    [B, P, K + M]; as it was when the rollouts carry none."""
+    if all(score.candidate_logprobs is None for score in scores):
+        return teacher_ids, teacher_logprobs
+    width = max(score.candidate_logprobs.shape[1] for score in scores if score.candidate_logprobs is not None)
+    candidate_ids = torch.full((*teacher_ids.shape[:2], width), -1, dtype=torch.long)
+    candidate_logprobs = torch.full(candidate_ids.shape, float("-inf"))
+    for row, (rollout, score) in enumerate(zip(rollouts, scores)):
+        if score.candidate_logprobs is not None:
+            count, m = score.candidate_logprobs.shape
+            candidate_ids[row, :count, :m] = torch.tensor(rollout.candidate_ids.astype(np.int64))
+            candidate_logprobs[row, :count, :m] = torch.tensor(score.candidate_logprobs)
+    return union_support(teacher_ids, teacher_logprobs, candidate_ids, candidate_logprobs)
 
 
 def _summed_counts(scores: list[TeacherScores]) -> dict[str, float]:

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output directory: metrics.jsonl, checkpoints/")
     parser.add_argument("--loss", choices=LOSSES)
     parser.add_argument("--top-k", type=int)
+    parser.add_argument(
+        "--candidates", type=int, help="the student's top-M ids the teacher scores too (union support; 0: none)"
+    )
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--gamma", type=float, help="sampled_token loss: reward-to-go discount in [0, 1]")

@@ -121,6 +121,7 @@ class AsyncTeacherClient:
         self._turn = itertools.count()
         self._session_request: teacher_pb2.OpenSessionRequest | None = None
         self.session_id: str | None = None
+        self.same_as_teacher: bool | None = None  # whether the session's student has the teacher's tokenizer
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -182,18 +183,24 @@ class AsyncTeacherClient:
             if self.session_id not in (None, response.session_id):
                 # Content-addressed ids are the same on every replica of the same teacher.
                 log.warning("teacher %s gave another session id; is it another teacher?", endpoint.target)
-            self.session_id = response.session_id
+            self.session_id, self.same_as_teacher = response.session_id, response.same_as_teacher
             endpoint.session_open = True
         return self.session_id
 
     async def score(
-        self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()
+        self,
+        tokens: Sequence[int],
+        score_from: int,
+        top_k: int,
+        messages: Sequence[tuple[str, str]] = (),
+        candidate_ids: np.ndarray | None = None,
     ) -> TeacherScores:
-        """One rollout over the unary RPC; `messages`: the prompt as (role, content) chat messages."""
+        """One rollout over the unary RPC; `messages`: the prompt as (role, content) chat messages;
+        `candidate_ids` [P, M]: ids whose teacher log-probabilities come back too (pad -1)."""
 
         async def call(endpoint: Endpoint) -> TeacherScores:
             await self._ensure_session(endpoint)
-            request = self._request(tokens, score_from, top_k, messages)
+            request = self._request(tokens, score_from, top_k, messages, candidate_ids)
             reply = await endpoint.stub.Score(request, timeout=self.timeout_s, metadata=self._metadata)
             endpoint.open_calls = 1
             return TeacherScores.from_proto(reply)
@@ -203,7 +210,8 @@ class AsyncTeacherClient:
     async def score_many(self, rollouts: Sequence[tuple], top_k: int) -> list[TeacherScores]:
         """Score (tokens, score_from) pairs over ScoreStreams, split over the endpoints; results in input order.
 
-        A rollout may be (tokens, score_from, messages): the prompt as chat messages too.
+        A rollout may be (tokens, score_from, messages): the prompt as chat messages too, and
+        (tokens, score_from, messages, candidate_ids): ids [P, M] scored whatever the top-K.
         """
         if self.session_id is None:
             raise RuntimeError("call open_session() before scoring")
@@ -249,7 +257,7 @@ class AsyncTeacherClient:
             await self._ensure_session(endpoint)
             index_of, requests = {}, []
             for index in todo:
-                request = self._request(*rollouts[index][:2], top_k, *rollouts[index][2:3])
+                request = self._request(*rollouts[index][:2], top_k, *rollouts[index][2:4])
                 index_of[request.request_id] = index
                 requests.append(request)
             stream = endpoint.stub.ScoreStream(iter(requests), timeout=self.timeout_s, metadata=self._metadata)
@@ -323,7 +331,12 @@ class AsyncTeacherClient:
         endpoint.resting_until = time.monotonic() + delay
 
     def _request(
-        self, tokens: Sequence[int], score_from: int, top_k: int, messages: Sequence[tuple[str, str]] = ()
+        self,
+        tokens: Sequence[int],
+        score_from: int,
+        top_k: int,
+        messages: Sequence[tuple[str, str]] = (),
+        candidate_ids: np.ndarray | None = None,
     ) -> teacher_pb2.ScoreRequest:
         return teacher_pb2.ScoreRequest(
             request_id=next(self._request_ids),
@@ -332,6 +345,7 @@ class AsyncTeacherClient:
             score_from=score_from,
             top_k=top_k,
             messages=[teacher_pb2.ChatMessage(role=role, content=content) for role, content in messages],
+            candidate_ids=None if candidate_ids is None else to_tensor(np.asarray(candidate_ids, dtype=np.int32)),
         )
 
     async def session_stats(self) -> teacher_pb2.SessionStats:
@@ -367,6 +381,10 @@ class TeacherClient:
     @property
     def session_id(self) -> str | None:
         return self._client.session_id
+
+    @property
+    def same_as_teacher(self) -> bool | None:
+        return self._client.same_as_teacher
 
     @property
     def pin(self) -> str | None:

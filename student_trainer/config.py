@@ -32,6 +32,11 @@ class TrainConfig:
     # ablation, or the sampled-token OPD baseline.
     loss: str = "topk_rkl"
     top_k: int = 32
+    # The student's own top-M ids at each position (0: none), scored by the teacher too: the
+    # topk_rkl support becomes the union of the teacher's top-K and these (losses.union_support),
+    # so mass the student puts on its own candidates outside the teacher's top-K is in the loss.
+    # Same-tokenizer sessions for now.
+    candidates: int = 0
     gamma: float = 0.0  # sampled_token only: discount of the return-to-go (0 = per token)
     # Special targets carry no loss and leave the support (EOS stays); false turns masking off
     # in the trainer and in the teacher's session (OpenSession no_special_token_masking).
@@ -123,6 +128,10 @@ class TrainConfig:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_staleness < 0:
             problems.append(f"max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
+        if self.candidates < 0:
+            problems.append(f"candidates must be >= 0 (0 = the teacher's top-K alone), got {self.candidates}")
+        if self.candidates and self.loss == "sampled_token":
+            problems.append("candidates need a top-K loss (topk_rkl or its ablation), not sampled_token")
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         for name in ("batch_size", "micro_batch_size"):

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "topk_reverse_kl",
+    "union_support",
     "sampled_token_loss",
     "support_metrics",
     "special_token_mask",
@@ -99,6 +100,36 @@ def topk_reverse_kl(
     # exp(0) = 1 at invalid entries, but their (log_q - log_p) is 0 and is selected away.
     terms = torch.where(valid, log_q.exp() * (log_q - log_p), zero)
     return terms.sum(dim=-1).to(dtype)
+
+
+def union_support(
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-K support joined with the student's candidates, as one support row.
+
+    teacher_ids/teacher_logprobs [..., K] as everywhere here; candidate_ids [..., M] the student's
+    own top-M ids (pad -1) and candidate_logprobs [..., M] the teacher's log-probabilities of
+    them (ScoreResponse.candidate_logprobs; -inf where the teacher cannot write the token).
+    Returns ids and log-probabilities [..., K + M]: the teacher's entries, then each candidate not
+    already in the row, pads (-1, -inf) where a candidate repeats an id before it. Passed to
+    topk_reverse_kl, the loss is renormalised over the union, so the mass the student puts on
+    its own candidates outside the teacher's top-K is pushed towards the teacher's value instead
+    of being invisible to the loss. Teacher data only: no gradient flows here.
+    """
+    teacher_kept = (teacher_ids >= 0) & torch.isfinite(teacher_logprobs)
+    candidate_kept = (candidate_ids >= 0) & torch.isfinite(candidate_logprobs)
+    in_teacher = (candidate_ids.unsqueeze(-1) == torch.where(teacher_kept, teacher_ids, -2).unsqueeze(-2)).any(-1)
+    same = candidate_ids.unsqueeze(-1) == candidate_ids.unsqueeze(-2)  # [..., M, M]
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
+    repeated = (same & earlier & candidate_kept.unsqueeze(-2)).any(-1)
+    new = candidate_kept & ~in_teacher & ~repeated
+    ids = torch.cat([teacher_ids, torch.where(new, candidate_ids, -1)], dim=-1)
+    padded = torch.where(new, candidate_logprobs.to(teacher_logprobs.dtype), float("-inf"))
+    logprobs = torch.cat([teacher_logprobs, padded], dim=-1)
+    return ids, logprobs
 
 
 def _discounted_return_to_go(adv: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -24,6 +24,8 @@ class TeacherScores:
     mean_support_mass: float
     # Per-reason counts, retained mass, branch sequences (cross-tokenizer sessions).
     counts: teacher_pb2.Coverage | None = None
+    # float32 [P, M]: the teacher's log-probabilities of the request's candidate ids (-inf at pads).
+    candidate_logprobs: np.ndarray | None = None
 
     @classmethod
     def from_proto(cls, response: teacher_pb2.ScoreResponse) -> "TeacherScores":
@@ -36,6 +38,11 @@ class TeacherScores:
             coverage=response.coverage,
             mean_support_mass=response.mean_support_mass,
             counts=response.counts,
+            candidate_logprobs=(
+                from_tensor(response.candidate_logprobs, name="candidate_logprobs", dtype="float32", ndim=2)
+                if response.HasField("candidate_logprobs")
+                else None
+            ),
         )
 
 

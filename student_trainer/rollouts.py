@@ -30,6 +30,9 @@ class Rollout:
     # Per completion token: the sampling engine's log-probability of it under the raw logits
     # (temperature 1, before top-p), the quantity the trainer recomputes. None if not recorded.
     logprobs: list[float] | None = None
+    # int32 [completion_length, M]: the student's top-M ids under the raw logits at each completion
+    # position (the candidates the teacher scores for the union support); None if not asked for.
+    candidate_ids: np.ndarray | None = None
 
     @property
     def completion_length(self) -> int:
@@ -43,8 +46,16 @@ class RolloutEngine(Protocol):
     name: str
 
     def generate(
-        self, prompts: list[list[int]], seeds: list[int], *, top_p: float, temperature: float, max_new_tokens: int
-    ) -> list[Rollout]: ...
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        *,
+        top_p: float,
+        temperature: float,
+        max_new_tokens: int,
+        candidates: int = 0,
+    ) -> list[Rollout]:
+        """One rollout per prompt; `candidates` > 0: each also records the student's top-M ids."""
 
     def push_weights(self, weights) -> None:
         """Sample with these weights from now on: (name, tensor) pairs under Hugging Face names."""
@@ -61,13 +72,16 @@ def rollout_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
 
 
 class RowSampler(LogitsProcessor):
-    """Top-p sampling with one torch.Generator per row; records the raw log-prob of each pick."""
+    """Top-p sampling with one torch.Generator per row; records the raw log-prob of each pick, and
+    the top `candidates` ids of the raw logits (from the row the step computes anyway)."""
 
-    def __init__(self, seeds: list[int], top_p: float, temperature: float) -> None:
+    def __init__(self, seeds: list[int], top_p: float, temperature: float, candidates: int = 0) -> None:
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.top_p = top_p
         self.temperature = temperature
+        self.candidates = candidates
         self.logprobs: list[list[float]] = [[] for _ in seeds]
+        self.top_ids: list[torch.Tensor] = []  # per step: int32 [rows, candidates]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float()
@@ -82,6 +96,8 @@ class RowSampler(LogitsProcessor):
         raw_logprobs = logits.log_softmax(-1).gather(1, choice)[:, 0].tolist()
         for row, logprob in enumerate(raw_logprobs):
             self.logprobs[row].append(logprob)
+        if self.candidates:
+            self.top_ids.append(logits.topk(self.candidates, dim=-1).indices.to(torch.int32).cpu())
         only_choice = torch.full_like(scores, float("-inf"))
         return only_choice.scatter_(1, choice, 0.0)
 
@@ -98,8 +114,9 @@ def generate_rollouts(
     temperature: float,
     max_new_tokens: int,
     synced_processes: bool = False,
+    candidates: int = 0,
 ) -> list[Rollout]:
-    """Sample one completion per prompt, prompt i with seeds[i].
+    """Sample one completion per prompt, prompt i with seeds[i]; `candidates`: record the top-M ids.
 
     `synced_processes`: keep decoding until every process of the group is done (FSDP: each
     decoding step gathers parameters collectively, so all ranks must take the same steps).
@@ -112,7 +129,7 @@ def generate_rollouts(
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
-    sampler = RowSampler(seeds, top_p, temperature)
+    sampler = RowSampler(seeds, top_p, temperature, candidates)
     was_training = model.training
     model.eval()
     output = model.generate(
@@ -126,14 +143,16 @@ def generate_rollouts(
         synced_gpus=synced_processes,
     )
     model.train(was_training)
+    top_ids = torch.stack(sampler.top_ids, dim=1).numpy() if candidates else None  # [rows, steps, M]
     rollouts = []
-    for prompt, row, logprobs in zip(prompts, output[:, width:].tolist(), sampler.logprobs):
+    for index, (prompt, row, logprobs) in enumerate(zip(prompts, output[:, width:].tolist(), sampler.logprobs)):
         completion = []
         for token in row:
             completion.append(token)
             if token in eos_ids:
                 break
-        rollouts.append(Rollout(list(prompt) + completion, len(prompt), logprobs[: len(completion)]))
+        candidate_ids = None if top_ids is None else top_ids[index, : len(completion)]
+        rollouts.append(Rollout(list(prompt) + completion, len(prompt), logprobs[: len(completion)], candidate_ids))
     return rollouts
 
 
@@ -146,7 +165,14 @@ class HfRollouts:
         self.model, self.eos_ids, self.pad_id, self.synced_processes = model, eos_ids, pad_id, synced_processes
 
     def generate(
-        self, prompts: list[list[int]], seeds: list[int], *, top_p: float, temperature: float, max_new_tokens: int
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        *,
+        top_p: float,
+        temperature: float,
+        max_new_tokens: int,
+        candidates: int = 0,
     ) -> list[Rollout]:
         return generate_rollouts(
             self.model,
@@ -158,6 +184,7 @@ class HfRollouts:
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             synced_processes=self.synced_processes,
+            candidates=candidates,
         )
 
     def push_weights(self, weights) -> None:

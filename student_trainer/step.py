@@ -93,8 +93,12 @@ def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: Trai
     return collate_scores(rollouts, teacher.score_many(teacher_requests(rollouts), config.top_k), config, tokens)
 
 
-def teacher_requests(rollouts: list[Rollout]) -> list[tuple[list[int], int]]:
-    return [(r.tokens, r.prompt_length) for r in rollouts]
+def teacher_requests(rollouts: list[Rollout]) -> list[tuple]:
+    """(tokens, score_from) per rollout, with its candidate ids when it recorded them."""
+    return [
+        (r.tokens, r.prompt_length) if r.candidate_ids is None else (r.tokens, r.prompt_length, (), r.candidate_ids)
+        for r in rollouts
+    ]
 
 
 def collate_scores(rollouts: list[Rollout], scores: list[TeacherScores], config: TrainConfig, tokens: StudentTokens):

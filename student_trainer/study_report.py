@@ -263,6 +263,11 @@ CLAIMS: list[tuple[str, list[str], Callable[[Variants], tuple[str, str]]]] = [
         ["sampled_g0_nomask", "sampled_g0"],
         _baseline_masking,
     ),
+    (
+        "joining the student's own top-4 to the teacher's top-4 support improves on the top-4 alone",
+        ["topk_k4_union", "topk_k4"],
+        lambda v: _accuracy_vs(v, "topk_k4_union", "topk_k4", "(higher is better)"),
+    ),
 ]
 
 

@@ -231,6 +231,11 @@ class Run:
             teacher.open_session(
                 tokenizer_message(self.tokenizer), no_special_token_masking=not config.mask_special_tokens
             )
+            if config.candidates and not teacher.same_as_teacher:
+                raise ValueError(
+                    "candidates (the union support) need a student with the teacher's own tokenizer: a "
+                    "cross-tokenizer teacher does not score candidate ids yet; set candidates: 0"
+                )
             if self.start == 0 and (self.eval_prompts or self.evaluate_task):
                 self._record({"step": 0, **self._evaluation(teacher)})
             progress = tqdm(
@@ -265,7 +270,12 @@ class Run:
         seeds = rollout_seeds(config.seed, step, self.world.first_index(config.batch_size), len(shard))
         started = time.perf_counter()
         rollouts = self.engine.generate(
-            shard, seeds, top_p=config.top_p, temperature=config.temperature, max_new_tokens=config.max_new_tokens
+            shard,
+            seeds,
+            top_p=config.top_p,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            candidates=config.candidates,
         )
         version = steps_done if config.rollout_engine == "hf" else self.engine_version
         scores = teacher.submit_score_many(teacher_requests(rollouts), config.top_k)

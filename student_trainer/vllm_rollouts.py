@@ -40,6 +40,7 @@ import gc
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from student_trainer.rollouts import Rollout
@@ -103,6 +104,7 @@ class VllmRollouts:
         top_p: float,
         temperature: float,
         max_new_tokens: int,
+        candidates: int = 0,
     ) -> list[Rollout]:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -115,7 +117,7 @@ class VllmRollouts:
                 max_tokens=max_new_tokens,
                 stop_token_ids=self.eos_ids,
                 ignore_eos=True,  # stop on eos_ids only, as the hf path does
-                logprobs=0,  # the sampled token's log-prob only
+                logprobs=candidates,  # the sampled token's log-prob, and the top `candidates` ranked
                 detokenize=False,
                 **self._flat,
             )
@@ -133,6 +135,7 @@ class VllmRollouts:
                     tokens=list(prompt) + completion,
                     prompt_length=len(prompt),
                     logprobs=sampled_logprobs(sample.logprobs, completion),
+                    candidate_ids=top_ids(sample.logprobs, candidates) if candidates else None,
                 )
             )
         return rollouts
@@ -159,6 +162,16 @@ class VllmRollouts:
             engine_core.shutdown()
         del self.llm
         gc.collect()
+
+
+def top_ids(logprobs, count: int) -> np.ndarray:
+    """int32 [positions, count]: the ids vLLM ranked 1..count at each position (raw logits: the
+    engine's logprobs_mode), from FlatLogprobs or a list of {token_id: Logprob}."""
+    rows = []
+    for entry in logprobs:
+        ranked = sorted((logprob.rank, token) for token, logprob in entry.items() if logprob.rank <= count)
+        rows.append([token for _, token in ranked] + [-1] * (count - len(ranked)))
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), count)
 
 
 def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:

@@ -114,7 +114,8 @@ class TeacherServer:
                     config.api_keys, lambda: self.identity, self.metrics, config.max_calls, config.max_tenant_calls
                 ),
                 StatusInterceptor(
-                    self.metrics, receive_limits(config.limits.max_request_tokens, config.max_request_bytes)
+                    self.metrics,
+                    receive_limits(config.limits.max_request_tokens, config.max_k, config.max_request_bytes),
                 ),
             ],
             options=[

@@ -40,11 +40,13 @@ MESSAGE_CHARS_PER_TOKEN = 8
 SMALL_REQUEST_BYTES = 64 * 1024  # a request without tokens or a tokenizer, with room to spare
 
 
-def receive_limits(max_request_tokens: int, max_open_session_bytes: int) -> dict[str, int]:
+def receive_limits(max_request_tokens: int, max_k: int, max_open_session_bytes: int) -> dict[str, int]:
     """Bytes of one request message by method: a Score (or ScoreStream entry) within the size
-    limits of validate_size (packed int32 tokens; messages of up to 4 UTF-8 bytes per character
-    and some framing each), OpenSession the room of a large tokenizer, the others a little."""
-    score = max_request_tokens * (4 + 4 * MESSAGE_CHARS_PER_TOKEN + 12) + SMALL_REQUEST_BYTES
+    limits of validate_size (packed int32 tokens, up to max_k int32 candidate ids per token, and
+    messages of up to 4 UTF-8 bytes per character with some framing each), OpenSession the room
+    of a large tokenizer, the others a little."""
+    per_token = 4 + 4 * max_k + 4 * MESSAGE_CHARS_PER_TOKEN + 12
+    score = max_request_tokens * per_token + SMALL_REQUEST_BYTES
     return {
         "Score": score,
         "ScoreStream": score,

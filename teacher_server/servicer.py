@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
+import numpy as np
 
 from opd.tensors import from_tensor, to_tensor
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
@@ -168,6 +169,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         self.service.validate_size(
             len(tokens), len(messages), lambda: sum(len(m.role) + len(m.content) for m in messages)
         )
+        candidates = None
+        if request.HasField("candidate_ids"):
+            candidates = from_tensor(request.candidate_ids, name="candidate_ids", dtype="int32", ndim=2)
         tenant = current_tenant()
         result = await self.service.score(
             ScoreInput(
@@ -176,6 +180,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 score_from=request.score_from,
                 top_k=request.top_k,
                 messages=tuple((m.role, m.content) for m in messages),
+                requested_ids=None if candidates is None else candidates.astype(np.int64),
             ),
             tenant,
         )
@@ -195,6 +200,7 @@ def _response(request_id: int, result: ScoreResult) -> teacher_pb2.ScoreResponse
         coverage=result.counts.coverage,
         mean_support_mass=result.counts.mean_retained_mass,
         counts=_coverage(result.counts),
+        candidate_logprobs=None if result.requested_logprobs is None else to_tensor(result.requested_logprobs),
     )
 
 

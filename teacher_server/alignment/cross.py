@@ -266,7 +266,10 @@ class CrossTokenizer:
     ) -> Steps:
         """Align, the teacher pass, up to `rounds` branch rounds (None: the session's), the result."""
         if requested_ids is not None:
-            raise InvalidArgument("log-probabilities at requested ids are served for same-tokenizer sessions only")
+            raise InvalidArgument(
+                "candidate ids (log-probabilities at requested ids) are scored for same-tokenizer sessions only so "
+                "far; send this request without them"
+            )
         try:
             plan = self.align(tokens, score_from, messages)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import drop_special_support, special_token_mask, support_metrics, topk_reverse_kl
+from student_trainer.losses import (
+    drop_special_support,
+    special_token_mask,
+    support_metrics,
+    topk_reverse_kl,
+    union_support,
+)
 
 NEG_INF = float("-inf")
 
@@ -348,3 +354,90 @@ def test_drop_special_support_pads_special_entries_and_copies():
     without = rkl(logits, torch.tensor([[5, EOS, 7], [9, EOS, -1]]), new_lps[[[0], [1]], [[0, 2, 3], [1, 3, 2]]], mask)
     got = rkl(logits, new_ids, new_lps, mask)
     torch.testing.assert_close(got, without, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# union_support: teacher top-K joined with the student's candidates
+# ---------------------------------------------------------------------------
+
+
+def union_inputs(seed: int, shape=(3, 5), vocab=37, k=6, m=5):
+    """make_inputs plus the student's top-M ids (some in the teacher's support, some repeated,
+    some padded) and the teacher's log-probabilities of them, from the same full teacher rows."""
+    g = torch.Generator().manual_seed(seed)
+    logits, ids, lps, mask = make_inputs(shape, vocab, k, seed, dtype=torch.float64)
+    n = math.prod(shape)
+    teacher_full = torch.log_softmax(torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2.0, -1)
+    flat_ids, flat_lps = ids.reshape(n, k), lps.reshape(n, k)
+    flat_lps.copy_(torch.where(flat_ids >= 0, teacher_full.gather(-1, flat_ids.clamp(min=0)), NEG_INF).float())
+    candidates = logits.reshape(n, vocab).topk(m, dim=-1).indices
+    candidates[0, 1] = candidates[0, 0]  # a repeat
+    candidates[2, -1] = -1  # a pad
+    candidates[3, 0] = flat_ids[3, 0]  # one the teacher's support has
+    candidate_lps = torch.where(candidates >= 0, teacher_full.gather(-1, candidates.clamp(min=0)), NEG_INF)
+    candidate_lps[4, 2] = NEG_INF  # the teacher cannot write it
+    return logits, ids, lps, mask, candidates.reshape(*shape, m), candidate_lps.float().reshape(*shape, m)
+
+
+def ref_union_row(teacher_ids, teacher_lps, candidate_ids, candidate_lps):
+    """The union as a dict id -> teacher log-prob, the teacher's top-K entries first."""
+    union = {}
+    for v, lp in list(zip(teacher_ids, teacher_lps)) + list(zip(candidate_ids, candidate_lps)):
+        if v >= 0 and lp != NEG_INF and v not in union:
+            union[v] = lp
+    return union
+
+
+def test_union_support_loss_and_gradient_match_a_float64_reference():
+    logits, ids, lps, mask, candidates, candidate_lps = union_inputs(seed=3)
+    union_ids, union_lps = union_support(ids, lps, candidates, candidate_lps)
+    assert union_ids.shape == (*mask.shape, ids.shape[-1] + candidates.shape[-1])
+    loss, grad = loss_and_grad(logits, union_ids, union_lps, mask)
+    vocab = logits.shape[-1]
+    rows = zip(
+        logits.reshape(-1, vocab).tolist(),
+        ids.reshape(-1, ids.shape[-1]).tolist(),
+        lps.double().reshape(-1, ids.shape[-1]).tolist(),
+        candidates.reshape(-1, candidates.shape[-1]).tolist(),
+        candidate_lps.double().reshape(-1, candidates.shape[-1]).tolist(),
+        mask.reshape(-1).tolist(),
+    )
+    ref_loss, ref_grad, grew = [], [], 0
+    for z, t_ids, t_lps, c_ids, c_lps, keep in rows:
+        union = ref_union_row(t_ids, t_lps, c_ids, c_lps)
+        grew += len(union) > len(ref_union_row(t_ids, t_lps, [], []))
+        row_loss, row_grad = ref_rkl_row(z, list(union), list(union.values()), True) if keep else (0.0, [0.0] * vocab)
+        ref_loss.append(row_loss)
+        ref_grad.append(row_grad)
+    assert grew >= 10  # the candidates do widen most supports
+    torch.testing.assert_close(
+        loss, torch.tensor(ref_loss, dtype=torch.float64).reshape(mask.shape), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        grad, torch.tensor(ref_grad, dtype=torch.float64).reshape(logits.shape), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_union_support_without_new_candidates_is_the_teacher_support():
+    logits, ids, lps, mask, candidates, candidate_lps = union_inputs(seed=4)
+    padded = torch.full_like(candidates, -1)
+    union_ids, union_lps = union_support(ids, lps, padded, candidate_lps)
+    torch.testing.assert_close(
+        rkl(logits, union_ids, union_lps, mask), rkl(logits, ids, lps, mask), rtol=1e-12, atol=1e-15
+    )
+    # Candidates all inside the teacher's support add nothing either.
+    union_ids, _ = union_support(ids, lps, ids, lps)
+    assert (union_ids[..., ids.shape[-1] :] == -1).all()
+
+
+def test_union_support_pushes_down_student_mass_the_teacher_support_misses():
+    """A student candidate outside the teacher's top-K, which the teacher finds unlikely, gets a
+    positive gradient (its logit goes down) only with the union."""
+    logits = torch.tensor([[4.0, 0.0, 0.0, 3.0]], dtype=torch.float64)
+    ids, lps = torch.tensor([[1, 2]]), torch.log(torch.tensor([[0.5, 0.4]]))
+    candidates, candidate_lps = torch.tensor([[0]]), torch.log(torch.tensor([[0.001]]))
+    mask = torch.ones(1, dtype=torch.bool)
+    _, alone = loss_and_grad(logits, ids, lps, mask)
+    union_ids, union_lps = union_support(ids, lps, candidates, candidate_lps)
+    _, joined = loss_and_grad(logits, union_ids, union_lps, mask)
+    assert alone[0, 0] == 0 and joined[0, 0] > 0.1

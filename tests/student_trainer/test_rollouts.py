@@ -52,6 +52,19 @@ def test_recorded_logprobs_are_the_models_raw_logprobs(engine):
         torch.testing.assert_close(torch.tensor(rollout.logprobs), expected, rtol=0, atol=1e-5)
 
 
+def test_recorded_candidates_are_the_models_top_ids_and_change_no_sample(engine):
+    seeds = rollout_seeds(0, 0, 0, 3)
+    plain = generate(engine, PROMPTS, seeds)
+    rollouts = engine.generate(PROMPTS, seeds, top_p=0.9, temperature=1.0, max_new_tokens=12, candidates=5)
+    assert [r.tokens for r in rollouts] == [r.tokens for r in plain] and plain[0].candidate_ids is None
+    for rollout in rollouts:
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([rollout.tokens])).logits[0].float()
+        expected = logits[rollout.prompt_length - 1 : -1].topk(5, dim=-1).indices
+        assert rollout.candidate_ids.shape == (rollout.completion_length, 5)
+        assert torch.equal(torch.from_numpy(rollout.candidate_ids).long(), expected)
+
+
 def test_small_top_p_is_greedy_and_eos_ends_a_rollout(engine):
     sampled = generate(engine, PROMPTS, rollout_seeds(0, 0, 0, 3), top_p=1e-6)
     for rollout in sampled:

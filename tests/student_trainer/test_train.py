@@ -96,6 +96,22 @@ def test_other_losses_train(live_server, student, prompts, tmp_path, loss):
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
+def test_student_candidates_widen_the_support_the_loss_sees(live_server, student, prompts, tmp_path):
+    """Same rollouts (recording candidates changes no sample): on the first step, before any
+    update, the student's mass on the union support is above its mass on the teacher's top-K."""
+    settings = dict(student=str(student), teacher=live_server.target, prompts=str(prompts), steps=2, top_k=4)
+    settings |= dict(batch_size=4, micro_batch_size=2, max_new_tokens=6, seed=5)
+    alone = train(load_config(None, **settings, output=str(tmp_path / "alone")))
+    union = train(load_config(None, **settings, output=str(tmp_path / "union"), candidates=8))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in union)
+    print(
+        f"\nstudent mass on the support: top-4 {alone[0]['student_support_mass']:.3f}, union with its top-8 "
+        f"{union[0]['student_support_mass']:.3f}"
+    )
+    assert union[0]["student_support_mass"] > alone[0]["student_support_mass"] + 0.05
+    assert union[0]["response_length"] == alone[0]["response_length"]
+
+
 def test_bfloat16_packing_and_activation_checkpointing_train(live_server, student, prompts, tmp_path):
     settings = dict(student=str(student), teacher=live_server.target, prompts=str(prompts), steps=3, top_k=8)
     settings |= dict(batch_size=4, micro_batch_size=4, max_new_tokens=6, lr=1e-2, seed=3)

@@ -192,6 +192,29 @@ def test_inprocess_rollouts_depend_on_prompt_and_seed_only_and_sampling_options_
 
 
 @inprocess
+def test_inprocess_candidates_are_the_models_top_ids(engines):
+    """vLLM's top-M at each completion position equals the HF model's top-M of the same logits
+    (rows where two of the top M+1 logits are within float noise of each other are skipped), and
+    recording them changes no sample."""
+    engine = engines["untied"]
+    prompts, seeds = random_prompts(6, seed=9, length=20), list(range(6))
+    sample = {"top_p": 0.9, "temperature": 1.0, "max_new_tokens": 20}
+    plain = engine.rollouts.generate(prompts, seeds, **sample)
+    rollouts = engine.rollouts.generate(prompts, seeds, **sample, candidates=5)
+    assert [r.tokens for r in rollouts] == [r.tokens for r in plain]
+    compared = 0
+    for rollout in rollouts:
+        assert rollout.candidate_ids.shape == (rollout.completion_length, 5)
+        with torch.no_grad():
+            logits = engine.hf(torch.tensor([rollout.tokens])).logits[0, rollout.prompt_length - 1 : -1].float()
+        top = logits.topk(6, dim=-1)
+        clear = (top.values[:, :-1] - top.values[:, 1:]).min(-1).values > 1e-3
+        assert torch.equal(torch.from_numpy(rollout.candidate_ids).long()[clear], top.indices[clear, :5])
+        compared += int(clear.sum())
+    assert compared >= 30
+
+
+@inprocess
 def test_inprocess_rollouts_stop_at_eos_and_keep_it(engines):
     engine = engines["tied"]
     prompts = random_prompts(16, seed=8, length=10)

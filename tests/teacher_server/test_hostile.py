@@ -354,7 +354,7 @@ def test_a_message_over_its_methods_limit_is_refused_before_it_is_parsed(busy_se
 
     from teacher_server.service import receive_limits
 
-    limits = receive_limits(65_536, 64 << 20)
+    limits = receive_limits(65_536, 32, 64 << 20)  # server_config's max_k
     key = (("authorization", f"Bearer {KEYS['a']}"),)
     with grpc.insecure_channel(busy_server.target) as channel:
         for method, size in (("Score", limits["Score"] + 1), ("GetInfo", limits["GetInfo"] + 1)):

@@ -89,6 +89,30 @@ INVALID = [
         ["tokens", "negative", "[-4]"],
     ),
     ("unknown-dtype", dict(tokens=_tokens_tensor("int31", [1], b"\x05\x00\x00\x00")), "INVALID_ARGUMENT", ["int31"]),
+    (
+        "candidates-1d",
+        dict(candidate_ids=to_tensor(np.array([5, 6, 7], np.int32))),
+        "INVALID_ARGUMENT",
+        ["candidate_ids", "2 dimension"],
+    ),
+    (
+        "candidates-rows",
+        dict(candidate_ids=to_tensor(np.zeros((2, 3), np.int32))),
+        "INVALID_ARGUMENT",
+        ["positions = 3", "[2, 3]"],
+    ),
+    (
+        "candidates-too-many",
+        dict(candidate_ids=to_tensor(np.zeros((3, MAX_K + 1), np.int32))),
+        "INVALID_ARGUMENT",
+        [f"at most {MAX_K}", f"[3, {MAX_K + 1}]"],
+    ),
+    (
+        "candidate-beyond-vocab",
+        dict(candidate_ids=to_tensor(np.array([[5], [96], [-1]], np.int32))),
+        "INVALID_ARGUMENT",
+        ["96", "[0, 96)"],
+    ),
 ]
 
 
@@ -100,6 +124,39 @@ def test_invalid_unary_score(stub, session_id, fields, code, needles):
     assert caught.value.code() == getattr(grpc.StatusCode, code), caught.value.details()
     for needle in needles:
         assert needle in caught.value.details(), f"{needle!r} not in {caught.value.details()!r}"
+
+
+def test_candidate_logprobs_equal_a_float64_forward(live_server, session_id, reference_model):
+    """The teacher's log-probability of every candidate at every position, over its full vocabulary
+    whatever its top-K, through the real server and the trainer's client; pads read -inf."""
+    from tests.helpers import TOL, reference
+
+    rng = np.random.default_rng(5)
+    rollouts = make_rollouts(6, seed=11)
+
+    async def main():
+        client = AsyncTeacherClient(live_server.target, timeout_s=60)
+        try:
+            await client.open_session()
+            assert client.same_as_teacher is True  # what the trainer checks before asking for candidates
+            scored = []
+            for tokens, score_from, top_k in rollouts:
+                candidates = rng.integers(0, TINY_VOCAB, (len(tokens) - score_from, 8)).astype(np.int32)
+                candidates[:, -1] = -1
+                unary = await client.score(tokens, score_from, top_k, candidate_ids=candidates)
+                (streamed,) = await client.score_many([(tokens, score_from, (), candidates)], top_k)
+                scored.append((tokens, score_from, candidates, unary, streamed))
+            return scored
+        finally:
+            await client.close()
+
+    for tokens, score_from, candidates, unary, streamed in asyncio.run(main()):
+        expected = reference(reference_model, np.asarray(tokens), score_from)
+        rows = np.arange(len(candidates))[:, None]
+        want = np.where(candidates >= 0, expected[rows, candidates.clip(min=0)], -np.inf)
+        for got in (unary.candidate_logprobs, streamed.candidate_logprobs):
+            assert got.shape == candidates.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
 def test_missing_tokens_field_is_invalid_argument(stub, session_id):

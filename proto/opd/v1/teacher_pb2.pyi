@@ -137,20 +137,22 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages")
+    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages", "candidate_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FROM_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     session_id: str
     tokens: Tensor
     score_from: int
     top_k: int
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    candidate_ids: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Coverage(_message.Message):
     __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "unresolved_paths")
@@ -177,7 +179,7 @@ class Coverage(_message.Message):
     def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., unresolved_paths: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass", "counts")
+    __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass", "counts", "candidate_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class ScoreResponse(_message.Message):
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SUPPORT_MASS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     ids: Tensor
     logprobs: Tensor
@@ -196,7 +199,8 @@ class ScoreResponse(_message.Message):
     coverage: float
     mean_support_mass: float
     counts: Coverage
-    def __init__(self, request_id: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., reason: _Optional[_Union[Tensor, _Mapping]] = ..., coverage: _Optional[float] = ..., mean_support_mass: _Optional[float] = ..., counts: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
+    candidate_logprobs: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., reason: _Optional[_Union[Tensor, _Mapping]] = ..., coverage: _Optional[float] = ..., mean_support_mass: _Optional[float] = ..., counts: _Optional[_Union[Coverage, _Mapping]] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreStreamResponse(_message.Message):
     __slots__ = ("request_id", "response", "error")

@@ -207,6 +207,17 @@ def test_cross_tokenizer_session_over_grpc(stub, answers):
     assert stats.coverage == pytest.approx(reply.coverage) and stats.mean_retained_mass == pytest.approx(
         reply.mean_support_mass
     )
+    with_candidates = teacher_pb2.ScoreRequest(
+        session_id=opened.session_id,
+        tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
+        score_from=score_from,
+        top_k=8,
+        candidate_ids=to_tensor(np.zeros((len(tokens) - score_from, 2), dtype=np.int32)),
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(with_candidates, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "same-tokenizer sessions only" in caught.value.details()
 
 
 @pytest.mark.parametrize(
