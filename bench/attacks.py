@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import emit, footer, header, print_table, smollm2_model  # noqa: E402
+from bench.common import emit, footer, header, print_table, rss_mib, smollm2_model  # noqa: E402
 from opd.tensors import to_tensor  # noqa: E402
 from opd.v1 import teacher_pb2, teacher_pb2_grpc  # noqa: E402
 from teacher_server.launch import TeacherProcess, threads  # noqa: E402
@@ -112,13 +112,11 @@ class Watch:
 
 
 def _rss_mib(pid: int) -> float:
+    """common.rss_mib, 0 for a process that has just gone (a worker being replaced)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+        return rss_mib(pid)
+    except (OSError, KeyError):
+        return 0.0
 
 
 def _children(pid: int) -> list[int]:

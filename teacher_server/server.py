@@ -45,11 +45,10 @@ from teacher_server.tenancy import MAX_TENANT_TABLE_BYTES, SessionOwners
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
-# gRPC's own bounds, above the gate's (gate.MAX_CALLS_IN_PROGRESS), which answers RESOURCE_EXHAUSTED:
-# streams past this on one connection are refused by HTTP/2 (UNAVAILABLE, safe to retry); calls
-# past the pending bound would be cancelled by gRPC before the gate sees them.
-MAX_STREAMS_PER_CONNECTION = 4 * MAX_CALLS_IN_PROGRESS
-MAX_PENDING_CALLS = 4 * MAX_CALLS_IN_PROGRESS
+# gRPC's own bounds sit this many times above the gate's calls in progress (gate.py answers
+# RESOURCE_EXHAUSTED): streams past them on one connection are refused by HTTP/2 (UNAVAILABLE, safe
+# to retry), and calls past the pending bound would be cancelled by gRPC before the gate sees them.
+GRPC_BOUNDS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,7 @@ class TeacherServer:
         if config.http_port is not None:
             tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
             self.http = HttpServer(self.http_front, config.host, config.http_port, tls)
+        grpc_bound = GRPC_BOUNDS_FACTOR * max(config.max_calls, MAX_CALLS_IN_PROGRESS)
         self._server = grpc.aio.server(
             interceptors=[
                 GateInterceptor(
@@ -121,9 +121,9 @@ class TeacherServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_concurrent_streams", max(MAX_STREAMS_PER_CONNECTION, 4 * config.max_calls)),
-                ("grpc.server.max_pending_requests", max(MAX_PENDING_CALLS, 4 * config.max_calls)),
-                ("grpc.server.max_pending_requests_hard_limit", max(MAX_PENDING_CALLS, 4 * config.max_calls)),
+                ("grpc.max_concurrent_streams", grpc_bound),
+                ("grpc.server.max_pending_requests", grpc_bound),
+                ("grpc.server.max_pending_requests_hard_limit", grpc_bound),
             ],
             # Counts calls still receiving their request too, which the gate does not see.
             maximum_concurrent_rpcs=2 * config.max_calls,

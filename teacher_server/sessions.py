@@ -320,7 +320,7 @@ class SessionRegistry:
                 "open the session with same_as_teacher or use a student that shares the teacher's tokenizer"
             )
             return Session(**common, alignment=UnalignedTokenizers(reason))
-        tables = self.tokenizers.attach(reading, text, student.tokenizer_json)
+        tables = self.tokenizers.attach(reading, text, student.tokenizer_json, key)
         teacher = self.teacher
         specials = _paired_specials(
             tables.student.special_vocab, text.table.special_vocab, student.eos_tokens, teacher, settings

@@ -11,7 +11,6 @@ whose tokenizer fails later, while scoring, refuses every further request the sa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from collections import OrderedDict
@@ -107,13 +106,14 @@ class StudentTokenizers:
         except SandboxFailure as failure:
             raise InvalidArgument(f"the student tokenizer was refused: {failure}") from None
 
-    def attach(self, reading: StudentReading, text: TeacherText, tokenizer_json: str) -> PairTables:
-        """The tables of a reading, with the teacher's side and an encoder running in the sandbox."""
+    def attach(self, reading: StudentReading, text: TeacherText, tokenizer_json: str, key: str) -> PairTables:
+        """The tables of a reading, with the teacher's side and an encoder running in the sandbox;
+        `key`: the tokenizer's content hash (the encode worker caches tokenizers by it)."""
         return dataclasses.replace(
             reading.tables,
             teacher=text.table,
             teacher_trie=trie_of(text.table),
-            encoder=SandboxedEncoder(self.encodes, tokenizer_json),
+            encoder=SandboxedEncoder(self.encodes, tokenizer_json, key),
         )
 
     def close(self) -> None:
@@ -123,14 +123,13 @@ class StudentTokenizers:
 
 @dataclass(eq=False)
 class SandboxedEncoder:
-    """text.PlainEncoder for a student's tokenizer, run by the encode worker."""
+    """text.PlainEncoder for a student's tokenizer, run by the encode worker; `key` names the
+    tokenizer in the worker's cache (its content hash: the session's, computed once)."""
 
     sandbox: Sandbox
     tokenizer_json: str
+    key: str
     refused: str = ""
-
-    def __post_init__(self) -> None:
-        self.key = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
 
     def __call__(self, texts: list[str]) -> tuple[list[list[int]], bool]:
         if self.refused:

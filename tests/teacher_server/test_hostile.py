@@ -203,7 +203,7 @@ def test_a_tokenizer_over_the_size_limit_is_refused_before_any_work(registry):
 
 def test_an_encoder_that_fails_while_scoring_refuses_its_session_from_then_on():
     box = Sandbox("encodes", LIMITS)
-    encoder = SandboxedEncoder(box, hostile.long_subword_prefix())
+    encoder = SandboxedEncoder(box, hostile.long_subword_prefix(), key="long-subword-prefix")
     for _ in range(2):
         with pytest.raises(InvalidArgument, match="failed while this session was scoring .*PanicException"):
             encoder(["ab"])
