@@ -121,7 +121,6 @@ class AsyncTeacherClient:
         self._turn = itertools.count()
         self._session_request: teacher_pb2.OpenSessionRequest | None = None
         self.session_id: str | None = None
-        self.same_as_teacher: bool | None = None  # whether the session's student has the teacher's tokenizer
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -183,7 +182,7 @@ class AsyncTeacherClient:
             if self.session_id not in (None, response.session_id):
                 # Content-addressed ids are the same on every replica of the same teacher.
                 log.warning("teacher %s gave another session id; is it another teacher?", endpoint.target)
-            self.session_id, self.same_as_teacher = response.session_id, response.same_as_teacher
+            self.session_id = response.session_id
             endpoint.session_open = True
         return self.session_id
 
@@ -381,10 +380,6 @@ class TeacherClient:
     @property
     def session_id(self) -> str | None:
         return self._client.session_id
-
-    @property
-    def same_as_teacher(self) -> bool | None:
-        return self._client.same_as_teacher
 
     @property
     def pin(self) -> str | None:

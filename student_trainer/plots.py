@@ -10,7 +10,7 @@ PANELS = [
     ("eval_topk_rkl", "held-out truncated reverse KL"),
     ("loss", "training loss"),
     ("teacher_support_mass", "teacher mass on its top-K"),
-    ("student_support_mass", "student mass on teacher top-K"),
+    ("student_support_mass", "student mass on the training support"),
     ("negative_advantage_share", "share of negative sampled-token advantages"),
     ("grad_norm", "gradient norm (before clipping)"),
     ("response_length", "response length (tokens)"),
@@ -48,7 +48,7 @@ STUDY_PANELS = [
     ("accuracy", "held-out task accuracy (greedy)", False),
     ("heldout_rkl", "held-out reverse KL to the teacher", True),
     ("grad_norm", "gradient norm before clipping (5-step mean)", True),
-    ("student_support_mass", "student mass on teacher top-K (5-step mean)", False),
+    ("student_support_mass", "student mass on the training support (5-step mean)", False),
     ("negative_advantage_share", "share of negative sampled-token advantages", False),
     ("masked", "masked fraction of positions", False),
 ]

@@ -43,7 +43,7 @@ from student_trainer.batch import mask_fractions, student_scores
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_prompts
-from student_trainer.demo import task
+from student_trainer.demo import task, xtok
 from student_trainer.demo.run import DEFAULT_CACHE, write_prompts
 from student_trainer.messages import tokenizer_message
 from student_trainer.plots import plot_study
@@ -107,10 +107,18 @@ SCALE_VARIANTS = (
     Variant("recipe_stale1", "recipe, max_staleness 1", "topk_rkl", max_staleness=1),
     Variant("recipe_stale4", "recipe, max_staleness 4", "topk_rkl", max_staleness=4),
 )
-# The support joined with the student's own top-M (issue 19; same tokenizer only so far): against
-# topk_k4, whose student puts mass the teacher's top-4 does not see (`--variants`; not in the default).
+# The support joined with the student's own top-M (issue 19): against topk_k4, whose student puts mass
+# the teacher's top-4 does not see, and against recipe_xtok, whose projected support misses the mass
+# the student puts on its doubled digits (`--variants`; not in the default).
 SUPPORT_VARIANTS = (
     Variant("topk_k4_union", "top-K rKL, K=4, union with the student's top-4", "topk_rkl", top_k=4, candidates=4),
+    Variant(
+        "recipe_xtok_union",
+        "recipe, other student tokenizer, union with the student's top-8",
+        "topk_rkl",
+        student="xtok",
+        candidates=8,
+    ),
 )
 VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS + SCALE_VARIANTS + SUPPORT_VARIANTS}
 # What `mask_special_tokens: false` does (the trainer's masking and its session's no_special_token_masking):
@@ -377,6 +385,12 @@ def main(argv: list[str] | None = None) -> None:
         help="student with another tokenizer than the teacher's, for the *_xtok variants, instead of "
         "the cached one (demo/xtok.py)",
     )
+    parser.add_argument(
+        "--xtok-same-weights",
+        action="store_true",
+        help="the *_xtok variants train the demo student itself with the other tokenizer (its rows copied, "
+        "demo/xtok.py: same_weights_student) instead of a student trained with that tokenizer",
+    )
     parser.add_argument("--steps", type=int, help="training steps per run (overrides the preset)")
     parser.add_argument("--seeds", type=int, help="number of seeds per variant (overrides the preset)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANT_BY_NAME)}")
@@ -400,9 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         teacher = args.teacher_model or task.prepare_teacher(args.cache_dir)
         kinds = {VARIANT_BY_NAME[name].student for name in settings.variants}
         students = {}
-        if "demo" in kinds:
+        if "demo" in kinds or args.xtok_same_weights:
             students["demo"] = args.student_model or task.prepare_student(args.cache_dir)
-        if "xtok" in kinds:
+        if "xtok" in kinds and args.xtok_same_weights:
+            demo = Path(students["demo"])
+            students["xtok"] = xtok.same_weights_student(demo, args.cache_dir / f"{demo.name}-xtok-same-weights")
+        elif "xtok" in kinds:
             students["xtok"] = args.xtok_student_model or task.prepare_student(args.cache_dir, task.XTOK_STUDENT_RECIPE)
         summary = run_study(args.output, settings, teacher=teacher, students=students)
     finally:

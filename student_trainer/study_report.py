@@ -238,6 +238,26 @@ def _baseline_masking(v: Variants) -> tuple[str, str]:
     )
 
 
+MIN_GAIN_RATIO = 0.9  # issue 19: the cross-tokenizer student's gain against the same-tokenizer student's
+
+
+def _gain_ratio(v: Variants) -> tuple[str, str]:
+    """Gain = final - starting held-out accuracy, mean over seeds; the ratio of the two means."""
+    gains = {
+        name: _mean([run["accuracy_final"] - run["accuracy_start"] for run in v[name]["runs"]])
+        for name in ("recipe_xtok_union", "recipe")
+    }
+    if any(math.isnan(gain) for gain in gains.values()) or gains["recipe"] <= 0:
+        return "no data", f"gains {gains}: the same-tokenizer student gained nothing to compare with"
+    ratio = gains["recipe_xtok_union"] / gains["recipe"]
+    return "held" if ratio >= MIN_GAIN_RATIO else "not held", (
+        f"gain (final - start held-out accuracy) recipe_xtok_union {gains['recipe_xtok_union']:.3f} "
+        f"({_spread(v['recipe_xtok_union'], 'accuracy_start')} -> {_spread(v['recipe_xtok_union'], 'accuracy_final')}) "
+        f"vs recipe {gains['recipe']:.3f} ({_spread(v['recipe'], 'accuracy_start')} -> "
+        f"{_spread(v['recipe'], 'accuracy_final')}): {ratio:.2f} of it (claim: >= {MIN_GAIN_RATIO})"
+    )
+
+
 # Each claim of the issue: its text, the variants it needs, and its verdict with the numbers behind it.
 CLAIMS: list[tuple[str, list[str], Callable[[Variants], tuple[str, str]]]] = [
     ("the recipe ends better than sampled-token OPD (gamma 0)", ["recipe", "sampled_g0"], _recipe_beats_baseline),
@@ -267,6 +287,16 @@ CLAIMS: list[tuple[str, list[str], Callable[[Variants], tuple[str, str]]]] = [
         "joining the student's own top-4 to the teacher's top-4 support improves on the top-4 alone",
         ["topk_k4_union", "topk_k4"],
         lambda v: _accuracy_vs(v, "topk_k4_union", "topk_k4", "(higher is better)"),
+    ),
+    (
+        "joining the student's own top-8 to the projected support improves the cross-tokenizer recipe",
+        ["recipe_xtok_union", "recipe_xtok"],
+        lambda v: _accuracy_vs(v, "recipe_xtok_union", "recipe_xtok", "(higher is better)"),
+    ),
+    (
+        f"with the union, the cross-tokenizer student gains >= {MIN_GAIN_RATIO} of the same-tokenizer student's gain",
+        ["recipe_xtok_union", "recipe"],
+        _gain_ratio,
     ),
 ]
 

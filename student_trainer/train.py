@@ -231,11 +231,6 @@ class Run:
             teacher.open_session(
                 tokenizer_message(self.tokenizer), no_special_token_masking=not config.mask_special_tokens
             )
-            if config.candidates and not teacher.same_as_teacher:
-                raise ValueError(
-                    "candidates (the union support) need a student with the teacher's own tokenizer: a "
-                    "cross-tokenizer teacher does not score candidate ids yet; set candidates: 0"
-                )
             if self.start == 0 and (self.eval_prompts or self.evaluate_task):
                 self._record({"step": 0, **self._evaluation(teacher)})
             progress = tqdm(

@@ -51,36 +51,55 @@ class ModelRows:
     def rows(self, contexts: list[tuple[int, tuple[int, ...]]]) -> list[np.ndarray]:
         """One row per (at, extra); the branches run BRANCH_CHUNK tokens per pass on the KV cache."""
         torch = self.torch
-        states = {}
         with torch.inference_mode():
-            todo = [context for context in dict.fromkeys(contexts) if context[1]]
-            while todo:
-                chunk = [todo.pop()]
-                width = len(chunk[0][1])
-                while todo and width + len(todo[-1][1]) <= BRANCH_CHUNK:
-                    chunk.append(todo.pop())
-                    width += len(chunk[-1][1])
-                states.update(self._branches(chunk, width))
-            hidden = torch.stack([states[c] if c[1] else self.hidden[c[0] - 1] for c in contexts])
+            states = self._branch_states(contexts)
+            hidden = torch.stack([states[c][-1] if c[1] else self.hidden[c[0] - 1] for c in contexts])
             out = []
             for start in range(0, len(contexts), BRANCH_CHUNK):
                 logits = self.engine.lm_head(hidden[start : start + BRANCH_CHUNK]).double()
                 out += list(torch.log_softmax(logits, -1).float().numpy())
             return out
 
+    def path_logprobs(self, paths: list[tuple[int, tuple[int, ...]]]) -> list[float]:
+        """The chain rule along each (at, tokens): sum of log p(tokens[i] | teacher_ids[:at] + tokens[:i]),
+        each path one branch on the KV cache, full-vocabulary float64 rows."""
+        torch = self.torch
+        value = {}
+        with torch.inference_mode():
+            states = self._branch_states(paths)
+            for at, tokens in states:
+                before = torch.cat([self.hidden[at - 1 : at], states[(at, tokens)][:-1]])
+                rows = torch.log_softmax(self.engine.lm_head(before).double(), -1)
+                value[(at, tokens)] = float(rows[torch.arange(len(tokens)), torch.tensor(tokens)].sum())
+        return [value.get(path, 0.0) for path in paths]
+
+    def _branch_states(self, branches: list[tuple[int, tuple[int, ...]]]) -> dict:
+        """Hidden states [len(extra), H] of each distinct (at, extra) with extra tokens, BRANCH_CHUNK
+        tokens per pass."""
+        states = {}
+        todo = [branch for branch in dict.fromkeys(branches) if branch[1]]
+        while todo:
+            chunk = [todo.pop()]
+            width = len(chunk[0][1])
+            while todo and width + len(todo[-1][1]) <= BRANCH_CHUNK:
+                chunk.append(todo.pop())
+                width += len(chunk[-1][1])
+            states.update(self._branches(chunk, width))
+        return states
+
     def _branches(self, chunk, width: int) -> dict:
         torch, length, engine = self.torch, self.length, self.engine
         ids = torch.zeros((1, width), dtype=torch.long)
         positions = torch.zeros((1, width), dtype=torch.long)
         allowed = torch.zeros((1, 1, width, length + width), dtype=torch.bool)
-        start, ends = 0, {}
+        start, spans = 0, {}
         for at, extra in chunk:
             n = len(extra)
             ids[0, start : start + n] = torch.tensor(extra)
             positions[0, start : start + n] = at + torch.arange(n)
             allowed[0, 0, start : start + n, :at] = True
             allowed[0, 0, start : start + n, length + start : length + start + n] = torch.ones(n, n).tril().bool()
-            ends[(at, extra)] = start + n - 1
+            spans[(at, extra)] = (start, start + n)
             start += n
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
         out = engine.backbone(
@@ -91,7 +110,7 @@ class ModelRows:
             **{engine._cache_argument: self.cache},
         ).last_hidden_state[0]
         self.cache.crop(-width)  # the branch tokens go: the teacher sequence stays as it was
-        return {key: out[end] for key, end in ends.items()}
+        return {key: out[begin:end] for key, (begin, end) in spans.items()}
 
 
 class BigramRows:

@@ -19,6 +19,9 @@ teacher service reads as the student's bytes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
@@ -52,3 +55,54 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         model_max_length=32,
         clean_up_tokenization_spaces=False,
     )
+
+
+# The demo vocabulary's token in the role of each student token both tokenizers have.
+SAME_ROLE = {BOS: "<bos>", EOS: "<eos>", PAD: "<pad>"}
+
+
+def same_weights_student(student_dir: Path, output: Path) -> Path:
+    """The demo student (the teacher's tokenizer) with this tokenizer instead, and nothing else changed:
+    the rows of tokens both vocabularies have are copied (special tokens by role); a doubled digit
+    reads as its digit (input row) and, like <think>, which the demo vocabulary lacks, starts as
+    unlikely as the padding token the student never writes (output row: <pad>'s). So "gain with
+    this tokenizer / gain with the teacher's" compares one set of weights under two tokenizers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (output / "config.json").exists():
+        return output
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    demo = AutoTokenizer.from_pretrained(student_dir).get_vocab()
+    source_in, source_out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    hidden = source_in.shape[1]
+    rows_in, rows_out = torch.zeros(len(VOCAB), hidden), torch.zeros(len(VOCAB), hidden)
+    for index, token in enumerate(VOCAB):
+        same = SAME_ROLE.get(token, token)
+        if same in demo:
+            rows_in[index], rows_out[index] = source_in[demo[same]], source_out[demo[same]]
+        else:
+            rows_in[index] = source_in[demo[token[0]]] if token in DOUBLES else 0.0
+            rows_out[index] = source_out[demo["<pad>"]]
+    model.resize_token_embeddings(len(VOCAB), mean_resizing=False)
+    model.get_input_embeddings().weight.data.copy_(rows_in)
+    model.get_output_embeddings().weight.data.copy_(rows_out)
+    tokenizer = build_tokenizer()
+    model.config.update(
+        {
+            "vocab_size": len(VOCAB),
+            **{
+                f"{name}_token_id": tokenizer.convert_tokens_to_ids(t)
+                for name, t in (("bos", BOS), ("eos", EOS), ("pad", PAD))
+            },
+        }
+    )
+    model.generation_config.update(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
+    staging = output.with_name(output.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(output)
+    return output

@@ -15,6 +15,7 @@ import numpy as np
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.align import Alignment, align
 from teacher_server.alignment.byte_tables import ByteTable
+from teacher_server.alignment.candidates import CandidatePaths, candidate_paths, check_branch_budget, path_logprobs
 from teacher_server.alignment.pair import PairTables, pair_tables
 from teacher_server.alignment.project import Projection
 from teacher_server.alignment.result import ScoreResult, Steps, drive, result_from
@@ -109,11 +110,12 @@ class CrossOptions:
 NEVER_WRITTEN_LOGPROB = float(np.log(np.finfo(np.float32).tiny))
 
 
-def fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass) -> None:
+def fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass, requested=None) -> None:
     """Without special-token masking: a dropped student special (reason SPECIAL here) takes the
-    row of the next position that is not a dropped special, since the same teacher text precedes
-    both; its own token gets NEVER_WRITTEN_LOGPROB. Where that position is masked, the special
-    takes its reason too (BEYOND_CONTEXT, ...); with no position after it, UNALIGNED."""
+    row of the next position that is not a dropped special (its candidates' values too), since the
+    same teacher text precedes both; its own token gets NEVER_WRITTEN_LOGPROB. Where that position
+    is masked, the special takes its reason too (BEYOND_CONTEXT, ...); with no position after it,
+    UNALIGNED."""
     dropped = np.flatnonzero(reason == teacher_pb2.MASK_REASON_SPECIAL)
     if not len(dropped):
         return
@@ -127,6 +129,8 @@ def fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass) -> None:
     usable = reason[to] == teacher_pb2.MASK_REASON_OK
     to, source = to[usable], source[usable]
     ids[to], logprobs[to], mass[to] = ids[source], logprobs[source], mass[source]
+    if requested is not None:
+        requested[to] = requested[source]
     token_logprobs[to] = NEVER_WRITTEN_LOGPROB
 
 
@@ -187,16 +191,21 @@ class CrossTokenizer:
             plan.t_start, plan.t_end = plan.t_start[:limit], plan.t_end[:limit]
         return plan
 
-    def main_job(self, plan: Alignment, temperature: float = 1.0) -> ScoringJob:
+    def main_job(self, plan: Alignment, temperature: float = 1.0, paths: CandidatePaths | None = None) -> ScoringJob:
+        """The teacher's sequence; with the paths of requested candidates, their single tokens and
+        branches in the same pass (candidates.py)."""
         options = self.options
         # Wider rows are read only where a position falls inside a teacher token (project.py).
         inside = bool((plan.rho > 0).any())
+        requested = paths.requested_ids if paths is not None and paths.requested_ids.shape[1] else None
         return ScoringJob(
             token_ids=plan.teacher_ids,
             score_from=plan.teacher_from,
             top_k=max(options.candidates, options.inside_candidates) if inside else options.candidates,
             temperature=temperature,
             exclude_ids=self.excluded,
+            branches=paths.branches if paths is not None else (),
+            requested_ids=requested,
         )
 
     def start(self, plan: Alignment, scores: TeacherScores) -> Projection:
@@ -238,12 +247,17 @@ class CrossTokenizer:
         last = np.cumsum([len(extra) for _, extra in requests]) - 1
         projection.absorb(requests, scores.branch_ids[last], scores.branch_logprobs[last])
 
-    def finish(self, projection: Projection, top_k: int) -> ScoreResult:
-        ids, logprobs, token_logprobs, reason, mass = projection.finish(top_k, self.options.min_consistent_mass)
+    def finish(self, projection: Projection, top_k: int, candidate_logprobs: np.ndarray | None = None) -> ScoreResult:
+        """The response arrays; `candidate_logprobs` [P, M]: the chain rule along each requested
+        candidate's path, conditioned here like the position's support."""
+        ids, logprobs, token_logprobs, reason, mass, conditioning = projection.finish(
+            top_k, self.options.min_consistent_mass
+        )
+        requested = None if candidate_logprobs is None else candidate_logprobs - conditioning[:, None]
         if not self.specials.mask:
-            fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass)
+            fill_dropped_specials(ids, logprobs, token_logprobs, reason, mass, requested)
         stats = projection.stats
-        return result_from(
+        result = result_from(
             ids,
             logprobs,
             token_logprobs,
@@ -253,6 +267,11 @@ class CrossTokenizer:
             branch_tokens=stats.branch_tokens,
             unresolved_paths=stats.unresolved_paths,
         )
+        result.conditioning = conditioning
+        if requested is not None:
+            requested[reason != 0] = -np.inf
+            result.requested_logprobs = requested.astype(np.float32)
+        return result
 
     def steps(
         self,
@@ -264,12 +283,8 @@ class CrossTokenizer:
         rounds: int | None = None,
         requested_ids: np.ndarray | None = None,
     ) -> Steps:
-        """Align, the teacher pass, up to `rounds` branch rounds (None: the session's), the result."""
-        if requested_ids is not None:
-            raise InvalidArgument(
-                "candidate ids (log-probabilities at requested ids) are scored for same-tokenizer sessions only so "
-                "far; send this request without them"
-            )
+        """Align, the teacher pass (with the requested candidates' paths), up to `rounds` branch
+        rounds (None: the session's), the result."""
         try:
             plan = self.align(tokens, score_from, messages)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context
@@ -280,14 +295,37 @@ class CrossTokenizer:
                 f"the teacher's tokenizer writes this rollout with token id {int(beyond[0])}, which the teacher's "
                 f"lm head ({self.model_vocab_size} rows) cannot read; leave that token's text out of the rollout"
             )
-        projection = self.start(plan, (yield self.main_job(plan, temperature)))
+        paths = None
+        if requested_ids is not None:
+            requested_ids = np.asarray(requested_ids, dtype=np.int64)
+            paths = candidate_paths(
+                plan,
+                requested_ids,
+                self.student,
+                self.text,
+                self.specials,
+                self.model_vocab_size,
+                self.max_sequence_length,
+            )
+            check_branch_budget(paths, int((requested_ids >= 0).sum()))
+        scores = yield self.main_job(plan, temperature, paths)
+        projection = self.start(plan, scores)
+        candidate_logprobs = None
+        if paths is not None:
+            projection.stats.branch_sequences += len(paths.branches)
+            projection.stats.branch_tokens += paths.branch_tokens
+            # Slot -1 (the teacher cannot write the candidate) picks the -inf after the paths' values.
+            candidate_logprobs = np.append(path_logprobs(plan, paths, scores), -np.inf)[paths.slot]
         for _ in range(max(self.options.rounds if rounds is None else rounds, 0)):
             requests = self.branch_requests(projection)
             if not requests:
                 break
             self.absorb(projection, requests, (yield self.branch_job(plan, requests, temperature)))
-        return self.finish(projection, top_k)
+        return self.finish(projection, top_k, candidate_logprobs)
 
-    def score(self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0) -> ScoreResult:
+    def score(
+        self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0, requested_ids=None
+    ) -> ScoreResult:
         """The whole request against an engine called directly (tests, benchmarks)."""
-        return drive(self.steps(np.asarray(tokens), score_from, top_k, temperature, messages), engine)
+        steps = self.steps(np.asarray(tokens), score_from, top_k, temperature, messages, requested_ids=requested_ids)
+        return drive(steps, engine)

@@ -88,6 +88,9 @@ class PairTables:
             joined = [self.student.token(s) + self.teacher.token(t) for s, t in todo]
             ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in joined]
             first = first_tokens(self.student, self.trie, self.encoder, ended)
+            unspelt = np.flatnonzero(first < 0)  # a vocabulary without the end mark (the demo's digits)
+            if len(unspelt):
+                first[unspelt] = first_tokens(self.student, self.trie, self.encoder, [joined[i] for i in unspelt])
             inside = (first >= 0) & (self.student.lengths[first] <= np.asarray([len(text) for text in joined]))
             self._first_after.update(zip(todo, np.where(inside, first, -1).tolist()))
         return np.asarray([self._first_after.get(key, -1) for key in keys], dtype=np.int64)

@@ -467,7 +467,8 @@ class Projection:
         return np.minimum(value, 0.0)
 
     def finish(self, top_k: int, min_consistent_mass: float = 0.0):
-        """Sum per (position, student token), keep the top K; returns the response arrays."""
+        """Sum per (position, student token), keep the top K; returns the response arrays and, per
+        position, the log of the mass its values are conditioned on (0 at a teacher boundary)."""
         a = self.alignment
         # Paths still open when the branch rounds are spent have no landing we know ("1" on its way
         # to "130" may end as "1", "13" or "130"): they land on their longest student token so far,
@@ -486,6 +487,7 @@ class Projection:
         token_logprobs = np.zeros(P, dtype=np.float32)
         reason = a.reason.copy()
         mass = np.zeros(P)
+        total = np.zeros(P)
         if self.landed_pos:
             pos = np.concatenate(self.landed_pos)
             sid = np.concatenate(self.landed_id)
@@ -541,7 +543,8 @@ class Projection:
         ids[reason != 0] = -1
         logprobs[reason != 0] = -np.inf
         token_logprobs[reason != 0] = 0.0
-        return ids, logprobs, token_logprobs, reason, mass
+        conditioning = np.where(a.rho > 0, np.log(np.maximum(total, 1e-300)), 0.0)
+        return ids, logprobs, token_logprobs, reason, mass, conditioning
 
 
 def _with_actual_token(ids: np.ndarray, logp: np.ndarray, actual: np.ndarray, actual_logp: np.ndarray):

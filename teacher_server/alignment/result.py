@@ -60,6 +60,9 @@ class ScoreResult:
     reason: np.ndarray  # uint8 [P]: why not (opd.mask_reasons), 0 where mask = 1
     counts: Coverage = field(default_factory=Coverage)
     requested_logprobs: np.ndarray | None = None  # float32 [P, M] at the request's requested ids
+    # Cross-tokenizer sessions: float64 [P], the log of the teacher mass each position's values are
+    # conditioned on inside a teacher token (0 at a boundary; project.py). Not sent; for checks.
+    conditioning: np.ndarray | None = None
 
 
 def result_from(

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5  # float32; relative to the tensor's scale when it is above 1
+ATTEMPTS = 3
+ABORT = "terminate called without an active exception"
 
 
 def test_head_path_equals_full_vocabulary_path_under_ddp_and_fsdp(tmp_path):
@@ -24,7 +26,15 @@ def test_head_path_equals_full_vocabulary_path_under_ddp_and_fsdp(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     worker = Path(__file__).with_name("head_worker.py")
-    result = subprocess.run(launcher + [str(worker), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    for _ in range(ATTEMPTS):
+        result = subprocess.run(
+            launcher + [str(worker), str(out)], capture_output=True, text=True, timeout=600, env=env
+        )
+        if result.returncode == 0 or ABORT not in result.stderr:
+            break
+        # A rank aborted inside torch (seen about once in three CI runs, never in 20 runs alone):
+        # run again; a failure of our own code or numbers fails at once.
+        print(f"worker aborted ({ABORT!r}); running it again:\n{result.stderr[-2000:]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     results = json.loads(out.read_text())
     assert len(results) == 20

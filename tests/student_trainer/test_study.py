@@ -84,7 +84,7 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
             assert config["loss"] == variant["loss"]
             assert config["student"] == summary["students"][variant["student"]]
     verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
-    assert len(verdicts) == 8 and set(verdicts.values()) <= {
+    assert len(verdicts) == 10 and set(verdicts.values()) <= {
         "held",
         "weakly held",
         "not held",
@@ -209,25 +209,33 @@ def test_claims_on_synthetic_variants() -> None:
     }
     verdicts = [c["verdict"] for c in claims(variants)]
     # better; more stable; collapses in one seed of two; top-p 1.0 beats the baseline; gamma 1 only on average;
-    # no cross-tokenizer variants, no baseline without masking, no union support
-    assert verdicts == ["held", "held", "weakly held", "not held", "weakly held"] + ["not evaluated"] * 3
+    # no cross-tokenizer variants, no baseline without masking, no union supports
+    assert verdicts == ["held", "held", "weakly held", "not held", "weakly held"] + ["not evaluated"] * 5
     assert "0.925 ± 0.035" in claims(variants)[0]["detail"]
-    assert [c["verdict"] for c in claims({"recipe": variants["recipe"]})] == ["not evaluated"] * 8
+    assert [c["verdict"] for c in claims({"recipe": variants["recipe"]})] == ["not evaluated"] * 10
 
     masked = {"recipe_xtok": variant("recipe_xtok", [run(0.8) | {"masked": 0.02}, run(0.7) | {"masked": 0.02}])}
     # Without the trainer's masking as many positions stay masked: the switch was inert, the runs are replicates.
     inert = [run(0.81) | {"masked": 0.02}, run(0.7) | {"masked": 0.015}]
-    same = claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", inert)})[-3]
+    same = claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", inert)})[-5]
     assert same["verdict"] == "not tested" and same["detail"].startswith("without the trainer's masking 0.0175")
     unmasked = [run(0.5), run(0.6)]  # masked 0.0: the special positions carried a loss
-    assert claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", unmasked)})[-3]["verdict"] == "held"
+    assert claims(masked | {"recipe_xtok_nomask": variant("recipe_xtok_nomask", unmasked)})[-5]["verdict"] == "held"
     # The baseline without masking: better than with it in every seed.
     baseline = {"sampled_g0_nomask": variant("sampled_g0_nomask", [run(0.7), run(0.8)])}
-    assert claims(variants | baseline)[-2]["verdict"] == "held"
+    assert claims(variants | baseline)[-4]["verdict"] == "held"
     # The union support: better than the teacher's top-4 alone in every seed.
     supports = {"topk_k4": variant("topk_k4", [run(0.2), run(0.25)])}
     supports["topk_k4_union"] = variant("topk_k4_union", [run(0.5), run(0.6)])
-    assert claims(supports)[-1]["verdict"] == "held"
+    assert claims(supports)[-3]["verdict"] == "held"
+    # Across tokenizers: the union against the projected support alone, and its gain (final - start)
+    # against the same-tokenizer recipe's (0.725 here): 0.775 is 1.07 of it, 0.55 is 0.76.
+    union = variant("recipe_xtok_union", [run(0.9, start=0.1), run(0.85, start=0.1)])
+    assert claims(masked | {"recipe_xtok_union": union})[-2]["verdict"] == "held"
+    gain = claims(variants | {"recipe_xtok_union": union})[-1]
+    assert gain["verdict"] == "held" and "1.07 of it" in gain["detail"]
+    slower = variant("recipe_xtok_union", [run(0.7, start=0.1), run(0.6, start=0.1)])
+    assert claims(variants | {"recipe_xtok_union": slower})[-1]["verdict"] == "not held"
 
     table = markdown_table(variants)
     assert table.count("\n") == 2 + len(variants) and "| `recipe` | 14 | 2 | 0.925 ± 0.035 |" in table

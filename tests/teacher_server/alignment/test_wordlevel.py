@@ -227,3 +227,14 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
         if i >= 0
     }
     assert first["7"] == pytest.approx(0.001, rel=1e-3)
+
+
+def test_a_single_digit_the_teacher_would_double_leaves_the_double_to_the_double_token():
+    """The student writes "3" then "8" where the teacher goes on with "3": the teacher's "3", "3" is
+    the student's "33" (its tokenizer merges it), not its "3" (pair.first_after: the demo vocabulary
+    cannot spell the space that ends a word, so the joined digits alone decide)."""
+    script = {"": {"3": 1.0}, "3": {"3": 0.9, "8": 0.1}, "38": {"<eos>": 1.0}}
+    _, result = xtok_against_demo(script, ["3", "8", "</s>"])
+    got = support(result, 0)
+    assert got["33"] == pytest.approx(0.9, rel=1e-4) and got["3"] == pytest.approx(0.1, rel=1e-4)
+    assert result.token_logprobs[0] == pytest.approx(0.0, abs=1e-4)  # the chain rule of its own text: P("3") = 1
