@@ -18,8 +18,7 @@ So is a candidate other than the target that spells the beginning of the rollout
 the position ("3" or "33" where the rollout writes "3", "3"; " represent" before " representatives"):
 the projection gives the text the rollout writes to the rollout's own split, so the teacher's mass
 of that text is already in the target's entry, and a union of the two would count it twice (in
-the demo's cross-tokenizer study, up to twice the teacher's mass at a position, and a student that
-learnt less than without the union).
+the demo's cross-tokenizer study, up to twice the teacher's mass at a position).
 """
 
 from __future__ import annotations
