@@ -46,7 +46,6 @@ class CandidatePaths:
 
     slot: np.ndarray  # int64 [P, M]: the path of each candidate, -1 where the teacher cannot write it
     attach: np.ndarray  # int64 [N]: global teacher index each path starts at (its boundary b)
-    tokens: list[np.ndarray]  # N paths of teacher ids
     on_rollout: np.ndarray  # int64 [N]: leading tokens that are the rollout's own (scored by the main pass)
     requested_ids: np.ndarray  # int64 [rows, W]: single rest tokens, read at their main row (-1 pad)
     requested_at: np.ndarray  # int64 [N]: (row, column) of a path's single rest token as row * W + column, else -1
@@ -143,7 +142,7 @@ def _scored_by_the_main_pass(
     requested_at = np.full(len(tokens), -1, dtype=np.int64)
     for k, (row, column) in single_of.items():
         requested_at[k] = row * width + column
-    return CandidatePaths(slot, attach, tokens, on_rollout, requested_ids, requested_at, tuple(branches), branch_of)
+    return CandidatePaths(slot, attach, on_rollout, requested_ids, requested_at, tuple(branches), branch_of)
 
 
 def check_branch_budget(paths: CandidatePaths, candidates: int) -> None:
