@@ -256,7 +256,7 @@ def fidelity(args) -> None:
             "covered_mean": "covered",
         },
         f"GSM8K answers {args.examples} per pair (chain rule at every boundary position), brute force at "
-        f"every position of the first answers until {args.tv_positions} positions, K = {args.top_k}:",
+        f"the first {args.tv_positions} positions with a distribution, K = {args.top_k}:",
     )
     common.print_table(
         rows,

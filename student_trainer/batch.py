@@ -198,6 +198,7 @@ class StudentScores:
     token_logprobs: torch.Tensor  # [B, P], log q of the targets
     log_norm: torch.Tensor  # [B, P], logsumexp of the logits over the whole vocabulary
     top_ids: torch.Tensor  # long [B, P, K], the student's own best ids, best first (no gradient)
+    entropy: torch.Tensor | None = None  # [B, P], the student's entropy in nats (no gradient), when asked
 
     def metrics(self, batch: ScoredBatch, mask: torch.Tensor) -> dict[str, float]:
         """losses.support_metrics over the positions of `mask`."""
@@ -211,13 +212,14 @@ class StudentScores:
         )
 
 
-def student_scores(model, batch: ScoredBatch, log_norm_gradient: bool = False) -> StudentScores:
+def student_scores(model, batch: ScoredBatch, log_norm_gradient: bool = False, entropy: bool = False) -> StudentScores:
     """The student's logits at the teacher's support and at its targets, and its vocabulary statistics.
 
     From the final hidden states and the output head (head.py), at the real positions only
     (padding costs no head work): the support and target logits carry gradients; the
     log-normaliser does when `log_norm_gradient` (the losses that need the student's full
-    distribution: the unnormalised ablation and the sampled-token baseline).
+    distribution: the unnormalised ablation and the sampled-token baseline); the entropy, in the
+    same pass over the vocabulary, when `entropy`.
     """
     device = next(model.parameters()).device
     hidden, _ = final_hidden_states(
@@ -234,7 +236,9 @@ def student_scores(model, batch: ScoredBatch, log_norm_gradient: bool = False) -
     ids = torch.cat([batch.teacher_ids, batch.targets[..., None]], dim=-1)[rollout, column].to(device)
     logits = head.logits_at(hidden, ids)
     with torch.set_grad_enabled(log_norm_gradient and torch.is_grad_enabled()):
-        log_norm, top_ids = head.vocabulary_stats(hidden if log_norm_gradient else hidden.detach(), top_k)
+        log_norm, top_ids, entropies = head.vocabulary_stats(
+            hidden if log_norm_gradient else hidden.detach(), top_k, entropy
+        )
 
     def spread(values: torch.Tensor) -> torch.Tensor:
         """[N, ...] values at their [B, P] places, zeros at padding (differentiable)."""
@@ -242,7 +246,11 @@ def student_scores(model, batch: ScoredBatch, log_norm_gradient: bool = False) -
         return out.index_put((rollout.to(device), column.to(device)), values)
 
     return StudentScores(
-        spread(logits[:, :top_k]), spread(logits[:, top_k] - log_norm), spread(log_norm), spread(top_ids)
+        spread(logits[:, :top_k]),
+        spread(logits[:, top_k] - log_norm),
+        spread(log_norm),
+        spread(top_ids),
+        spread(entropies) if entropy else None,
     )
 
 

@@ -35,8 +35,12 @@ class TrainConfig:
     # The student's own top-M ids at each position (0: none), scored by the teacher too: the
     # topk_rkl support becomes the union of the teacher's top-K and these (losses.union_support),
     # so mass the student puts on its own candidates outside the teacher's top-K is in the loss.
-    # Same-tokenizer sessions for now.
     candidates: int = 0
+    # Train on this share of each micro-batch's loss-carrying positions only: those where the
+    # student's entropy (from the training forward, no gradient) is highest (1.0: all of them;
+    # the 0.2 recipe trains where the student is still choosing). Logged: entropy_mean over all
+    # positions, entropy_trained_mean over the trained ones, trained_positions.
+    entropy_top_ratio: float = 1.0
     gamma: float = 0.0  # sampled_token only: discount of the return-to-go (0 = per token)
     # Special targets carry no loss and leave the support (EOS stays); false turns masking off
     # in the trainer and in the teacher's session (OpenSession no_special_token_masking).
@@ -132,6 +136,8 @@ class TrainConfig:
             problems.append(f"candidates must be >= 0 (0 = the teacher's top-K alone), got {self.candidates}")
         if self.candidates and self.loss == "sampled_token":
             problems.append("candidates need a top-K loss (topk_rkl or its ablation), not sampled_token")
+        if not 0.0 < self.entropy_top_ratio <= 1.0:
+            problems.append(f"entropy_top_ratio must be in (0, 1] (1 = every position), got {self.entropy_top_ratio}")
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         for name in ("batch_size", "micro_batch_size"):

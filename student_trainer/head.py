@@ -124,16 +124,20 @@ class OutputHead:
         raw = support_logits(hidden, self.weight, ids, self.bias)
         return self.transform(raw.to(torch.promote_types(raw.dtype, torch.float32)))
 
-    def vocabulary_stats(self, hidden: torch.Tensor, top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-normaliser [...], the student's `top` best ids [..., top], best first) over the whole vocabulary
-        (fewer ids when the vocabulary is smaller than `top`).
+    def vocabulary_stats(
+        self, hidden: torch.Tensor, top: int = 0, entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-normaliser [...], the student's `top` best ids [..., top], best first, and with
+        `entropy` its entropy [...] in nats) over the whole vocabulary (fewer ids when the
+        vocabulary is smaller than `top`).
 
-        The log-normaliser is differentiable in hidden, weight and bias; the ids are not.
+        The log-normaliser is differentiable in hidden, weight and bias; the ids and the entropy are not.
         """
         flat = hidden.reshape(-1, hidden.shape[-1])
         top = min(top, self.weight.shape[0])
-        log_norm, top_ids = _VocabularyStats.apply(flat, self.weight, self.bias, self, top)
-        return log_norm.reshape(hidden.shape[:-1]), top_ids.reshape(*hidden.shape[:-1], top)
+        log_norm, top_ids, entropies = _VocabularyStats.apply(flat, self.weight, self.bias, self, top, entropy)
+        shape = hidden.shape[:-1]
+        return log_norm.reshape(shape), top_ids.reshape(*shape, top), entropies.reshape(shape) if entropy else None
 
     def block_logits(self, hidden_block: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits [n, V] of a block of hidden states; `weight`: the head's weight already cast
@@ -155,7 +159,8 @@ def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 class _VocabularyStats(torch.autograd.Function):
-    """logsumexp of the head's logits and their top ids, one block of positions at a time.
+    """logsumexp of the head's logits, their top ids and (when asked) the entropy of their
+    softmax, one block of positions at a time.
 
     The block matmuls run in the dtype autocast would use (the weight cast once per pass, not
     once per block), with autocast itself off, so that the backward pass rebuilds exactly the
@@ -164,25 +169,30 @@ class _VocabularyStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head: OutputHead, top: int):
+    def forward(ctx, hidden, weight, bias, head: OutputHead, top: int, entropy: bool):
         dtype = _matmul_dtype(weight)
         size = head.block_size()
         log_norm = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         top_ids = torch.empty(hidden.shape[0], top, dtype=torch.long, device=hidden.device)
+        entropies = torch.empty(hidden.shape[0] if entropy else 0, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             cast = weight.to(dtype)
             for start in range(0, hidden.shape[0], size):
                 z = head.block_logits(hidden[start : start + size], cast)
-                log_norm[start : start + size] = torch.logsumexp(z, dim=-1)
+                block_norm = torch.logsumexp(z, dim=-1)
+                log_norm[start : start + size] = block_norm
                 if top:
                     top_ids[start : start + size] = z.topk(top, dim=-1).indices
+                if entropy:  # H = log Z - E_q[z]
+                    expected = (torch.exp(z - block_norm[:, None]) * z).sum(-1)
+                    entropies[start : start + size] = block_norm - expected
         ctx.save_for_backward(hidden, weight, bias, log_norm)
         ctx.head, ctx.dtype = head, dtype
-        ctx.mark_non_differentiable(top_ids)
-        return log_norm, top_ids
+        ctx.mark_non_differentiable(top_ids, entropies)
+        return log_norm, top_ids, entropies
 
     @staticmethod
-    def backward(ctx, grad_log_norm, _grad_top_ids):
+    def backward(ctx, grad_log_norm, _grad_top_ids, _grad_entropies):
         with torch.autocast(grad_log_norm.device.type, enabled=False):
             return _VocabularyStats._backward(ctx, grad_log_norm)
 
@@ -212,7 +222,7 @@ class _VocabularyStats(torch.autograd.Function):
                 grad_bias += grad_raw.sum(0)
         to_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         to_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, to_weight, to_bias, None, None
+        return grad_hidden, to_weight, to_bias, None, None, None
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:

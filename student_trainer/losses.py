@@ -15,6 +15,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "support_metrics",
     "special_token_mask",
     "drop_special_support",
+    "entropy_top_count",
+    "entropy_top_mask",
 ]
 
 
@@ -268,3 +271,22 @@ def drop_special_support(
         ids[hit] = -1
         lps[hit] = float("-inf")
     return ids, lps
+
+
+def entropy_top_count(positions: int, ratio: float) -> int:
+    """How many of `positions` loss-carrying positions the entropy selection keeps: ceil(ratio x n),
+    at least one of a non-empty set."""
+    return min(positions, max(1, math.ceil(ratio * positions))) if positions else 0
+
+
+def entropy_top_mask(entropy: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool, like ``mask``: the entropy_top_count(n, ratio) positions of ``mask`` where the student's
+    entropy is highest (torch.topk breaks ties), the others off. The top 20% by entropy is where
+    the student is still choosing; the rest carry little signal (the entropy_top_ratio recipe)."""
+    chosen = mask.bool().reshape(-1)
+    keep = entropy_top_count(int(chosen.sum()), ratio)
+    scores = torch.where(chosen, entropy.reshape(-1).double(), float("-inf"))
+    out = torch.zeros_like(chosen)
+    if keep:
+        out[torch.topk(scores, keep, sorted=False).indices] = True
+    return out.reshape(mask.shape)

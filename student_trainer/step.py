@@ -7,10 +7,12 @@ over its micro-batches and steps; its metrics are means over the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
+
 import torch
 
 from student_trainer.batch import (
@@ -26,7 +28,7 @@ from student_trainer.batch import (
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
-from student_trainer.losses import sampled_token_loss, topk_reverse_kl
+from student_trainer.losses import entropy_top_count, entropy_top_mask, sampled_token_loss, topk_reverse_kl
 from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
 
@@ -137,19 +139,24 @@ def optimizer_step(
     ]
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    masked = [int(b.mask.sum()) for b in micro_batches]
     local = {
-        "positions": sum(int(b.mask.sum()) for b in micro_batches),
+        "positions": sum(masked),
+        "trained_positions": sum(entropy_top_count(n, config.entropy_top_ratio) for n in masked),
         "real_positions": sum(int(b.valid.sum()) for b in micro_batches),
     }
     counts = all_reduce_sums(local, world)
     positions, real_positions = max(counts["positions"], 1), max(counts["real_positions"], 1)
+    trained_positions = max(counts["trained_positions"], 1)
     totals: dict[str, float] = defaultdict(float)
     gap = {"behaviour_gap_sum": 0.0, "behaviour_gap_count": 0.0}
     gap_max = 0.0
     for batch in micro_batches:
-        position_metrics, gaps = _backward(model, batch, config, world.size, positions)
+        position_metrics, trained_sums, gaps = _backward(model, batch, config, world.size, trained_positions)
         for name, value in position_metrics.items():
             totals[name] += value * int(batch.mask.sum()) / positions
+        for name, value in trained_sums.items():
+            totals[name] += value / trained_positions
         for name, value in mask_fractions(batch).items():
             totals[name] += value * int(batch.valid.sum()) / real_positions
         gap["behaviour_gap_sum"] += float(gaps.sum())
@@ -175,6 +182,7 @@ def optimizer_step(
         "lr": scheduler.get_last_lr()[0],
         "response_length": sums["completion_tokens"] / sums["rollouts"],
         "scored_positions": int(positions),
+        "trained_positions": int(trained_positions),
         "policy_lag": pending.policy_lag,
         "behaviour_logprob_gap": sums["behaviour_gap_sum"] / max(sums["behaviour_gap_count"], 1),
         "behaviour_logprob_gap_max": all_reduce_max(gap_max, world),
@@ -186,26 +194,37 @@ def optimizer_step(
 
 
 def _backward(
-    model, batch: ScoredBatch, config: TrainConfig, world_size: int, positions: int
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Loss and gradients of one micro-batch; its metrics (means over its loss-carrying positions)
-    and the behaviour gaps of its positions."""
+    model, batch: ScoredBatch, config: TrainConfig, world_size: int, trained_positions: int
+) -> tuple[dict[str, float], dict[str, float], torch.Tensor]:
+    """Loss and gradients of one micro-batch: its support metrics (means over its loss-carrying
+    positions), the sums over the positions it trains on (all of them, or the highest-entropy
+    share of them with entropy_top_ratio < 1) and the behaviour gaps of its positions."""
+    select = config.entropy_top_ratio < 1.0
     with training_precision(config, model):
-        student = student_scores(model, batch, log_norm_gradient=config.loss != "topk_rkl")
-        loss, advantages = per_position_loss(config, student, batch)
+        student = student_scores(model, batch, log_norm_gradient=config.loss != "topk_rkl", entropy=select)
+        trained = (
+            dataclasses.replace(batch, mask=entropy_top_mask(student.entropy, batch.mask, config.entropy_top_ratio))
+            if select
+            else batch
+        )
+        loss, advantages = per_position_loss(config, student, trained)
     gaps = behaviour_gaps(student.token_logprobs.detach(), batch)
-    # Mean over every loss-carrying position of the global batch, whatever the micro-batching and
-    # the world size (gradient averaging over ranks divides the world size back out).
-    (loss.sum() * world_size / positions).backward()
-    mask = batch.mask.to(advantages.device)
-    used = max(int(mask.sum()), 1)
+    # Mean over every trained position of the global batch, whatever the micro-batching and the
+    # world size (gradient averaging over ranks divides the world size back out).
+    (loss.sum() * world_size / trained_positions).backward()
+    mask = trained.mask.to(advantages.device)
     metrics = student.metrics(batch, batch.mask)
     metrics.pop("num_positions")
-    return metrics | {
-        "loss": float(loss.detach().sum()) / used,
-        "negative_advantage_share": float((advantages < 0)[mask].float().sum()) / used,
-        "mean_advantage": float(advantages[mask].sum()) / used,
-    }, gaps
+    trained_sums = {
+        "loss": float(loss.detach().sum()),
+        "negative_advantage_share": float((advantages < 0)[mask].float().sum()),
+        "mean_advantage": float(advantages[mask].sum()),
+    }
+    if select:
+        entropy = student.entropy.detach()
+        metrics["entropy_mean"] = float(entropy[batch.mask.to(entropy.device)].mean()) if batch.mask.any() else 0.0
+        trained_sums["entropy_trained_mean"] = float(entropy[mask].sum())
+    return metrics, trained_sums, gaps
 
 
 @torch.no_grad()

@@ -48,15 +48,18 @@ def test_vocabulary_stats_equal_autograd_over_full_logits(monkeypatch, with_bias
     inputs = [hidden, head.weight] + ([head.bias] if with_bias else [])
     weights = torch.rand(3, 5, dtype=torch.float64)  # an arbitrary upstream gradient
 
-    log_norm, top_ids = head.vocabulary_stats(hidden, top=4)
+    log_norm, top_ids, entropy = head.vocabulary_stats(hidden, top=4, entropy=True)
     grads = torch.autograd.grad((log_norm * weights).sum(), inputs)
     logits = full_logits(head, hidden)
     expected = torch.logsumexp(logits, dim=-1)
     expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    log_q = torch.log_softmax(logits.detach(), dim=-1)
 
     assert log_norm.dtype == torch.float32  # the block logits are float32
     torch.testing.assert_close(log_norm.double(), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(top_ids, logits.topk(4, dim=-1).indices)
+    torch.testing.assert_close(entropy.double(), -(log_q.exp() * log_q).sum(-1), rtol=1e-5, atol=1e-5)
+    assert head.vocabulary_stats(hidden, top=4)[2] is None  # not asked: not computed
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
