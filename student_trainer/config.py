@@ -25,7 +25,12 @@ class TrainConfig:
     # The teacher service: HOST:PORT, a comma-separated list of them (requests are spread over
     # the replicas that are up), or dns:///NAME:PORT (every address of NAME, round robin).
     teacher: str = "127.0.0.1:50051"
-    prompts: str = ""  # JSONL, one {"prompt": "..."} or {"messages": [...]} per line
+    # JSONL, one {"prompt": "..."} or {"messages": [...]} per line, optionally with "teacher_messages":
+    # a privileged prompt the teacher reads instead (data.load_prompts).
+    prompts: str = ""
+    # Chat prompts reach the teacher as messages, which it renders with its own chat template;
+    # false: it reads the student's rendering as tokens (a teacher without a chat template).
+    teacher_chat: bool = True
     output: str = "outputs/run"
     steps: int = 100
     # Loss: teacher top-K local support matching (renormalised), its unnormalised

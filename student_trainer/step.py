@@ -27,6 +27,7 @@ from student_trainer.batch import (
 )
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
+from student_trainer.data import Prompt
 from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
 from student_trainer.losses import entropy_top_count, entropy_top_mask, sampled_token_loss, topk_reverse_kl
 from student_trainer.messages import TeacherScores
@@ -91,16 +92,17 @@ def hf_rollouts(
     return HfRollouts(unwrap(model), eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, synced_processes=synced)
 
 
-def score_rollouts(teacher: TeacherClient, rollouts: list[Rollout], config: TrainConfig, tokens: StudentTokens):
-    return collate_scores(rollouts, teacher.score_many(teacher_requests(rollouts), config.top_k), config, tokens)
+def score_rollouts(
+    teacher: TeacherClient, rollouts: list[Rollout], prompts: list[Prompt], config: TrainConfig, tokens: StudentTokens
+):
+    requests = teacher_requests(rollouts, prompts, config.teacher_chat)
+    return collate_scores(rollouts, teacher.score_many(requests, config.top_k), config, tokens)
 
 
-def teacher_requests(rollouts: list[Rollout]) -> list[tuple]:
-    """(tokens, score_from) per rollout, with its candidate ids when it recorded them."""
-    return [
-        (r.tokens, r.prompt_length) if r.candidate_ids is None else (r.tokens, r.prompt_length, (), r.candidate_ids)
-        for r in rollouts
-    ]
+def teacher_requests(rollouts: list[Rollout], prompts: list[Prompt], chat: bool) -> list[tuple]:
+    """(tokens, score_from, the messages the teacher reads as its prompt (Prompt.for_teacher),
+    candidate ids or None) per rollout of each prompt."""
+    return [(r.tokens, r.prompt_length, p.for_teacher(chat), r.candidate_ids) for r, p in zip(rollouts, prompts)]
 
 
 def collate_scores(rollouts: list[Rollout], scores: list[TeacherScores], config: TrainConfig, tokens: StudentTokens):
@@ -229,21 +231,22 @@ def _backward(
 
 @torch.no_grad()
 def evaluate_heldout(
-    model, teacher, prompts: list[list[int]], config: TrainConfig, tokens: StudentTokens, world: World
+    model, teacher, prompts: list[Prompt], config: TrainConfig, tokens: StudentTokens, world: World
 ) -> dict:
     """Mean truncated reverse KL to the teacher on the student's own rollouts of held-out prompts,
     sampled from the live weights; each rank evaluates its share, the means are over all of them."""
     share = len(prompts) // world.size
     first = world.rank * share
     engine = hf_rollouts(model, tokens, config, world)
+    mine = prompts[first : first + share]
     rollouts = engine.generate(
-        prompts[first : first + share],
+        [prompt.ids for prompt in mine],
         evaluation_seeds(config, share, first),
         top_p=config.top_p,
         temperature=config.temperature,
         max_new_tokens=config.max_new_tokens,
     )
-    batch = score_rollouts(teacher, rollouts, config, tokens)
+    batch = score_rollouts(teacher, rollouts, mine, config, tokens)
     metrics = student_scores(unwrap(model), batch).metrics(batch, batch.mask)
     count = metrics.pop("num_positions")
     sums = all_reduce_sums(

@@ -42,7 +42,7 @@ from transformers import AutoTokenizer
 from student_trainer.batch import mask_fractions, student_scores
 from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
-from student_trainer.data import load_prompts
+from student_trainer.data import Prompt, load_prompts
 from student_trainer.demo import task, xtok
 from student_trainer.demo.run import DEFAULT_CACHE, write_prompts
 from student_trainer.messages import tokenizer_message
@@ -189,7 +189,7 @@ class HeldoutEvaluator:
         client: TeacherClient,
         tokenizer,
         problems: list[task.Problem],
-        prompts: list[list[int]],
+        prompts: list[Prompt],
         config: TrainConfig,
     ) -> None:
         """`client` has a session open for `tokenizer`; `prompts` are tokenized with it."""
@@ -200,13 +200,13 @@ class HeldoutEvaluator:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         rollouts = hf_rollouts(model, self.tokens).generate(
-            self.prompts,
+            [prompt.ids for prompt in self.prompts],
             evaluation_seeds(self.config, len(self.prompts)),
             top_p=self.config.top_p,
             temperature=self.config.temperature,
             max_new_tokens=self.config.max_new_tokens,
         )
-        batch = score_rollouts(self.client, rollouts, self.config, self.tokens)
+        batch = score_rollouts(self.client, rollouts, self.prompts, self.config, self.tokens)
         student = student_scores(model, batch)
         on_loss = student.metrics(batch, batch.mask)
         on_all = student.metrics(batch, batch.valid)

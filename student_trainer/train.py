@@ -206,7 +206,7 @@ class Run:
             (output / "config.json").write_text(json.dumps(config.__dict__, indent=2))
             self.metrics = MetricsLog(output / "metrics.jsonl", resume_step=self.start)
         self.tokens = StudentTokens(self.tokenizer)
-        longest_prompt = max(len(p) for p in self.prompts.prompts + self.eval_prompts)
+        longest_prompt = max(len(p.ids) for p in self.prompts.prompts + self.eval_prompts)
         self.engine = make_rollout_engine(
             config, self.model, self.tokens, world, longest_prompt + config.max_new_tokens
         )
@@ -265,7 +265,7 @@ class Run:
         seeds = rollout_seeds(config.seed, step, self.world.first_index(config.batch_size), len(shard))
         started = time.perf_counter()
         rollouts = self.engine.generate(
-            shard,
+            [prompt.ids for prompt in shard],
             seeds,
             top_p=config.top_p,
             temperature=config.temperature,
@@ -273,7 +273,7 @@ class Run:
             candidates=config.candidates,
         )
         version = steps_done if config.rollout_engine == "hf" else self.engine_version
-        scores = teacher.submit_score_many(teacher_requests(rollouts), config.top_k)
+        scores = teacher.submit_score_many(teacher_requests(rollouts, shard, config.teacher_chat), config.top_k)
         return PendingBatch(rollouts, scores, time.perf_counter() - started, policy_lag=step - version)
 
     def _step(self, teacher: TeacherClient, step: int, current: PendingBatch, started: float) -> dict:

@@ -63,9 +63,10 @@ class ScoreInput:
     tokens: np.ndarray  # int32 [N], student vocabulary
     score_from: int
     top_k: int
-    # The prompt as chat messages (role, content); cross-tokenizer sessions render it
-    # with the teacher's chat template. Identical tokenizers score the tokens as sent.
+    # The teacher's prompt in place of tokens[:score_from], as chat messages (role, content) that
+    # its chat template renders, or as int64 [T] ids of its own vocabulary (not both).
     messages: tuple[tuple[str, str], ...] = ()
+    teacher_prompt_ids: np.ndarray | None = None
     # int64 [P, M] ids whose log-probabilities the result carries at each scored position (-1: none);
     # same-tokenizer sessions on engines that declare supports_requested_ids (the HTTP dialects).
     requested_ids: np.ndarray | None = None
@@ -177,8 +178,10 @@ class TeacherService:
             request.messages,
             rounds,
             request.requested_ids,
+            request.teacher_prompt_ids,
         )
-        heavy = session.alignment.heavy_steps
+        # Rendering chat messages builds the teacher's text tables on first use (seconds).
+        heavy = session.alignment.heavy_steps or bool(request.messages)
         step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
         while isinstance(step, ScoringJob):
             scores = await self.scheduler.submit(session.session_id, step, tenant)
@@ -197,8 +200,9 @@ class TeacherService:
         length = len(tokens)
         if length == 0:
             raise InvalidArgument("tokens is empty; send the whole rollout (prompt and completion)")
-        messages = request.messages
-        self.validate_size(len(tokens), len(messages), lambda: sum(len(r) + len(c) for r, c in messages))
+        messages, teacher_prompt = request.messages, request.teacher_prompt_ids
+        teacher_length = 0 if teacher_prompt is None else len(teacher_prompt)
+        self.validate_size(length + teacher_length, len(messages), lambda: sum(len(r) + len(c) for r, c in messages))
         self._validate_work(request, session)
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= session.student_vocab_size:
@@ -216,6 +220,8 @@ class TeacherService:
             raise InvalidArgument(f"top_k must be between 1 and {self.max_k} (GetInfo.max_k), got {request.top_k}")
         if request.requested_ids is not None:
             self._validate_requested(request.requested_ids, length - request.score_from, session)
+        if teacher_prompt is not None:
+            self._validate_teacher_prompt(teacher_prompt, bool(messages))
 
     def validate_size(self, tokens: int, messages: int, message_chars: Callable[[], int]) -> None:
         """A request's size against the per-request limit, before any work on it (front ends call
@@ -250,6 +256,18 @@ class TeacherService:
                 f"{positions} scored positions with this session's alignment options ({options.relative_work():.1f} "
                 f"times the default work per position) are over this teacher's limit of {self.max_alignment_work} "
                 "positions at the default options; send shorter rollouts or open the session with smaller options"
+            )
+
+    def _validate_teacher_prompt(self, ids: np.ndarray, with_messages: bool) -> None:
+        if with_messages:
+            raise InvalidArgument("send the teacher's prompt as messages or as teacher_prompt_ids, not both")
+        if ids.ndim != 1 or len(ids) == 0:
+            raise InvalidArgument(f"teacher_prompt_ids must be a non-empty [T] array, got shape {list(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.engine.vocab_size:
+            raise InvalidArgument(
+                f"teacher_prompt_ids holds id {low if low < 0 else high}, outside the teacher's vocabulary "
+                f"[0, {self.engine.vocab_size}) (GetInfo.vocab_size): they are ids of the teacher's tokenizer"
             )
 
     def _validate_requested(self, requested: np.ndarray, positions: int, session: Session) -> None:

@@ -165,9 +165,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def _score(self, request: teacher_pb2.ScoreRequest) -> teacher_pb2.ScoreResponse:
         tokens = from_tensor(request.tokens, name="tokens", dtype="int32", ndim=1)
         messages = request.messages
+        teacher_prompt = None
+        if request.HasField("teacher_prompt_ids"):
+            teacher_prompt = from_tensor(request.teacher_prompt_ids, name="teacher_prompt_ids", dtype="int32", ndim=1)
         # Before the messages become Python objects: a million of them take seconds to convert.
         self.service.validate_size(
-            len(tokens), len(messages), lambda: sum(len(m.role) + len(m.content) for m in messages)
+            len(tokens) + (0 if teacher_prompt is None else len(teacher_prompt)),
+            len(messages),
+            lambda: sum(len(m.role) + len(m.content) for m in messages),
         )
         candidates = None
         if request.HasField("candidate_ids"):
@@ -181,6 +186,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 top_k=request.top_k,
                 messages=tuple((m.role, m.content) for m in messages),
                 requested_ids=None if candidates is None else candidates.astype(np.int64),
+                teacher_prompt_ids=None if teacher_prompt is None else teacher_prompt.astype(np.int64),
             ),
             tenant,
         )

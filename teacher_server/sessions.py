@@ -25,6 +25,7 @@ from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
 from teacher_server.alignment.identity import IdentityAlignment
 from teacher_server.alignment.result import Coverage, Steps
 from teacher_server.alignment.specials import PairError, SpecialMap, SpecialVocab, special_map
+from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.text import TeacherText
 from teacher_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from teacher_server.sandbox import return_freed_memory
@@ -33,6 +34,7 @@ from teacher_server.student_tokenizer import (
     StudentTokenizers,
     StudentTokenizerSpec,
     TokenizerLimits,
+    teacher_chat_of,
     teacher_text_of,
 )
 from teacher_server.tenancy import unknown_session
@@ -188,6 +190,8 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._teacher_text: TeacherText | None = None
         self._teacher_error = ""
+        self._teacher_chat: TeacherChat | None = None
+        self._chat_lock = threading.Lock()  # held while the chat rendering is built (a second)
         self._lock = threading.Lock()
         self._building: dict[str, Future] = {}  # session id -> the build under way
         # student_key_of -> the worker's reading of that tokenizer, while it is read or a session holds it
@@ -293,10 +297,17 @@ class SessionRegistry:
         with self._lock:
             if self._teacher_text is not None or self._teacher_error:
                 return self._teacher_text
-        text, error = teacher_text_of(self.teacher)
+        text, error = teacher_text_of(self.teacher, self.teacher_chat())
         with self._lock:
             self._teacher_text, self._teacher_error = text, error
         return text
+
+    def teacher_chat(self) -> TeacherChat | None:
+        """The teacher's chat rendering, built once; None if its tokenizer is not a fast one."""
+        with self._chat_lock:
+            if self._teacher_chat is None:
+                self._teacher_chat = teacher_chat_of(self.teacher)
+            return self._teacher_chat
 
     def _build_cross(
         self,
@@ -351,7 +362,12 @@ class SessionRegistry:
             student_vocab_size=teacher.model_vocab_size,
             temperature=settings.temperature,
             alignment=IdentityAlignment.build(
-                vocab, specials, teacher.unowned_rows, teacher.model_vocab_size, self.max_sequence_length
+                vocab,
+                specials,
+                teacher.unowned_rows,
+                teacher.model_vocab_size,
+                self.max_sequence_length,
+                self.teacher_chat,
             ),
             special_token_pairs=specials.pairs,
         )

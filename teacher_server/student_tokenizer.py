@@ -27,6 +27,7 @@ from teacher_server.alignment.byte_tables import (
     parsed_tokenizer,
 )
 from teacher_server.alignment.pair import PairTables, build_pair_tables, trie_of
+from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.text import TeacherText, encoded_texts, plain_tokenizer
 from teacher_server.errors import InvalidArgument, ResourceExhausted
 from teacher_server.sandbox import Limits, Sandbox, SandboxBusy, SandboxFailure, phase
@@ -72,15 +73,24 @@ class StudentReading:
     nbytes: int = 0  # memory the student's side of the tables holds
 
 
-def teacher_text_of(teacher: TeacherVocabulary) -> tuple[TeacherText | None, str]:
-    """The teacher's side of alignment, or None and why it cannot be aligned."""
+def teacher_chat_of(teacher: TeacherVocabulary) -> TeacherChat | None:
+    """The teacher's chat rendering (None without a tokenizer.json: not a fast tokenizer)."""
     if not teacher.tokenizer_json:
+        return None
+    return TeacherChat(teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token)
+
+
+def teacher_text_of(teacher: TeacherVocabulary, chat: TeacherChat | None = None) -> tuple[TeacherText | None, str]:
+    """The teacher's side of alignment (with `chat`, its chat rendering, if already built), or
+    None and why it cannot be aligned."""
+    chat = chat or teacher_chat_of(teacher)
+    if chat is None:
         return None, "the teacher's tokenizer has no tokenizer.json (not a fast tokenizer)"
     try:
         table = byte_table(teacher.tokenizer_json, teacher.special_tokens)
     except UnsupportedTokenizer as reason:
         return None, f"the teacher's tokenizer cannot be aligned byte for byte: {reason}"
-    return TeacherText(table, teacher.tokenizer_json, teacher.chat_template, teacher.bos_token, teacher.eos_token), ""
+    return TeacherText(table, chat), ""
 
 
 class StudentTokenizers:

@@ -37,6 +37,9 @@ def build_tiny_model(
         bos_token="<bos>",
         eos_token="<eos>",
         additional_special_tokens=[SPECIAL_TOKEN, *extra_special_tokens],
+        # Each message's words, then the turn's end: enough for the messages paths of the service
+        # and the trainer (the contents must be words of the vocabulary).
+        chat_template="{% for m in messages %}{{ m['content'] }} <eos> {% endfor %}",
     )
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -223,8 +223,10 @@ def _gpt2(source: Path):
 # ----------------------------------------------------------------------------- teacher stand-ins
 
 
+@lru_cache(maxsize=None)
 def table(name: str):
-    """The byte table of tokenizer `name` (cached for the test session)."""
+    """The byte table of tokenizer `name` (cached for the test session: byte_table's own cache
+    keeps a table only while something holds it)."""
     from teacher_server.alignment.byte_tables import byte_table
 
     tokenizer = load(name)
@@ -234,13 +236,13 @@ def table(name: str):
 @lru_cache(maxsize=None)
 def teacher_text(name: str):
     """Tokenizer `name` as the teacher's side of alignment."""
+    from teacher_server.alignment.chat import TeacherChat
     from teacher_server.alignment.text import TeacherText
 
     tokenizer = load(name)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    return TeacherText(
-        table(name), tokenizer.backend_tokenizer.to_str(), template, tokenizer.bos_token, tokenizer.eos_token
-    )
+    chat = TeacherChat(tokenizer.backend_tokenizer.to_str(), template, tokenizer.bos_token, tokenizer.eos_token)
+    return TeacherText(table(name), chat)
 
 
 def gsm8k(path: Path | None = None) -> list[dict]:

@@ -132,15 +132,20 @@ def align(
     text: TeacherText,
     specials: SpecialMap,
     messages: Sequence[tuple[str, str]] = (),
+    teacher_prompt_ids: np.ndarray | None = None,
 ) -> Alignment:
-    """Align one rollout (student ids, prompt = tokens[:score_from]) with the teacher."""
+    """Align one rollout (student ids, prompt = tokens[:score_from]) with the teacher; the
+    teacher reads its prompt from `teacher_prompt_ids` (its own ids) or `messages` (its chat
+    template) instead when given."""
     tokens = np.asarray(tokens, dtype=np.int64)
     units, offsets = student_units(tokens, student, specials, strip_dummy=True)
     prompt_end = offsets[score_from]
     completion = units[prompt_end:]
 
-    if messages:
-        prompt_ids = text.encode_chat(messages)
+    if teacher_prompt_ids is not None:
+        prompt_ids = np.asarray(teacher_prompt_ids, dtype=np.int64)
+    elif messages:
+        prompt_ids = text.chat.encode_chat(messages)
     else:
         prompt_ids = _teacher_prompt(units[:prompt_end], text, specials)
     if len(prompt_ids) == 0:
@@ -148,7 +153,7 @@ def align(
     if len(prompt_ids) == 0:  # the teacher needs one token before the first scored one
         fallback = [
             i
-            for i in (text.table.ids.get(text.bos_token or ""), text.table.ids.get(text.eos_token or ""))
+            for i in (text.table.ids.get(text.chat.bos_token or ""), text.table.ids.get(text.chat.eos_token or ""))
             if i is not None
         ]
         prompt_ids = np.asarray(fallback[:1] or [0], dtype=np.int64)

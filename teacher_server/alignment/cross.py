@@ -175,8 +175,14 @@ class CrossTokenizer:
 
     # ------------------------------------------------------------------ steps
 
-    def align(self, tokens: np.ndarray, score_from: int, messages: Sequence[tuple[str, str]] = ()) -> Alignment:
-        plan = align(tokens, score_from, self.student, self.text, self.specials, messages)
+    def align(
+        self,
+        tokens: np.ndarray,
+        score_from: int,
+        messages: Sequence[tuple[str, str]] = (),
+        teacher_prompt_ids: np.ndarray | None = None,
+    ) -> Alignment:
+        plan = align(tokens, score_from, self.student, self.text, self.specials, messages, teacher_prompt_ids)
         if len(plan.teacher_ids) > self.max_sequence_length:
             # Positions that need teacher rows past the context window: BEYOND_CONTEXT.
             limit = self.max_sequence_length - plan.teacher_from
@@ -282,11 +288,12 @@ class CrossTokenizer:
         messages: Sequence[tuple[str, str]] = (),
         rounds: int | None = None,
         requested_ids: np.ndarray | None = None,
+        teacher_prompt_ids: np.ndarray | None = None,
     ) -> Steps:
         """Align, the teacher pass (with the requested candidates' paths), up to `rounds` branch
         rounds (None: the session's), the result."""
         try:
-            plan = self.align(tokens, score_from, messages)
+            plan = self.align(tokens, score_from, messages, teacher_prompt_ids)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context
             raise InvalidArgument(str(error)) from None
         beyond = plan.teacher_ids[plan.teacher_ids >= self.model_vocab_size]

@@ -106,9 +106,12 @@ class TeacherAlignment(Protocol):
         messages: Sequence[tuple[str, str]],
         rounds: int | None,
         requested_ids: np.ndarray | None,
+        teacher_prompt_ids: np.ndarray | None,
     ) -> Steps:
-        """rounds: branch rounds at most (None: the session's own; 0 where the engine scores no branches);
-        requested_ids: [P, M] ids whose log-probabilities the result carries (ScoreResult.requested_logprobs)."""
+        """messages / teacher_prompt_ids: the teacher's prompt in place of tokens[:score_from] (its
+        chat template / its own ids); rounds: branch rounds at most (None: the session's own; 0
+        where the engine scores no branches); requested_ids: [P, M] ids whose log-probabilities
+        the result carries (ScoreResult.requested_logprobs)."""
 
 
 def advance(steps: Steps, scores: TeacherScores | None) -> ScoringJob | ScoreResult:

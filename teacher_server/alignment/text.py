@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from teacher_server.alignment.byte_tables import ByteTable, parsed_tokenizer
+from teacher_server.alignment.byte_tables import ByteTable
 from teacher_server.alignment.fast_bpe import TiktokenTwin, tiktoken_twin
+
+if TYPE_CHECKING:
+    from teacher_server.alignment.chat import TeacherChat
 
 # How surrogateescape decoding shows a byte that is not valid UTF-8 (U+DC80..U+DCFF).
 INVALID_BYTE = re.compile("[\udc80-\udcff]")
@@ -109,27 +111,18 @@ def _is_prepend(node) -> bool:
 
 @dataclass(eq=False)
 class TeacherText:
-    """Encodes bytes with the teacher's tokenizer; renders its chat template."""
+    """Encodes bytes with the teacher's tokenizer; `chat` renders its chat template (chat.py)."""
 
     table: ByteTable
-    tokenizer_json: str
-    chat_template: str = ""
-    bos_token: str | None = None
-    eos_token: str | None = None
+    chat: TeacherChat
     _plain: object = field(default=None, repr=False)
     _default: object = field(default=None, repr=False)
     _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
     _twin: TiktokenTwin | None = field(default=None, repr=False)
-    _specials: frozenset[str] = field(default=frozenset(), repr=False)  # the special tokens' strings
 
     def __post_init__(self) -> None:
-        from tokenizers import Tokenizer
-
-        spec = without_dummy_prefix(json.loads(self.tokenizer_json))
-        self._default = parsed_tokenizer(self.tokenizer_json)  # shared with the byte table's check
-        added = self._default.get_added_tokens_decoder().values()
-        self._specials = frozenset(token.content for token in added if token.special)
-        self._plain = Tokenizer.from_str(json.dumps(spec))
+        spec = without_dummy_prefix(json.loads(self.chat.tokenizer_json))
+        self._default, self._plain = self.chat.default, self.chat.plain
         # One character the vocabulary spells ("a" is not in a digits-only vocabulary) shows what
         # the post-processor adds around a text.
         sample = next(
@@ -139,7 +132,6 @@ class TeacherText:
         without = self._default.encode(sample, add_special_tokens=False).ids
         cut = len(with_special) - len(without)
         self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
-        self._plain.encode_special_tokens = True
         self._twin = tiktoken_twin(spec, self._plain, self.table)
         for index, token in enumerate(self.table.tokens):
             if len(token) == 1 and self.table.preferred[index]:
@@ -201,64 +193,9 @@ class TeacherText:
         array = np.asarray(ids, dtype=np.int64)
         return array, _common_prefix(self.table.token_bytes(array), data)
 
-    def encode_prompt(self, text: str) -> np.ndarray:
-        """A prompt as the teacher reads it: its special tokens parsed, its own prefix rules."""
-        return np.asarray(self._default.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
     def start_ids(self) -> np.ndarray:
         """What the teacher's post-processor puts before a text (e.g. BOS)."""
         return self._start_ids
-
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> np.ndarray:
-        """The prompt in the teacher's chat template, as the teacher reads it, where only the
-        template makes control tokens: a special token's string inside a message stays text
-        (as it does in a completion), so a message cannot open a turn of another role."""
-        specials = self._specials
-        if not any(special in content for _, content in messages for special in specials):
-            return self.encode_prompt(self.render_chat(messages))
-        # Mark where each content lands in the rendering (markers the client cannot forge), then
-        # turn the control tokens found inside those spans back into text.
-        marker = f"\ue000{secrets.randbelow(10**16):016d}\ue001"  # digits: case filters leave them alone
-        rendered = self.render_chat([(role, f"{marker}{content}{marker}") for role, content in messages])
-        pieces = rendered.split(marker)
-        if len(pieces) != 2 * len(messages) + 1:  # the template dropped, repeated or rewrote a content
-            raise ValueError(
-                "a message contains one of the teacher's control tokens, and the teacher's chat template does not "
-                "render each message's content once as it is, so it cannot be kept as plain text: remove it"
-            )
-        spans, text, offset = [], "", 0
-        for index, piece in enumerate(pieces):
-            if index % 2:  # between an opening and a closing marker: a message's content
-                spans.append((offset, offset + len(piece)))
-            text, offset = text + piece, offset + len(piece)
-        encoding = self._default.encode(text, add_special_tokens=False)
-        ids: list[int] = []
-        for token, (start, end) in zip(encoding.ids, encoding.offsets):
-            inside = any(low <= start and end <= high for low, high in spans)
-            if inside and text[start:end] in specials:
-                ids += self._plain.encode(text[start:end], add_special_tokens=False).ids
-            else:
-                ids.append(token)
-        return np.asarray(ids, dtype=np.int64)
-
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt in the teacher's chat template, ready for the assistant's answer."""
-        if not self.chat_template:
-            raise ValueError("the teacher has no chat template; send the prompt as tokens without messages")
-        from jinja2 import TemplateError
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        try:
-            rendered, _ = render_jinja_template(
-                conversations=[[{"role": role, "content": content} for role, content in messages]],
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except TemplateError as error:  # e.g. the template's raise_exception on a role it does not know
-            raise ValueError(f"the teacher's chat template refused these messages: {error}") from None
-        return rendered[0]
 
 
 def _common_prefix(left: bytes, right: bytes) -> int:

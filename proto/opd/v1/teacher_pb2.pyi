@@ -137,7 +137,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages", "candidate_ids")
+    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages", "candidate_ids", "teacher_prompt_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class ScoreRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     session_id: str
     tokens: Tensor
@@ -152,7 +153,8 @@ class ScoreRequest(_message.Message):
     top_k: int
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     candidate_ids: Tensor
-    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    teacher_prompt_ids: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_prompt_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Coverage(_message.Message):
     __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "unresolved_paths")

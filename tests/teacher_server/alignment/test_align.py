@@ -38,8 +38,12 @@ def tokenizer(request):
     return _available(request.param)
 
 
+def name_of(tokenizer) -> str:
+    return next(name for name in T.NAMES if T.load(name) is tokenizer)
+
+
 def table_of(tokenizer):
-    return byte_table(tokenizer.backend_tokenizer.to_str(), tokenizer.all_special_tokens)  # cached by content hash
+    return T.table(name_of(tokenizer))
 
 
 def representable(table, text: str) -> bool:
@@ -48,7 +52,7 @@ def representable(table, text: str) -> bool:
 
 
 def teacher_text(tokenizer) -> TeacherText:
-    return T.teacher_text(next(name for name in T.NAMES if T.load(name) is tokenizer))
+    return T.teacher_text(name_of(tokenizer))
 
 
 @given(text=texts)

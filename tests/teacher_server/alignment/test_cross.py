@@ -159,7 +159,7 @@ def hf_message(tokenizer) -> teacher_pb2.HFTokenizer:
     return tokenizer_message(tokenizer)
 
 
-def score(stub, session_id, tokens, score_from, top_k=8, messages=()):
+def score(stub, session_id, tokens, score_from, top_k=8, messages=(), teacher_prompt_ids=None):
     request = teacher_pb2.ScoreRequest(
         request_id=1,
         session_id=session_id,
@@ -168,6 +168,8 @@ def score(stub, session_id, tokens, score_from, top_k=8, messages=()):
         top_k=top_k,
         messages=[teacher_pb2.ChatMessage(role=r, content=c) for r, c in messages],
     )
+    if teacher_prompt_ids is not None:
+        request.teacher_prompt_ids.CopyFrom(to_tensor(np.asarray(teacher_prompt_ids, np.int32)))
     return stub.Score(request, timeout=120)
 
 
@@ -357,3 +359,65 @@ def test_oversized_rollouts_and_messages_are_refused_before_any_work(stub):
         score(stub, widest.session_id, tokens[:3000], 10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "36.0 times" in caught.value.details()
     assert time.perf_counter() - started < 1.0
+
+
+def test_the_teacher_reads_its_own_prompt_in_both_session_kinds(stub):
+    """messages (the teacher's chat template) or teacher_prompt_ids replace the student's prompt for
+    the teacher: a same-tokenizer session scores the completion exactly as if the rollout had been
+    sent with that prompt, a cross-tokenizer one as if the messages had been sent; a privileged
+    hint raises the teacher's log-probability of the answer it gives away."""
+    need("gpt2")
+    smol, gpt2 = T.load("smollm2"), T.load("gpt2")
+    question = "What is 37 times 41? Reply with the number."
+    hint = [("system", "The answer to the user's question is 1517."), ("user", question)]
+    rendered = smol.apply_chat_template([{"role": r, "content": c} for r, c in hint], add_generation_prompt=True)
+    rendered = list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
+    completion = smol("The answer is 1517.", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
+    plain = smol(question, add_special_tokens=False)["input_ids"]  # what the student was prompted with
+    same = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True)), timeout=60
+    ).session_id
+
+    def arrays(reply):
+        return [from_tensor(getattr(reply, f), name=f) for f in ("ids", "logprobs", "token_logprobs", "mask")]
+
+    direct = arrays(score(stub, same, rendered + completion, len(rendered)))
+    for prompt in (dict(messages=hint), dict(teacher_prompt_ids=rendered)):
+        got = arrays(score(stub, same, plain + completion, len(plain), **prompt))
+        assert np.array_equal(got[0], direct[0]) and np.array_equal(got[3], direct[3]), prompt.keys()
+        np.testing.assert_allclose(got[1], direct[1], atol=1e-5)
+        np.testing.assert_allclose(got[2], direct[2], atol=1e-5)
+    unhinted = arrays(score(stub, same, plain + completion, len(plain), messages=[("user", question)]))
+    gain = float(direct[2].sum() - unhinted[2].sum())
+    print(f"\nhint: the teacher's log-probability of the completion rises by {gain:.2f} nats")
+    assert gain > 1.0
+
+    cross = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120
+    ).session_id
+    student_plain = gpt2(question)["input_ids"]
+    student_tokens = student_plain + gpt2("The answer is 1517.")["input_ids"] + [gpt2.eos_token_id]
+    by_messages = arrays(score(stub, cross, student_tokens, len(student_plain), messages=hint))
+    by_ids = arrays(score(stub, cross, student_tokens, len(student_plain), teacher_prompt_ids=rendered))
+    assert np.array_equal(by_messages[0], by_ids[0]) and np.array_equal(by_messages[3], by_ids[3])
+    np.testing.assert_allclose(by_messages[2], by_ids[2], atol=1e-5)
+    assert by_ids[3].all()
+
+
+@pytest.mark.parametrize(
+    "prompt, needle",
+    [
+        (dict(messages=[("user", "hi")], teacher_prompt_ids=[1, 2]), "not both"),
+        (dict(teacher_prompt_ids=[5, 10**6]), "outside the teacher's vocabulary"),
+        (dict(teacher_prompt_ids=[-1]), "outside the teacher's vocabulary"),
+        (dict(teacher_prompt_ids=[]), "non-empty"),
+        (dict(teacher_prompt_ids=[5] * 9000), "context holds"),
+    ],
+)
+def test_bad_teacher_prompts_are_refused(stub, prompt, needle):
+    same = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(same_as_teacher=True)), timeout=60
+    ).session_id
+    with pytest.raises(grpc.RpcError) as caught:
+        score(stub, same, [5, 6, 7, 8], 2, **prompt)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in caught.value.details()

@@ -18,6 +18,7 @@ from student_trainer.demo import task, xtok
 from teacher_server.alignment.byte_tables import UnsupportedTokenizer, build_byte_table
 from teacher_server.alignment.cross import NEVER_WRITTEN_LOGPROB, CrossTokenizer
 from teacher_server.alignment.specials import special_map
+from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.text import TeacherText
 from testkit import teachers
 
@@ -88,7 +89,7 @@ def test_wordlevel_whose_words_do_not_encode_back_to_back_is_refused():
 
 
 def demo_teacher_text() -> TeacherText:
-    return TeacherText(table_of(DEMO), DEMO.backend_tokenizer.to_str(), "", DEMO.bos_token, DEMO.eos_token)
+    return TeacherText(table_of(DEMO), TeacherChat(DEMO.backend_tokenizer.to_str(), "", DEMO.bos_token, DEMO.eos_token))
 
 
 def test_teacher_text_stops_where_its_vocabulary_ends():
@@ -196,7 +197,7 @@ def test_inside_a_teacher_token_the_boundary_row_is_read_wider(inside, low_mass)
     from teacher_server.alignment.cross import CrossOptions
 
     teacher, student = table_of(XTOK), table_of(DEMO)
-    text = TeacherText(teacher, XTOK.backend_tokenizer.to_str(), "", XTOK.bos_token, XTOK.eos_token)
+    text = TeacherText(teacher, TeacherChat(XTOK.backend_tokenizer.to_str(), "", XTOK.bos_token, XTOK.eos_token))
     specials = special_map(student.special_vocab, teacher.special_vocab, [DEMO.eos_token], [XTOK.eos_token_id])
     engine = teachers.ScriptedTeacher(teacher, None, None)
     options = CrossOptions(candidates=2, inside_candidates=inside)
