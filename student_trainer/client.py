@@ -209,8 +209,10 @@ class AsyncTeacherClient:
     async def score_many(self, rollouts: Sequence[tuple], top_k: int) -> list[TeacherScores]:
         """Score (tokens, score_from) pairs over ScoreStreams, split over the endpoints; results in input order.
 
-        A rollout may be (tokens, score_from, messages): the prompt as chat messages too, and
-        (tokens, score_from, messages, candidate_ids): ids [P, M] scored whatever the top-K.
+        A rollout may be (tokens, score_from, messages): the prompt as chat messages too,
+        (tokens, score_from, messages, candidate_ids): ids [P, M] scored whatever the top-K, and
+        (tokens, score_from, messages, candidate_ids, score_mask): uint8 [P], 0 at context the
+        student did not write (multi-turn rollouts). None stands for an absent element.
         """
         if self.session_id is None:
             raise RuntimeError("call open_session() before scoring")
@@ -256,7 +258,7 @@ class AsyncTeacherClient:
             await self._ensure_session(endpoint)
             index_of, requests = {}, []
             for index in todo:
-                request = self._request(*rollouts[index][:2], top_k, *rollouts[index][2:4])
+                request = self._request(*rollouts[index][:2], top_k, *rollouts[index][2:5])
                 index_of[request.request_id] = index
                 requests.append(request)
             stream = endpoint.stub.ScoreStream(iter(requests), timeout=self.timeout_s, metadata=self._metadata)
@@ -334,8 +336,9 @@ class AsyncTeacherClient:
         tokens: Sequence[int],
         score_from: int,
         top_k: int,
-        messages: Sequence[tuple[str, str]] = (),
+        messages: Sequence[tuple[str, str]] | None = (),
         candidate_ids: np.ndarray | None = None,
+        score_mask: np.ndarray | None = None,
     ) -> teacher_pb2.ScoreRequest:
         return teacher_pb2.ScoreRequest(
             request_id=next(self._request_ids),
@@ -343,8 +346,9 @@ class AsyncTeacherClient:
             tokens=to_tensor(np.asarray(tokens, dtype=np.int32)),
             score_from=score_from,
             top_k=top_k,
-            messages=[teacher_pb2.ChatMessage(role=role, content=content) for role, content in messages],
+            messages=[teacher_pb2.ChatMessage(role=role, content=content) for role, content in messages or ()],
             candidate_ids=None if candidate_ids is None else to_tensor(np.asarray(candidate_ids, dtype=np.int32)),
+            score_mask=None if score_mask is None else to_tensor(np.asarray(score_mask, dtype=np.uint8)),
         )
 
     async def session_stats(self) -> teacher_pb2.SessionStats:

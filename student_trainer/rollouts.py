@@ -33,6 +33,9 @@ class Rollout:
     # int32 [completion_length, M]: the student's top-M ids under the raw logits at each completion
     # position (the candidates the teacher scores for the union support); None if not asked for.
     candidate_ids: np.ndarray | None = None
+    # uint8 [completion_length]: 0 where the token is context the student did not write (a tool's
+    # output in a multi-turn rollout): the teacher masks it CONTEXT, so it carries no loss. None: all the student's.
+    score_mask: np.ndarray | None = None
 
     @property
     def completion_length(self) -> int:

@@ -101,8 +101,11 @@ def score_rollouts(
 
 def teacher_requests(rollouts: list[Rollout], prompts: list[Prompt], chat: bool) -> list[tuple]:
     """(tokens, score_from, the messages the teacher reads as its prompt (Prompt.for_teacher),
-    candidate ids or None) per rollout of each prompt."""
-    return [(r.tokens, r.prompt_length, p.for_teacher(chat), r.candidate_ids) for r, p in zip(rollouts, prompts)]
+    candidate ids or None, score mask or None) per rollout of each prompt."""
+    return [
+        (r.tokens, r.prompt_length, p.for_teacher(chat), r.candidate_ids, r.score_mask)
+        for r, p in zip(rollouts, prompts)
+    ]
 
 
 def collate_scores(rollouts: list[Rollout], scores: list[TeacherScores], config: TrainConfig, tokens: StudentTokens):

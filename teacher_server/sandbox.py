@@ -6,16 +6,16 @@ itself. The tokenizers library holds the interpreter lock while it works, so a t
 be slow (a backtracking pre-tokenizer regex) would stop the event loop: health checks and every
 tenant's requests with it. Its panics are BaseExceptions that slip past `except Exception`, and a
 vocabulary with one huge id asks for gigabytes. In a worker, each call runs under a CPU-time limit
-(RLIMIT_CPU, which may be tightened for a phase of the call) and an address-space limit
-(RLIMIT_AS), and the caller waits at most a wall-clock limit; a worker past a limit dies or is
-killed, the call fails with SandboxFailure naming the limit, and the next call starts a new worker.
+(a profiling timer, ITIMER_PROF, which may be set again for a phase of the call) and an
+address-space limit (RLIMIT_AS), and the caller waits at most a wall-clock limit; a worker past a
+limit dies or is killed, the call fails with SandboxFailure naming the limit, and the next call
+starts a new worker.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import multiprocessing
 import os
 import resource
@@ -165,7 +165,7 @@ class Sandbox:
         process.join(5)
         code = process.exitcode
         self._stop()
-        if code == -signal.SIGXCPU:
+        if code == -signal.SIGPROF:
             return f"it used more than {cpu_s:g} s of CPU time"
         if code in (-signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV):
             return (
@@ -214,7 +214,6 @@ _LIBC = _glibc()
 # ---------------------------------------------------------------------------- in the worker
 
 _connection = None
-_cpu_base = 0.0
 
 
 def phase(description: str, cpu_s: float | None = None) -> None:
@@ -227,15 +226,12 @@ def phase(description: str, cpu_s: float | None = None) -> None:
         _limit_cpu(cpu_s)
 
 
-def _cpu_used() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _limit_cpu(cpu_s: float) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = math.ceil(_cpu_used() + cpu_s)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    """SIGPROF, whose default action ends the process, after `cpu_s` more seconds of the process's
+    CPU time: a relative limit, on the clock the kernel checks. (RLIMIT_CPU takes an absolute one,
+    which would be computed from getrusage's times; those drift from the kernel's tick-sampled
+    count by seconds over a long-lived worker's minutes of CPU, more than a 2 s phase allows.)"""
+    signal.setitimer(signal.ITIMER_PROF, cpu_s)
 
 
 def _address_space() -> int:
@@ -281,3 +277,4 @@ def _serve(connection, memory_bytes: int, setup: Callable[..., None] | None, set
             connection.send(("fail", f"the result could not be sent back: {type(error).__name__}: {error}"))
         del reply
         return_freed_memory()
+        signal.setitimer(signal.ITIMER_PROF, 0)  # idle between calls

@@ -67,6 +67,9 @@ class ScoreInput:
     # its chat template renders, or as int64 [T] ids of its own vocabulary (not both).
     messages: tuple[tuple[str, str], ...] = ()
     teacher_prompt_ids: np.ndarray | None = None
+    # uint8 [P]: 1 where the position is the student's own token, 0 where it is context the
+    # student did not write (masked CONTEXT); None: all the student's.
+    score_mask: np.ndarray | None = None
     # int64 [P, M] ids whose log-probabilities the result carries at each scored position (-1: none);
     # same-tokenizer sessions on engines that declare supports_requested_ids (the HTTP dialects).
     requested_ids: np.ndarray | None = None
@@ -179,6 +182,7 @@ class TeacherService:
             rounds,
             request.requested_ids,
             request.teacher_prompt_ids,
+            None if request.score_mask is None else request.score_mask.astype(bool),
         )
         # Rendering chat messages builds the teacher's text tables on first use (seconds).
         heavy = session.alignment.heavy_steps or bool(request.messages)
@@ -222,6 +226,8 @@ class TeacherService:
             self._validate_requested(request.requested_ids, length - request.score_from, session)
         if teacher_prompt is not None:
             self._validate_teacher_prompt(teacher_prompt, bool(messages))
+        if request.score_mask is not None:
+            self._validate_score_mask(request.score_mask, length - request.score_from)
 
     def validate_size(self, tokens: int, messages: int, message_chars: Callable[[], int]) -> None:
         """A request's size against the per-request limit, before any work on it (front ends call
@@ -257,6 +263,15 @@ class TeacherService:
                 f"times the default work per position) are over this teacher's limit of {self.max_alignment_work} "
                 "positions at the default options; send shorter rollouts or open the session with smaller options"
             )
+
+    @staticmethod
+    def _validate_score_mask(score_mask: np.ndarray, positions: int) -> None:
+        if score_mask.shape != (positions,):
+            raise InvalidArgument(
+                f"score_mask must have one entry per scored position, [{positions}], got {list(score_mask.shape)}"
+            )
+        if positions and int(score_mask.max()) > 1:
+            raise InvalidArgument("score_mask holds 1 (the student's own token) or 0 (context) only")
 
     def _validate_teacher_prompt(self, ids: np.ndarray, with_messages: bool) -> None:
         if with_messages:

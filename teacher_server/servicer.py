@@ -174,6 +174,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             len(messages),
             lambda: sum(len(m.role) + len(m.content) for m in messages),
         )
+        score_mask = None
+        if request.HasField("score_mask"):
+            score_mask = from_tensor(request.score_mask, name="score_mask", dtype="uint8", ndim=1)
         candidates = None
         if request.HasField("candidate_ids"):
             candidates = from_tensor(request.candidate_ids, name="candidate_ids", dtype="int32", ndim=2)
@@ -187,6 +190,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 messages=tuple((m.role, m.content) for m in messages),
                 requested_ids=None if candidates is None else candidates.astype(np.int64),
                 teacher_prompt_ids=None if teacher_prompt is None else teacher_prompt.astype(np.int64),
+                score_mask=score_mask,
             ),
             tenant,
         )

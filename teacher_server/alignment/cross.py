@@ -18,7 +18,7 @@ from teacher_server.alignment.byte_tables import ByteTable
 from teacher_server.alignment.candidates import CandidatePaths, candidate_paths, check_branch_budget, path_logprobs
 from teacher_server.alignment.pair import PairTables, pair_tables
 from teacher_server.alignment.project import Projection
-from teacher_server.alignment.result import ScoreResult, Steps, drive, result_from
+from teacher_server.alignment.result import CONTEXT, ScoreResult, Steps, drive, mask_context, result_from
 from teacher_server.alignment.specials import SpecialMap, excluded_support
 from teacher_server.alignment.text import TeacherText
 from teacher_server.engines.base import Branch, ScoringJob, TeacherScores
@@ -289,6 +289,7 @@ class CrossTokenizer:
         rounds: int | None = None,
         requested_ids: np.ndarray | None = None,
         teacher_prompt_ids: np.ndarray | None = None,
+        score_mask: np.ndarray | None = None,
     ) -> Steps:
         """Align, the teacher pass (with the requested candidates' paths), up to `rounds` branch
         rounds (None: the session's), the result."""
@@ -296,6 +297,8 @@ class CrossTokenizer:
             plan = self.align(tokens, score_from, messages, teacher_prompt_ids)
         except ValueError as error:  # a chat template that fails to render, a prompt beyond the context
             raise InvalidArgument(str(error)) from None
+        if score_mask is not None:  # context is read as text, never projected or branched for
+            plan.reason[~score_mask] = CONTEXT
         beyond = plan.teacher_ids[plan.teacher_ids >= self.model_vocab_size]
         if len(beyond):  # a token the tokenizer has and the lm head does not (sessions.TeacherVocabulary)
             raise InvalidArgument(
@@ -328,7 +331,7 @@ class CrossTokenizer:
             if not requests:
                 break
             self.absorb(projection, requests, (yield self.branch_job(plan, requests, temperature)))
-        return self.finish(projection, top_k, candidate_logprobs)
+        return mask_context(self.finish(projection, top_k, candidate_logprobs), score_mask)
 
     def score(
         self, engine, tokens, score_from: int, top_k: int, messages=(), temperature: float = 1.0, requested_ids=None

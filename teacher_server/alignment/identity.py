@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from opd.v1 import teacher_pb2
-from teacher_server.alignment.result import Steps, result_from
+from teacher_server.alignment.result import Steps, mask_context, result_from
 from teacher_server.alignment.specials import SpecialMap, SpecialVocab, excluded_support
 from teacher_server.alignment.chat import TeacherChat
 from teacher_server.engines.base import ScoringJob
@@ -58,6 +58,7 @@ class IdentityAlignment:
         rounds: int | None = None,
         requested_ids: np.ndarray | None = None,
         teacher_prompt_ids: np.ndarray | None = None,
+        score_mask: np.ndarray | None = None,
     ) -> Steps:
         if teacher_prompt_ids is not None or messages:
             prompt = teacher_prompt_ids if teacher_prompt_ids is not None else self._render(messages)
@@ -75,6 +76,7 @@ class IdentityAlignment:
             temperature=temperature,
             exclude_ids=self.excluded,
             requested_ids=requested_ids,
+            rows=score_mask,
         )
         scores = yield job
         masked = self.masked_targets[tokens[score_from:]]
@@ -82,7 +84,7 @@ class IdentityAlignment:
         mass = np.exp(scores.logprobs.astype(np.float64)).sum(axis=1)
         result = result_from(scores.ids, scores.logprobs, scores.token_logprobs, reason, mass)
         result.requested_logprobs = scores.requested_logprobs
-        return result
+        return mask_context(result, score_mask)
 
     def _render(self, messages: Sequence[tuple[str, str]]) -> np.ndarray:
         chat = self.teacher_chat()

@@ -18,7 +18,10 @@ from typing import Generator, Protocol, Sequence
 import numpy as np
 
 from opd.mask_reasons import MASK_REASONS
+from opd.v1 import teacher_pb2
 from teacher_server.engines.base import ScoringJob, TeacherScores
+
+CONTEXT = teacher_pb2.MASK_REASON_CONTEXT
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Coverage:
     unaligned: int = 0
     low_mass: int = 0
     beyond_context: int = 0
+    context: int = 0
     retained_mass_sum: float = 0.0  # teacher mass on the returned support, summed over rows with mask = 1
     branch_sequences: int = 0
     branch_tokens: int = 0
@@ -63,6 +67,29 @@ class ScoreResult:
     # Cross-tokenizer sessions: float64 [P], the log of the teacher mass each position's values are
     # conditioned on inside a teacher token (0 at a boundary; project.py). Not sent; for checks.
     conditioning: np.ndarray | None = None
+
+
+def mask_context(result: ScoreResult, score_mask: np.ndarray | None) -> ScoreResult:
+    """The result with the context positions (score_mask False) masked CONTEXT and emptied; its
+    counts follow (a row that had a distribution takes its support's mass out)."""
+    if score_mask is None or score_mask.all():
+        return result
+    for name in ("ids", "logprobs", "token_logprobs", "mask", "reason", "requested_logprobs"):
+        if getattr(result, name) is not None:  # an engine's arrays may be read-only views
+            setattr(result, name, np.array(getattr(result, name)))
+    context = ~score_mask
+    was_used = context & (result.mask == 1)
+    counts = result.counts
+    counts.retained_mass_sum -= float(np.exp(result.logprobs[was_used].astype(np.float64)).sum())
+    counts.with_distribution -= int(was_used.sum())
+    result.reason[context] = CONTEXT
+    result.mask[context] = 0
+    result.ids[context], result.logprobs[context], result.token_logprobs[context] = -1, -np.inf, 0.0
+    for name, code in MASK_REASONS.items():
+        setattr(counts, name, int((result.reason == code).sum()))
+    if result.requested_logprobs is not None:
+        result.requested_logprobs[context] = -np.inf
+    return result
 
 
 def result_from(
@@ -107,11 +134,13 @@ class TeacherAlignment(Protocol):
         rounds: int | None,
         requested_ids: np.ndarray | None,
         teacher_prompt_ids: np.ndarray | None,
+        score_mask: np.ndarray | None,
     ) -> Steps:
         """messages / teacher_prompt_ids: the teacher's prompt in place of tokens[:score_from] (its
         chat template / its own ids); rounds: branch rounds at most (None: the session's own; 0
         where the engine scores no branches); requested_ids: [P, M] ids whose log-probabilities
-        the result carries (ScoreResult.requested_logprobs)."""
+        the result carries (ScoreResult.requested_logprobs); score_mask: bool [P], False at
+        context positions (masked CONTEXT, no support; None: none)."""
 
 
 def advance(steps: Steps, scores: TeacherScores | None) -> ScoringJob | ScoreResult:

@@ -70,6 +70,9 @@ class ScoringJob:
     # (excluded ids included), -1 where a row has fewer; None: none. Engines that declare
     # supports_requested_ids only.
     requested_ids: np.ndarray | None = None
+    # bool [P]: the rows wanted (None: all). An engine may skip the others (hf does: no lm head,
+    # no top-K there); their values are not read.
+    rows: np.ndarray | None = None
 
     @property
     def num_positions(self) -> int:

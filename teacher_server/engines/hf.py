@@ -113,26 +113,14 @@ class HFEngine:
                 parts.append(state.last_hidden_state[0])
             cache.crop(-len(suffix))  # back to the shared prefix for the next job
             hidden = torch.cat(parts)
-            results.append(
-                self._score_rows(
-                    hidden[job.score_from - 1 : len(job.token_ids) - 1],
-                    job,
-                    job.token_ids[job.score_from :],
-                    requested_ids=job.requested_ids,
-                )
-            )
+            results.append(self._score_main(hidden[job.score_from - 1 : len(job.token_ids) - 1], job))
         return results
 
     def _score_batch(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         with_branches = any(job.branches for job in jobs)
         hidden, cache = self._final_hidden_states(jobs, keep_cache=with_branches)
         results = [
-            self._score_rows(
-                hidden[row, job.score_from - 1 : len(job.token_ids) - 1],
-                job,
-                job.token_ids[job.score_from :],
-                requested_ids=job.requested_ids,
-            )
+            self._score_main(hidden[row, job.score_from - 1 : len(job.token_ids) - 1], job)
             for row, job in enumerate(jobs)
         ]
         if with_branches:
@@ -226,6 +214,33 @@ class HFEngine:
         ).last_hidden_state
         cache.crop(-width)  # the next pass sees the main sequence only
         return [states[row, :size] for row, size in enumerate(sizes)]
+
+    def _score_main(self, hidden: torch.Tensor, job: ScoringJob) -> TeacherScores:
+        """The job's own rows from its hidden states [P, H]: only those of job.rows when it says
+        which (the others: ids -1, log-probabilities -inf, token log-probability 0)."""
+        targets = job.token_ids[job.score_from :]
+        if job.rows is None or job.rows.all():
+            return self._score_rows(hidden, job, targets, requested_ids=job.requested_ids)
+        wanted = np.flatnonzero(job.rows)
+        requested = None if job.requested_ids is None else job.requested_ids[wanted]
+        part = self._score_rows(
+            hidden[torch.from_numpy(wanted).to(hidden.device)], job, targets[wanted], None, requested
+        )
+        rows = len(targets)
+        scores = TeacherScores(
+            ids=np.full((rows, job.top_k), -1, dtype=np.int32),
+            logprobs=np.full((rows, job.top_k), -np.inf, dtype=np.float32),
+            token_logprobs=np.zeros(rows, dtype=np.float32),
+        )
+        scores.ids[wanted], scores.logprobs[wanted], scores.token_logprobs[wanted] = (
+            part.ids,
+            part.logprobs,
+            part.token_logprobs,
+        )
+        if requested is not None:
+            scores.requested_logprobs = np.full(job.requested_ids.shape, -np.inf, dtype=np.float32)
+            scores.requested_logprobs[wanted] = part.requested_logprobs
+        return scores
 
     def _score_rows(
         self,

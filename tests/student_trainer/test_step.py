@@ -1,17 +1,24 @@
 """Tests for student_trainer.step: entropy_top_ratio trains on the highest-entropy positions of a
-micro-batch, with the loss and gradients of the full-vocabulary path restricted to them."""
+micro-batch, with the loss and gradients of the full-vocabulary path restricted to them; a
+rollout's context tokens reach the teacher as such and carry no loss."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from opd.v1 import teacher_pb2
+from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
+from student_trainer.data import Prompt
 from student_trainer.losses import entropy_top_count, entropy_top_mask
-from student_trainer.step import _backward, per_position_loss
+from student_trainer.rollouts import Rollout
+from student_trainer.step import StudentTokens, _backward, per_position_loss, score_rollouts
 from testkit.full_vocabulary import full_vocabulary_scores, head_family_model, synthetic_batch
 
 TOL = 1e-5
@@ -80,3 +87,21 @@ def test_entropy_top_mask_keeps_the_top_share_of_the_masked_positions():
 def test_entropy_top_ratio_is_validated():
     with pytest.raises(ValueError, match="entropy_top_ratio must be in"):
         TrainConfig(student="s", prompts="p", entropy_top_ratio=0.0).validate()
+
+
+def test_context_tokens_of_a_rollout_reach_the_teacher_and_carry_no_loss(live_server, tiny_model):
+    """A multi-turn rollout's score_mask travels with its request; the teacher masks those
+    positions CONTEXT, and the batch gives them no loss."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tokenizer("w5 w6 w7")["input_ids"]
+    completion = tokenizer("w9 w10 w60 w61 w62 w11 w12", add_special_tokens=False)["input_ids"] + [2]
+    score_mask = np.array([1, 1, 0, 0, 0, 1, 1, 1], np.uint8)  # w60 w61 w62: a tool's output
+    rollout = Rollout(prompt + completion, len(prompt), score_mask=score_mask)
+    config = TrainConfig(student="s", prompts="p", top_k=8)
+    with TeacherClient(live_server.target, timeout_s=30) as client:
+        client.open_session()
+        batch = score_rollouts(client, [rollout], [Prompt(prompt)], config, StudentTokens(tokenizer))
+    context = torch.from_numpy(score_mask == 0)
+    assert not batch.mask[0, : len(completion)][context].any() and batch.mask[0, : len(completion)][~context].all()
+    assert (batch.reason[0, : len(completion)][context] == teacher_pb2.MASK_REASON_CONTEXT).all()
+    assert batch.teacher_counts["context"] == 3

@@ -183,6 +183,38 @@ def test_lm_head_never_sees_more_than_chunk_size_rows(engine, reference_model, r
     np.testing.assert_array_equal(again.ids, expected[0].ids)
 
 
+def test_rows_left_out_get_no_head_work_and_the_others_their_own_values(engine, rollouts, monkeypatch):
+    """ScoringJob.rows (context positions of a multi-turn rollout): only the wanted rows go through
+    the lm head; they equal the full scoring's, the others are empty. Plain batches and shared-prefix groups."""
+    rng = np.random.default_rng(8)
+    shared = rng.integers(4, TINY_VOCAB, size=130)  # >= hf.SHARED_PREFIX_MIN: a group on one prefix pass
+    sequences = [
+        rollouts[6],
+        rollouts[0],
+        *(np.concatenate([shared, rng.integers(4, TINY_VOCAB, size=12)]) for _ in range(2)),
+    ]
+    full, partial = [], []
+    for tokens in sequences:
+        requested = rng.integers(0, TINY_VOCAB, size=(len(tokens) - 1, 3))
+        rows = rng.random(len(tokens) - 1) < 0.4
+        full.append(ScoringJob(tokens.astype(np.int32), 1, 8, requested_ids=requested))
+        partial.append(ScoringJob(tokens.astype(np.int32), 1, 8, requested_ids=requested, rows=rows))
+    expected = engine.score(full)
+    recorder = RowRecorder(engine.lm_head)
+    monkeypatch.setattr(engine, "lm_head", recorder)
+    got = engine.score(partial)
+    assert sum(recorder.rows) == sum(int(job.rows.sum()) for job in partial)
+    for job, want, have in zip(partial, expected, got):
+        np.testing.assert_array_equal(have.ids[job.rows], want.ids[job.rows])
+        np.testing.assert_allclose(
+            have.logprobs[job.rows], want.logprobs[job.rows], atol=1e-5
+        )  # other matmul shapes: float32 rounding
+        np.testing.assert_allclose(have.token_logprobs[job.rows], want.token_logprobs[job.rows], atol=1e-5)
+        np.testing.assert_allclose(have.requested_logprobs[job.rows], want.requested_logprobs[job.rows], atol=1e-5)
+        assert (have.ids[~job.rows] == -1).all() and np.isneginf(have.logprobs[~job.rows]).all()
+        assert (have.token_logprobs[~job.rows] == 0).all() and np.isneginf(have.requested_logprobs[~job.rows]).all()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_requested_ids_get_their_exact_logprobs_excluded_ones_too(engine, reference_model, rollouts, temperature):
     """ScoringJob.requested_ids: every row's ids, from the same normalised logits as the top-K, whether

@@ -108,6 +108,19 @@ INVALID = [
         [f"at most {MAX_K}", f"[3, {MAX_K + 1}]"],
     ),
     (
+        "score-mask-rows",
+        dict(score_mask=to_tensor(np.ones(2, np.uint8))),
+        "INVALID_ARGUMENT",
+        ["score_mask", "[3]", "[2]"],
+    ),
+    ("score-mask-values", dict(score_mask=to_tensor(np.array([1, 2, 0], np.uint8))), "INVALID_ARGUMENT", ["1", "0"]),
+    (
+        "score-mask-dtype",
+        dict(score_mask=to_tensor(np.ones(3, np.int32))),
+        "INVALID_ARGUMENT",
+        ["score_mask", "int32", "uint8"],
+    ),
+    (
         "candidate-beyond-vocab",
         dict(candidate_ids=to_tensor(np.array([[5], [96], [-1]], np.int32))),
         "INVALID_ARGUMENT",
@@ -156,6 +169,26 @@ def test_candidate_logprobs_equal_a_float64_forward(live_server, session_id, ref
         for got in (unary.candidate_logprobs, streamed.candidate_logprobs):
             assert got.shape == candidates.shape and got.dtype == np.float32
             np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_context_positions_come_back_masked_and_the_rest_unchanged(stub, session_id):
+    """score_mask 0 (a tool's output, an observation): masked CONTEXT, no support, counted; the
+    student's own positions get what they get without the mask (the teacher still reads the context)."""
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(4, TINY_VOCAB, size=40).astype(np.int32)
+    score_mask = np.ones(35, np.uint8)
+    score_mask[8:20] = 0  # an observation between two turns of the student
+    request = dict(session_id=session_id, tokens=to_tensor(tokens), score_from=5, top_k=8)
+    plain = stub.Score(teacher_pb2.ScoreRequest(**request), timeout=30)
+    masked = stub.Score(teacher_pb2.ScoreRequest(**request, score_mask=to_tensor(score_mask)), timeout=30)
+    own, context = score_mask == 1, score_mask == 0
+    a, b = TeacherScores.from_proto(plain), TeacherScores.from_proto(masked)
+    np.testing.assert_array_equal(b.ids[own], a.ids[own])
+    np.testing.assert_allclose(b.logprobs[own], a.logprobs[own], atol=1e-5)
+    np.testing.assert_allclose(b.token_logprobs[own], a.token_logprobs[own], atol=1e-5)
+    assert (b.mask[context] == 0).all() and (b.reason[context] == teacher_pb2.MASK_REASON_CONTEXT).all()
+    assert (b.ids[context] == -1).all() and np.isneginf(b.logprobs[context]).all()
+    assert masked.counts.context == 12 and masked.counts.with_distribution == plain.counts.with_distribution - 12
 
 
 def test_missing_tokens_field_is_invalid_argument(stub, session_id):

@@ -14,11 +14,13 @@ class MaskReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MASK_REASON_UNALIGNED: _ClassVar[MaskReason]
     MASK_REASON_LOW_MASS: _ClassVar[MaskReason]
     MASK_REASON_BEYOND_CONTEXT: _ClassVar[MaskReason]
+    MASK_REASON_CONTEXT: _ClassVar[MaskReason]
 MASK_REASON_OK: MaskReason
 MASK_REASON_SPECIAL: MaskReason
 MASK_REASON_UNALIGNED: MaskReason
 MASK_REASON_LOW_MASS: MaskReason
 MASK_REASON_BEYOND_CONTEXT: MaskReason
+MASK_REASON_CONTEXT: MaskReason
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -137,7 +139,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages", "candidate_ids", "teacher_prompt_ids")
+    __slots__ = ("request_id", "session_id", "tokens", "score_from", "top_k", "messages", "candidate_ids", "teacher_prompt_ids", "score_mask")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class ScoreRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MASK_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     session_id: str
     tokens: Tensor
@@ -154,10 +157,11 @@ class ScoreRequest(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     candidate_ids: Tensor
     teacher_prompt_ids: Tensor
-    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_prompt_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    score_mask: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., session_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., top_k: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_prompt_ids: _Optional[_Union[Tensor, _Mapping]] = ..., score_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Coverage(_message.Message):
-    __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "unresolved_paths")
+    __slots__ = ("positions", "with_distribution", "special", "unaligned", "low_mass", "beyond_context", "retained_mass_sum", "branch_sequences", "branch_tokens", "unresolved_paths", "context")
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     WITH_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,7 @@ class Coverage(_message.Message):
     BRANCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BRANCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNRESOLVED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     positions: int
     with_distribution: int
     special: int
@@ -178,7 +183,8 @@ class Coverage(_message.Message):
     branch_sequences: int
     branch_tokens: int
     unresolved_paths: int
-    def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., unresolved_paths: _Optional[int] = ...) -> None: ...
+    context: int
+    def __init__(self, positions: _Optional[int] = ..., with_distribution: _Optional[int] = ..., special: _Optional[int] = ..., unaligned: _Optional[int] = ..., low_mass: _Optional[int] = ..., beyond_context: _Optional[int] = ..., retained_mass_sum: _Optional[float] = ..., branch_sequences: _Optional[int] = ..., branch_tokens: _Optional[int] = ..., unresolved_paths: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "ids", "logprobs", "token_logprobs", "mask", "reason", "coverage", "mean_support_mass", "counts", "candidate_logprobs")

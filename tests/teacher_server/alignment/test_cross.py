@@ -159,7 +159,7 @@ def hf_message(tokenizer) -> teacher_pb2.HFTokenizer:
     return tokenizer_message(tokenizer)
 
 
-def score(stub, session_id, tokens, score_from, top_k=8, messages=(), teacher_prompt_ids=None):
+def score(stub, session_id, tokens, score_from, top_k=8, messages=(), teacher_prompt_ids=None, score_mask=None):
     request = teacher_pb2.ScoreRequest(
         request_id=1,
         session_id=session_id,
@@ -170,6 +170,8 @@ def score(stub, session_id, tokens, score_from, top_k=8, messages=(), teacher_pr
     )
     if teacher_prompt_ids is not None:
         request.teacher_prompt_ids.CopyFrom(to_tensor(np.asarray(teacher_prompt_ids, np.int32)))
+    if score_mask is not None:
+        request.score_mask.CopyFrom(to_tensor(np.asarray(score_mask, np.uint8)))
     return stub.Score(request, timeout=120)
 
 
@@ -421,3 +423,32 @@ def test_bad_teacher_prompts_are_refused(stub, prompt, needle):
     with pytest.raises(grpc.RpcError) as caught:
         score(stub, same, [5, 6, 7, 8], 2, **prompt)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in caught.value.details()
+
+
+def test_context_positions_of_another_tokenizer_are_read_not_scored(stub):
+    """A two-turn rollout of a GPT-2 student with a tool's output between its turns: the output's
+    positions come back CONTEXT, without support and without branch work; the student's own
+    positions keep their values."""
+    need("gpt2")
+    gpt2 = T.load("gpt2")
+    session = stub.OpenSession(
+        teacher_pb2.OpenSessionRequest(tokenizer=teacher_pb2.StudentTokenizer(hf=hf_message(gpt2))), timeout=120
+    ).session_id
+    prompt = gpt2("What is 4817 times 12? Use the calculator.")["input_ids"]
+    turns = [" calculator(4817 * 12)", "\nresult: 57804\n", " So the answer is 57804."]
+    pieces = [gpt2(text)["input_ids"] for text in turns]
+    completion = [token for piece in pieces for token in piece] + [gpt2.eos_token_id]
+    score_mask = np.concatenate([np.ones(len(pieces[0])), np.zeros(len(pieces[1])), np.ones(len(pieces[2]) + 1)])
+    plain = score(stub, session, prompt + completion, len(prompt))
+    masked = score(stub, session, prompt + completion, len(prompt), score_mask=score_mask)
+    own, context = score_mask == 1, score_mask == 0
+    a = [from_tensor(getattr(plain, f), name=f) for f in ("ids", "logprobs", "token_logprobs", "reason")]
+    b = [from_tensor(getattr(masked, f), name=f) for f in ("ids", "logprobs", "token_logprobs", "reason")]
+    # The leading entries and the target's value; deeper entries depend on which paths the branch
+    # budget (spread over the positions scored) expanded.
+    assert np.array_equal(b[0][own][:, :4], a[0][own][:, :4]) and np.array_equal(b[3][own], a[3][own])
+    np.testing.assert_allclose(b[1][own][:, :4], a[1][own][:, :4], atol=1e-5)
+    np.testing.assert_allclose(b[2][own], a[2][own], atol=1e-5)
+    assert (b[3][context] == teacher_pb2.MASK_REASON_CONTEXT).all() and (b[0][context] == -1).all()
+    assert masked.counts.context == int(context.sum()) and masked.counts.with_distribution == int(own.sum())
+    assert masked.counts.branch_tokens <= plain.counts.branch_tokens
