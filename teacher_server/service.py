@@ -184,7 +184,7 @@ class TeacherService:
             request.teacher_prompt_ids,
             None if request.score_mask is None else request.score_mask.astype(bool),
         )
-        # Rendering chat messages builds the teacher's text tables on first use (seconds).
+        # Messages are rendered with the teacher's chat template (its tokenizer is parsed on first use).
         heavy = session.alignment.heavy_steps or bool(request.messages)
         step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
         while isinstance(step, ScoringJob):

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from opd.v1 import teacher_pb2
+from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.result import Steps, mask_context, result_from
 from teacher_server.alignment.specials import SpecialMap, SpecialVocab, excluded_support
-from teacher_server.alignment.chat import TeacherChat
 from teacher_server.engines.base import ScoringJob
 from teacher_server.errors import InvalidArgument
 
