@@ -53,7 +53,15 @@ class TrainConfig:
     # Rollouts.
     top_p: float = 0.9
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # per student turn
+    # Multi-turn rollouts (environments.py): an environment as module:callable (empty: one turn per
+    # prompt), the student's turns per episode, and the tokens of the whole completion (turns and
+    # the observations between them; 0: max_turns * max_new_tokens).
+    environment: str = ""
+    max_turns: int = 4
+    max_rollout_tokens: int = 0
+    # False (an ablation): observations are scored by the teacher and trained on like the student's turns.
+    mask_observations: bool = True
     batch_size: int = 8  # rollouts per optimizer step, over all processes (the global batch)
     # Rollouts per forward/backward of one process (gradient accumulation); a process with a smaller
     # share of the batch takes it in one, and the last micro-batch may be smaller than the others.
@@ -111,6 +119,11 @@ class TrainConfig:
     # Refuse to go on if the teacher's model or weights change under the same address.
     pin_teacher: bool = False
 
+    @property
+    def rollout_tokens(self) -> int:
+        """The most completion tokens of one rollout, all turns and observations together."""
+        return self.max_rollout_tokens or self.max_turns * self.max_new_tokens
+
     def validate(self) -> None:
         problems = []
         if not self.student:
@@ -143,6 +156,12 @@ class TrainConfig:
             problems.append("candidates need a top-K loss (topk_rkl or its ablation), not sampled_token")
         if not 0.0 < self.entropy_top_ratio <= 1.0:
             problems.append(f"entropy_top_ratio must be in (0, 1] (1 = every position), got {self.entropy_top_ratio}")
+        if self.max_turns < 1:
+            problems.append(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.max_rollout_tokens < 0:
+            problems.append(
+                f"max_rollout_tokens must be >= 0 (0 = max_turns * max_new_tokens), got {self.max_rollout_tokens}"
+            )
         if self.lora_r < 0:
             problems.append(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         for name in ("batch_size", "micro_batch_size"):

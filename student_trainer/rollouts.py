@@ -36,6 +36,8 @@ class Rollout:
     # uint8 [completion_length]: 0 where the token is context the student did not write (a tool's
     # output in a multi-turn rollout): the teacher masks it CONTEXT, so it carries no loss. None: all the student's.
     score_mask: np.ndarray | None = None
+    turns: int = 1  # the student's turns (environments.py)
+    reward: float | None = None  # the environment's, at the end of the episode
 
     @property
     def completion_length(self) -> int:

@@ -29,9 +29,10 @@ from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import Prompt
 from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
+from student_trainer.environments import Environment, EpisodeOptions, sample_episodes
 from student_trainer.losses import entropy_top_count, entropy_top_mask, sampled_token_loss, topk_reverse_kl
 from student_trainer.messages import TeacherScores
-from student_trainer.rollouts import HfRollouts, Rollout, rollout_seeds
+from student_trainer.rollouts import HfRollouts, Rollout, RolloutEngine, rollout_seeds
 
 # Evaluation rollouts use their own fixed seed, so every evaluation of a run
 # (and of a resumed run) samples the same way.
@@ -42,6 +43,7 @@ class StudentTokens:
     """The token ids of the student tokenizer that the loop needs."""
 
     def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer  # multi-turn rollouts decode turns and render observations with it
         self.eos_ids = [tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.special_ids = list(tokenizer.all_special_ids)
@@ -90,6 +92,36 @@ def hf_rollouts(
     # FSDP: each decoding step gathers parameters collectively, so every rank decodes as long as the longest.
     synced = world is not None and world.distributed and config is not None and config.parallelism == "fsdp"
     return HfRollouts(unwrap(model), eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, synced_processes=synced)
+
+
+def episode_sums(rollouts: list[Rollout]) -> dict[str, float]:
+    rewards = [r.reward for r in rollouts if r.reward is not None]
+    return {"turns": sum(r.turns for r in rollouts), "reward_sum": sum(rewards), "rewarded": len(rewards)}
+
+
+def episode_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """turns_mean (student turns per rollout), and reward_mean over the episodes that ended with one."""
+    metrics = {f"{prefix}turns_mean": sums["turns"] / max(sums["rollouts"], 1)}
+    if sums["rewarded"]:
+        metrics[f"{prefix}reward_mean"] = sums["reward_sum"] / sums["rewarded"]
+    return metrics
+
+
+def sample_rollouts(
+    engine: RolloutEngine,
+    prompts: list[Prompt],
+    seeds: list[int],
+    config: TrainConfig,
+    tokens: StudentTokens,
+    environment: Environment | None = None,
+    candidates: int = 0,
+) -> list[Rollout]:
+    """One rollout per prompt: a single completion, or an episode of turns with `environment`."""
+    options = dict(top_p=config.top_p, temperature=config.temperature, candidates=candidates)
+    if environment is None:
+        return engine.generate([p.ids for p in prompts], seeds, max_new_tokens=config.max_new_tokens, **options)
+    episode = EpisodeOptions(config.max_turns, config.max_new_tokens, config.rollout_tokens, config.mask_observations)
+    return sample_episodes(engine, prompts, seeds, environment, tokens.tokenizer, episode, **options)
 
 
 def score_rollouts(
@@ -176,6 +208,7 @@ def optimizer_step(
         | {f"counts.{name}": value for name, value in summed_teacher_counts(micro_batches).items()}
         | {"completion_tokens": sum(r.completion_length for r in pending.rollouts), "rollouts": len(pending.rollouts)}
         | {"total_tokens": sum(len(r.tokens) for r in pending.rollouts)}
+        | episode_sums(pending.rollouts)
         | gap,
         world,
     )
@@ -186,6 +219,7 @@ def optimizer_step(
         "grad_norm": float(grad_norm),
         "lr": scheduler.get_last_lr()[0],
         "response_length": sums["completion_tokens"] / sums["rollouts"],
+        **episode_metrics(sums),
         "scored_positions": int(positions),
         "trained_positions": int(trained_positions),
         "policy_lag": pending.policy_lag,
@@ -234,7 +268,13 @@ def _backward(
 
 @torch.no_grad()
 def evaluate_heldout(
-    model, teacher, prompts: list[Prompt], config: TrainConfig, tokens: StudentTokens, world: World
+    model,
+    teacher,
+    prompts: list[Prompt],
+    config: TrainConfig,
+    tokens: StudentTokens,
+    world: World,
+    environment: Environment | None = None,
 ) -> dict:
     """Mean truncated reverse KL to the teacher on the student's own rollouts of held-out prompts,
     sampled from the live weights; each rank evaluates its share, the means are over all of them."""
@@ -242,13 +282,7 @@ def evaluate_heldout(
     first = world.rank * share
     engine = hf_rollouts(model, tokens, config, world)
     mine = prompts[first : first + share]
-    rollouts = engine.generate(
-        [prompt.ids for prompt in mine],
-        evaluation_seeds(config, share, first),
-        top_p=config.top_p,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-    )
+    rollouts = sample_rollouts(engine, mine, evaluation_seeds(config, share, first), config, tokens, environment)
     batch = score_rollouts(teacher, rollouts, mine, config, tokens)
     metrics = student_scores(unwrap(model), batch).metrics(batch, batch.mask)
     count = metrics.pop("num_positions")
@@ -258,10 +292,13 @@ def evaluate_heldout(
             "positions": count,
             "completion_tokens": sum(r.completion_length for r in rollouts),
             "rollouts": len(rollouts),
-        },
+        }
+        | episode_sums(rollouts),
         world,
     )
     positions = max(sums.pop("positions"), 1)
-    return {f"eval_{name}": sums[name] / positions for name in metrics} | {
-        "eval_response_length": sums["completion_tokens"] / max(sums["rollouts"], 1)
-    }
+    return (
+        {f"eval_{name}": sums[name] / positions for name in metrics}
+        | {"eval_response_length": sums["completion_tokens"] / max(sums["rollouts"], 1)}
+        | episode_metrics(sums, prefix="eval_")
+    )

@@ -41,6 +41,7 @@ from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import PromptStream, load_prompts
 from student_trainer.distributed import World, all_reduce_max, init_world, rank_device, shutdown, unwrap, wrap_model
+from student_trainer.environments import Environment, load_environment
 from student_trainer.head import verify_head, verify_packing
 from student_trainer.lora import add_lora, is_lora, load_lora, merged_weights
 from student_trainer.messages import tokenizer_message
@@ -51,6 +52,7 @@ from student_trainer.step import (
     evaluate_heldout,
     hf_rollouts,
     optimizer_step,
+    sample_rollouts,
     teacher_requests,
 )
 
@@ -156,8 +158,16 @@ def make_rollout_engine(
     return VllmRollouts(config.student, eos_ids=tokens.eos_ids, max_model_len=max_model_len)
 
 
-def train(config: TrainConfig, *, resume: bool = False, evaluate_task: TaskEvaluator | None = None) -> list[dict]:
-    """Run OPD training as configured (one process, or one rank under torchrun); returns the metric records."""
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    evaluate_task: TaskEvaluator | None = None,
+    environment: Environment | None = None,
+) -> list[dict]:
+    """Run OPD training as configured (one process, or one rank under torchrun); returns the metric records.
+
+    `environment`: multi-turn episodes with this one (else config.environment's, if set)."""
     world = init_world(config.device)
     try:
         if config.batch_size % world.size:
@@ -168,7 +178,9 @@ def train(config: TrainConfig, *, resume: bool = False, evaluate_task: TaskEvalu
             )
         if evaluate_task is not None and world.distributed:
             raise ValueError("evaluate_task runs in single-process training only")
-        run = Run(config, world, resume, evaluate_task)
+        if environment is None and config.environment:
+            environment = load_environment(config.environment)
+        run = Run(config, world, resume, evaluate_task, environment)
         try:
             return run.loop()
         finally:
@@ -181,8 +193,15 @@ class Run:
     """One training run on this rank: the student, its optimizer, the prompts and the rollout engine,
     restored from the latest checkpoint when resuming; `loop` takes the steps."""
 
-    def __init__(self, config: TrainConfig, world: World, resume: bool, evaluate_task: TaskEvaluator | None) -> None:
-        self.config, self.world, self.evaluate_task = config, world, evaluate_task
+    def __init__(
+        self,
+        config: TrainConfig,
+        world: World,
+        resume: bool,
+        evaluate_task: TaskEvaluator | None,
+        environment: Environment | None,
+    ) -> None:
+        self.config, self.world, self.evaluate_task, self.environment = config, world, evaluate_task, environment
         output = self.output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
@@ -208,11 +227,15 @@ class Run:
         self.tokens = StudentTokens(self.tokenizer)
         longest_prompt = max(len(p.ids) for p in self.prompts.prompts + self.eval_prompts)
         self.engine = make_rollout_engine(
-            config, self.model, self.tokens, world, longest_prompt + config.max_new_tokens
+            config, self.model, self.tokens, world, longest_prompt + self._completion_tokens()
         )
         self.engine_version = self.start  # optimizer steps in the weights the engine samples with (vllm: last push)
         if config.rollout_engine != "hf":
             self.engine.push_weights(current_weights(self.model))
+
+    def _completion_tokens(self) -> int:
+        """The longest completion: one turn, or a whole episode of turns and observations."""
+        return self.config.rollout_tokens if self.environment is not None else self.config.max_new_tokens
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
@@ -264,13 +287,8 @@ class Run:
         shard = self.world.shard(self.prompts.next_batch(config.batch_size))
         seeds = rollout_seeds(config.seed, step, self.world.first_index(config.batch_size), len(shard))
         started = time.perf_counter()
-        rollouts = self.engine.generate(
-            [prompt.ids for prompt in shard],
-            seeds,
-            top_p=config.top_p,
-            temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens,
-            candidates=config.candidates,
+        rollouts = sample_rollouts(
+            self.engine, shard, seeds, config, self.tokens, self.environment, candidates=config.candidates
         )
         version = steps_done if config.rollout_engine == "hf" else self.engine_version
         scores = teacher.submit_score_many(teacher_requests(rollouts, shard, config.teacher_chat), config.top_k)
@@ -294,7 +312,9 @@ class Run:
     def _evaluation(self, teacher: TeacherClient) -> dict:
         result = {}
         if self.eval_prompts:
-            result |= evaluate_heldout(self.model, teacher, self.eval_prompts, self.config, self.tokens, self.world)
+            result |= evaluate_heldout(
+                self.model, teacher, self.eval_prompts, self.config, self.tokens, self.world, self.environment
+            )
         if self.evaluate_task is not None:
             result |= self.evaluate_task(self.model)
         return result

@@ -272,6 +272,13 @@ class TeacherService:
             )
         if positions and int(score_mask.max()) > 1:
             raise InvalidArgument("score_mask holds 1 (the student's own token) or 0 (context) only")
+        if positions and not score_mask.any():
+            raise InvalidArgument("score_mask is 0 everywhere: no position is the student's, so nothing is scored")
+        if positions and score_mask[0] == 0:
+            raise InvalidArgument(
+                "score_mask[0] is 0: the first scored position is context; context before the student's "
+                "first token is prompt, so move score_from past it"
+            )
 
     def _validate_teacher_prompt(self, ids: np.ndarray, with_messages: bool) -> None:
         if with_messages:

@@ -1,7 +1,9 @@
 """`opd-demo`: on-policy distillation end to end, offline, on a CPU, in a few minutes.
 
 1. Prepare (train once, then cache) a teacher that reverses 6-digit strings
-   almost perfectly and a weak student (demo/task.py).
+   almost perfectly and a weak student (demo/task.py); with --task tool, a teacher
+   that answers with a lookup tool's help in two-turn episodes and a weak student
+   (demo/lookup.py, demo/tool.py), trained on episodes whose tool answers are masked.
 2. Start the teacher service (`opd-teacher serve`) on 127.0.0.1 in a subprocess.
 3. Train the student against it with teacher top-K local support matching.
 4. Write metrics.jsonl and curves.png, and print the held-out accuracy before
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -19,15 +22,20 @@ from pathlib import Path
 import torch
 
 from student_trainer.config import TrainConfig
-from student_trainer.demo import task
+from student_trainer.demo import lookup, task, tool
 from student_trainer.plots import plot_metrics
 from student_trainer.train import train
 from teacher_server.launch import TeacherProcess, threads
 
+TITLES = {
+    "reverse": "opd-demo: 6-digit reversal, top-K reverse KL",
+    "tool": "opd-demo: lookup-tool episodes",
+    "hint": "opd-demo: self-distillation of the tool's answers (privileged teacher context)",
+}
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd-demo"
 
 
-def demo_config(student: Path, teacher: str, output: Path, steps: int) -> TrainConfig:
+def demo_config(student: Path, teacher: str, output: Path, steps: int, seed: int = 0) -> TrainConfig:
     recipe = task.OPD_RECIPE  # calibrated in task.py: the measurements behind each value are there
     return TrainConfig(
         student=str(student),
@@ -47,7 +55,22 @@ def demo_config(student: Path, teacher: str, output: Path, steps: int) -> TrainC
         lr=recipe.lr,
         eval_every=10,
         save_every=50,
-        seed=0,
+        seed=seed,
+    )
+
+
+def tool_config(
+    student: Path, teacher: str, output: Path, steps: int, seed: int, mask_observations: bool
+) -> TrainConfig:
+    """The tool task: two-turn episodes against the lookup tool (demo/lookup.py), K = the whole
+    non-special vocabulary."""
+    return dataclasses.replace(
+        demo_config(student, teacher, output, steps, seed),
+        top_k=len(lookup.VOCAB) - 4,
+        max_new_tokens=tool.EPISODE.max_new_tokens,
+        max_turns=tool.EPISODE.max_turns,
+        max_rollout_tokens=tool.EPISODE.max_rollout_tokens,
+        mask_observations=mask_observations,
     )
 
 
@@ -55,20 +78,16 @@ def write_prompts(path: Path, problems: list[task.Problem]) -> None:
     path.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="opd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def write_tool_prompts(path: Path, keys: list[str], hinted: bool = False) -> None:
+    """Chat prompts of `keys`; `hinted`: the teacher reads the tool's answer as privileged context."""
+    lines = (
+        {"messages": lookup.question(key)} | ({"teacher_messages": lookup.looked_up(key)} if hinted else {})
+        for key in keys
     )
-    parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained teacher/student are cached"
-    )
-    parser.add_argument("--steps", type=int, default=task.OPD_RECIPE.steps)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the other core runs the teacher
-    started = time.monotonic()
-    args.output.mkdir(parents=True, exist_ok=True)
-    print("preparing the teacher and the student (trained once, then cached) ...", flush=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def run_reversal(args) -> list[dict]:
     teacher_path = task.prepare_teacher(args.cache_dir)
     student_path = task.prepare_student(args.cache_dir)
     tokenizer = task.build_tokenizer()
@@ -82,11 +101,87 @@ def main(argv: list[str] | None = None) -> None:
     # One thread for the teacher, as in the study: with the trainer on the other core, two made
     # every teacher call many times slower on a 2-core machine.
     with TeacherProcess(teacher_path, log=args.output / "teacher.log", env=threads(1)) as teacher:
-        target = teacher.target
-        print(f"teacher serving at {target}; training the student for {args.steps} steps ...", flush=True)
-        config = demo_config(student_path, target, args.output, args.steps)
-        records = train(config, evaluate_task=task_accuracy)
-    plot = plot_metrics(records, args.output / "curves.png", title="opd-demo: 6-digit reversal, top-K reverse KL")
+        print(f"teacher serving at {teacher.target}; training the student for {args.steps} steps ...", flush=True)
+        return train(
+            demo_config(student_path, teacher.target, args.output, args.steps, args.seed), evaluate_task=task_accuracy
+        )
+
+
+def run_hint(args) -> list[dict]:
+    """Self-distillation with privileged context: the teacher is the student's own starting weights."""
+    student_path = tool.prepare_student(args.cache_dir)
+    tokenizer = lookup.build_tokenizer()
+    train_keys, heldout = lookup.keys("train")[: tool.HINT_KEYS], lookup.keys("heldout")
+    write_tool_prompts(args.output / "prompts.jsonl", train_keys, hinted=True)
+    write_tool_prompts(args.output / "heldout.jsonl", heldout, hinted=True)
+
+    def task_accuracy(model: torch.nn.Module) -> dict[str, float]:
+        return {
+            "accuracy": tool.direct_accuracy(model, tokenizer, train_keys),  # no tool, no hint
+            "heldout_direct_accuracy": tool.direct_accuracy(model, tokenizer, heldout),
+            "heldout_tool_accuracy": tool.accuracy(model, tokenizer, heldout),
+        }
+
+    with TeacherProcess(student_path, log=args.output / "teacher.log", env=threads(1)) as teacher:
+        print(f"the student's starting weights serve as its teacher at {teacher.target} ...", flush=True)
+        config = dataclasses.replace(
+            demo_config(student_path, teacher.target, args.output, args.steps, args.seed),
+            top_k=len(lookup.VOCAB) - 4,
+            max_new_tokens=lookup.KEY_DIGITS + 1,
+        )
+        return train(config, evaluate_task=task_accuracy)
+
+
+def run_tool(args) -> list[dict]:
+    teacher_path = tool.prepare_teacher(args.cache_dir)
+    student_path = tool.prepare_student(args.cache_dir)
+    tokenizer = lookup.build_tokenizer()
+    heldout = lookup.keys("heldout")
+    write_tool_prompts(args.output / "prompts.jsonl", lookup.keys("train"))
+    write_tool_prompts(args.output / "heldout.jsonl", heldout)
+
+    def task_accuracy(model: torch.nn.Module) -> dict[str, float]:
+        return {"accuracy": tool.accuracy(model, tokenizer, heldout)}
+
+    with TeacherProcess(teacher_path, log=args.output / "teacher.log", env=threads(1)) as teacher:
+        print(f"teacher serving at {teacher.target}; training the student for {args.steps} steps ...", flush=True)
+        config = tool_config(
+            student_path, teacher.target, args.output, args.steps, args.seed, not args.observations_in_loss
+        )
+        return train(config, evaluate_task=task_accuracy, environment=lookup.LookupTool())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="opd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained teacher/student are cached"
+    )
+    parser.add_argument("--steps", type=int, default=task.OPD_RECIPE.steps)
+    parser.add_argument(
+        "--task",
+        choices=("reverse", "tool", "hint"),
+        default="reverse",
+        help="reverse: 6-digit reversal; tool: two-turn episodes where the answer comes from a lookup tool; "
+        "hint: the tool student answers without the tool, its own starting weights as teacher reading "
+        "the tool's answer as privileged context",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompt order and rollout sampling")
+    parser.add_argument(
+        "--observations-in-loss",
+        action="store_true",
+        help="tool task ablation: the tool's answers are scored and trained on as if the student wrote them",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the other core runs the teacher
+    started = time.monotonic()
+    args.output.mkdir(parents=True, exist_ok=True)
+    print("preparing the teacher and the student (trained once, then cached) ...", flush=True)
+    records = {"reverse": run_reversal, "tool": run_tool, "hint": run_hint}[args.task](args)
+    title = TITLES[args.task] + (", observations in the loss" if args.observations_in_loss else "")
+    plot = plot_metrics(records, args.output / "curves.png", title=title)
     before = records[0]["accuracy"]
     after = [r for r in records if "accuracy" in r][-1]["accuracy"]
     print(f"metrics: {args.output / 'metrics.jsonl'}  plot: {plot}  ({time.monotonic() - started:.0f} s)")

@@ -18,13 +18,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from student_trainer.demo import xtok
+from student_trainer.demo import lookup, xtok
+from student_trainer.demo.chars import character_tokenizer
 
 # Bump when the task, the tokenizer or the training code changes meaning: it is part of
 # the cache key, so cached models built by older code are not reused.
@@ -45,31 +46,13 @@ HELDOUT_SEED = 20_000_101
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A character-level tokenizer; encoding adds <bos> (never <eos>)."""
-    vocab = {token: i for i, token in enumerate(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    # Registered as special so tokenizer.json marks them (the teacher service masks
-    # special tokens) and so "<eos>" in text is one token, not five characters.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS)])
-    # Every character is its own token; WordLevel then looks it up in the vocabulary.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    # Fuse joins the tokens without the spaces WordLevel would put between them.
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=32,
-        clean_up_tokenization_spaces=False,
-    )
+    return character_tokenizer(VOCAB, (PAD, BOS, EOS), add_bos=True)
 
 
-# Tokenizers by name (Recipe.tokenizer): the demo's, and the cross-tokenizer student's (xtok.py).
-TOKENIZERS = {"demo": build_tokenizer, "xtok": xtok.build_tokenizer}
-VOCABULARIES = {"demo": VOCAB, "xtok": xtok.VOCAB}
+# Tokenizers by name (Recipe.tokenizer): the demo's, the cross-tokenizer student's (xtok.py) and
+# the tool task's (lookup.py).
+TOKENIZERS = {"demo": build_tokenizer, "xtok": xtok.build_tokenizer, "tool": lookup.build_tokenizer}
+VOCABULARIES = {"demo": VOCAB, "xtok": xtok.VOCAB, "tool": lookup.VOCAB}
 
 
 @dataclass(frozen=True)
@@ -108,7 +91,9 @@ def heldout_problems(n: int = 1000) -> list[Problem]:
     return make_problems(n, HELDOUT_SEED, split="heldout")
 
 
-def _config(vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None) -> transformers.LlamaConfig:
+def llama_config(
+    vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None
+) -> transformers.LlamaConfig:
     """`tokenizer` gives the special ids of another vocabulary than the demo's."""
     ids = (
         (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -132,11 +117,11 @@ def _config(vocab_size: int, hidden: int, heads: int, intermediate: int, tokeniz
 
 
 def teacher_config(vocab_size: int) -> transformers.LlamaConfig:
-    return _config(vocab_size, hidden=128, heads=4, intermediate=256)
+    return llama_config(vocab_size, hidden=128, heads=4, intermediate=256)
 
 
 def student_config(vocab_size: int, tokenizer=None) -> transformers.LlamaConfig:
-    return _config(vocab_size, hidden=64, heads=2, intermediate=128, tokenizer=tokenizer)
+    return llama_config(vocab_size, hidden=64, heads=2, intermediate=128, tokenizer=tokenizer)
 
 
 def build_model(config: transformers.LlamaConfig, seed: int) -> transformers.LlamaForCausalLM:
@@ -182,10 +167,15 @@ def answer_loss(model, seqs: torch.Tensor, answer: int | torch.Tensor) -> torch.
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def train_supervised(
+def train_supervised(model, tokenizer, problems: list[Problem], **options: Any) -> list[float]:
+    """Teacher-forced training on the answer tokens (fit's options); returns the loss of every step."""
+    return fit(model, *encode_problems(tokenizer, problems), **options)
+
+
+def fit(
     model,
-    tokenizer,
-    problems: list[Problem],
+    seqs: torch.Tensor,
+    answer: int | torch.Tensor,
     *,
     steps: int,
     batch_size: int,
@@ -193,13 +183,12 @@ def train_supervised(
     seed: int,
     warmup_frac: float = 0.05,
 ) -> list[float]:
-    """Teacher-forced training on the answer tokens; returns the loss of every step.
+    """Teacher-forced training of answer_loss over rows of `seqs`; returns the loss of every step.
 
     AdamW with linear warm-up and cosine decay (a constant 5e-3 is less reliable at
     reaching 100%), gradient clipping at 1. Batches are drawn with a generator seeded by
     `seed`, so the run is deterministic on CPU.
     """
-    seqs, answer = encode_problems(tokenizer, problems)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, int(steps * warmup_frac))
@@ -354,7 +343,7 @@ EVAL_PROBLEMS = 1000
 
 
 def build_and_train(recipe: Recipe, tokenizer) -> tuple[transformers.LlamaForCausalLM, float]:
-    config = _config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
+    config = llama_config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
     model = build_model(config, recipe.seed)
     problems = make_problems(recipe.train_problems, recipe.seed, split="train")
     train_supervised(
@@ -363,8 +352,9 @@ def build_and_train(recipe: Recipe, tokenizer) -> tuple[transformers.LlamaForCau
     return model, accuracy(model, tokenizer, heldout_problems(EVAL_PROBLEMS))
 
 
-def prepare(cache_dir: Path, recipe: Recipe) -> Path:
-    """Build, train and cache the model + tokenizer of `recipe`; reuse the cache if present.
+def prepare(cache_dir: Path, recipe: Recipe, build=None) -> Path:
+    """Build, train and cache the model + tokenizer of `recipe` (with `build`, default
+    build_and_train: (recipe, tokenizer) -> (model, held-out accuracy)); reuse the cache if present.
 
     The directory is named by the recipe hash and appears atomically (written into a
     temporary sibling, then renamed), so a crash never leaves a half-written model that
@@ -376,7 +366,7 @@ def prepare(cache_dir: Path, recipe: Recipe) -> Path:
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = TOKENIZERS[recipe.tokenizer]()
-    model, acc = build_and_train(recipe, tokenizer)
+    model, acc = (build or build_and_train)(recipe, tokenizer)
     if recipe.min_accuracy is not None and acc < recipe.min_accuracy:
         raise RuntimeError(f"{recipe.name}: held-out accuracy {acc:.3f} < {recipe.min_accuracy}")
     if recipe.max_accuracy is not None and acc > recipe.max_accuracy:

@@ -114,6 +114,13 @@ INVALID = [
         ["score_mask", "[3]", "[2]"],
     ),
     ("score-mask-values", dict(score_mask=to_tensor(np.array([1, 2, 0], np.uint8))), "INVALID_ARGUMENT", ["1", "0"]),
+    ("score-mask-zeros", dict(score_mask=to_tensor(np.zeros(3, np.uint8))), "INVALID_ARGUMENT", ["0 everywhere"]),
+    (
+        "score-mask-first",
+        dict(score_mask=to_tensor(np.array([0, 1, 1], np.uint8))),
+        "INVALID_ARGUMENT",
+        ["score_mask[0]", "score_from"],
+    ),
     (
         "score-mask-dtype",
         dict(score_mask=to_tensor(np.ones(3, np.int32))),

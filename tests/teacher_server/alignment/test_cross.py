@@ -404,6 +404,26 @@ def test_the_teacher_reads_its_own_prompt_in_both_session_kinds(stub):
     assert np.array_equal(by_messages[0], by_ids[0]) and np.array_equal(by_messages[3], by_ids[3])
     np.testing.assert_allclose(by_messages[2], by_ids[2], atol=1e-5)
     assert by_ids[3].all()
+    # Where a GPT-2 token spans exactly one SmolLM2 token (same bytes, same boundaries), its value is
+    # the teacher's own forward over its rendering of the hinted prompt (the same-tokenizer `direct`).
+    student_spans = token_spans(gpt2, student_tokens[len(student_plain) : -1])
+    teacher_spans = token_spans(smol, completion[:-1])
+    shared = [(s, teacher_spans.index(span)) for s, span in enumerate(student_spans) if span in teacher_spans]
+    shared.append((len(student_spans), len(teacher_spans)))  # EOS, paired
+    assert len(shared) >= 4, (student_spans, teacher_spans)
+    gaps = [abs(by_messages[2][s] - direct[2][t]) for s, t in shared]
+    print(f"cross: {len(shared)} of {len(student_spans) + 1} positions on shared boundaries, max |gap| {max(gaps):.2e}")
+    assert max(gaps) < 1e-4
+
+
+def token_spans(tokenizer, ids) -> list[tuple[int, int]]:
+    """(start, end) character offsets of each token of `ids` in their decoded text."""
+    spans, end = [], 0
+    for count in range(1, len(ids) + 1):
+        length = len(tokenizer.decode(ids[:count]))
+        spans.append((end, length))
+        end = length
+    return spans
 
 
 @pytest.mark.parametrize(
