@@ -186,6 +186,15 @@ class TeacherServer:
             max_table_bytes=config.max_table_mib << 20,
             max_alignment_work=config.max_alignment_work,
         )
+        # The teacher's side of cross-tokenizer alignment (its byte tables and chat rendering) is
+        # built once, here, rather than by the first cross-tokenizer OpenSession: its latency and
+        # memory are the deployment's, not the first tenant's.
+        try:
+            await asyncio.to_thread(service.sessions.teacher_text)
+        except Exception:  # an odd tokenizer must not stop a teacher that may only serve its own
+            log.exception(
+                "building the teacher's side of cross-tokenizer alignment failed; the first such session retries"
+            )
         self.servicer.set_service(service)
         tokenizer = config.tokenizer or model
         self.http_front.texts = TokenTexts(tokenizer)
