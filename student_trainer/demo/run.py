@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         help="tool task ablation: the tool's answers are scored and trained on as if the student wrote them",
     )
     args = parser.parse_args(argv)
+    if args.observations_in_loss and args.task != "tool":
+        parser.error("--observations-in-loss is an ablation of --task tool (the other tasks have no observations)")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the other core runs the teacher
     started = time.monotonic()
     args.output.mkdir(parents=True, exist_ok=True)
