@@ -184,7 +184,7 @@ class TeacherService:
             request.teacher_prompt_ids,
             None if request.score_mask is None else request.score_mask.astype(bool),
         )
-        # Messages are rendered with the teacher's chat template (its tokenizer is parsed on first use).
+        # Rendering and tokenizing messages takes time in proportion to their text: off the event loop.
         heavy = session.alignment.heavy_steps or bool(request.messages)
         step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
         while isinstance(step, ScoringJob):

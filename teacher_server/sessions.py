@@ -23,12 +23,10 @@ import numpy as np
 
 from teacher_server.alignment.cross import CrossOptions, CrossTokenizer
 from teacher_server.alignment.identity import IdentityAlignment
-from teacher_server.alignment.pair import trie_of
 from teacher_server.alignment.result import Coverage, Steps
 from teacher_server.alignment.specials import PairError, SpecialMap, SpecialVocab, special_map
 from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.text import TeacherText
-from teacher_server.alignment.trie import ByteTrie
 from teacher_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from teacher_server.sandbox import return_freed_memory
 from teacher_server.student_tokenizer import (
@@ -191,7 +189,6 @@ class SessionRegistry:
         self.tokenizers = StudentTokenizers(teacher, limits)  # student tokenizers are read in workers
         self._sessions: dict[str, Session] = {}
         self._teacher_text: TeacherText | None = None
-        self._teacher_trie: ByteTrie | None = None
         self._teacher_error = ""
         self._teacher_chat: TeacherChat | None = None
         self._chat_lock = threading.Lock()  # held while the chat rendering is built (a second)
@@ -301,11 +298,8 @@ class SessionRegistry:
             if self._teacher_text is not None or self._teacher_error:
                 return self._teacher_text
         text, error = teacher_text_of(self.teacher, self.teacher_chat())
-        # Held with the text: the teacher's trie is otherwise cached only while a session uses it,
-        # so every tenant that opened a first session after the last close rebuilt it.
-        trie = trie_of(text.table) if text is not None else None
         with self._lock:
-            self._teacher_text, self._teacher_error, self._teacher_trie = text, error, trie
+            self._teacher_text, self._teacher_error = text, error
         return text
 
     def teacher_chat(self) -> TeacherChat | None:

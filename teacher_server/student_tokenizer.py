@@ -122,7 +122,7 @@ class StudentTokenizers:
         return dataclasses.replace(
             reading.tables,
             teacher=text.table,
-            teacher_trie=trie_of(text.table),
+            teacher_trie=text.trie,
             encoder=SandboxedEncoder(self.encodes, tokenizer_json, key),
         )
 
@@ -173,8 +173,6 @@ def _setup_builds(teacher: TeacherVocabulary, limits: TokenizerLimits) -> None:
     global _teacher, _teacher_text, _teacher_error, _limits
     _teacher, _limits = teacher, limits
     _teacher_text, _teacher_error = teacher_text_of(teacher)
-    if _teacher_text is not None:
-        trie_of(_teacher_text.table)
 
 
 def read_student(student: StudentTokenizerSpec) -> StudentReading:
@@ -199,7 +197,7 @@ def _read_student(student: StudentTokenizerSpec) -> StudentReading:
         phase("encoding a probe text with the student's tokenizer", _limits.probe_cpu_s)
         table = checked_table(table)  # the tokenizer parsed by validated_vocab: the probe alone is timed
         phase("building the alignment tables", _limits.build.cpu_s)
-        tables = build_pair_tables(table, _teacher_text, trie_of(table), trie_of(_teacher_text.table))
+        tables = build_pair_tables(table, _teacher_text, trie_of(table))
     except UnsupportedTokenizer as reason:
         raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
     # The teacher's side stays out of the answer (the server has its own); so do the JSON and the

@@ -91,9 +91,7 @@ def heldout_problems(n: int = 1000) -> list[Problem]:
     return make_problems(n, HELDOUT_SEED, split="heldout")
 
 
-def llama_config(
-    vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None
-) -> transformers.LlamaConfig:
+def _config(vocab_size: int, hidden: int, heads: int, intermediate: int, tokenizer=None) -> transformers.LlamaConfig:
     """`tokenizer` gives the special ids of another vocabulary than the demo's."""
     ids = (
         (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -117,11 +115,11 @@ def llama_config(
 
 
 def teacher_config(vocab_size: int) -> transformers.LlamaConfig:
-    return llama_config(vocab_size, hidden=128, heads=4, intermediate=256)
+    return _config(vocab_size, hidden=128, heads=4, intermediate=256)
 
 
 def student_config(vocab_size: int, tokenizer=None) -> transformers.LlamaConfig:
-    return llama_config(vocab_size, hidden=64, heads=2, intermediate=128, tokenizer=tokenizer)
+    return _config(vocab_size, hidden=64, heads=2, intermediate=128, tokenizer=tokenizer)
 
 
 def build_model(config: transformers.LlamaConfig, seed: int) -> transformers.LlamaForCausalLM:
@@ -342,9 +340,14 @@ OPD_RECIPE = OpdRecipe()
 EVAL_PROBLEMS = 1000
 
 
+def recipe_model(recipe: Recipe, tokenizer) -> transformers.LlamaForCausalLM:
+    """The untrained model of `recipe` for `tokenizer`'s vocabulary."""
+    config = _config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
+    return build_model(config, recipe.seed)
+
+
 def build_and_train(recipe: Recipe, tokenizer) -> tuple[transformers.LlamaForCausalLM, float]:
-    config = llama_config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
-    model = build_model(config, recipe.seed)
+    model = recipe_model(recipe, tokenizer)
     problems = make_problems(recipe.train_problems, recipe.seed, split="train")
     train_supervised(
         model, tokenizer, problems, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed

@@ -25,9 +25,10 @@ from student_trainer.rollouts import HfRollouts
 # Two turns of at most a call ("?" + key + <eos>), and the tool's answer between them.
 EPISODE = EpisodeOptions(max_turns=2, max_new_tokens=lookup.KEY_DIGITS + 2, max_rollout_tokens=16)
 
-# Teacher: 98.7% of the held-out keys after 150 steps, 99.6% after 300 (~18 s on one thread).
 HINT_KEYS = 64  # the hint task's keys, whose values the student learns to answer without the tool
+GREEDY = 1e-9  # a top_p that keeps only the most likely token: greedy, through the trainer's own sampler
 
+# Teacher: 98.7% of the held-out keys after 150 steps, 99.6% after 300 (~18 s on one thread).
 TEACHER_RECIPE = replace(
     task.TEACHER_RECIPE, name="tool-teacher", tokenizer="tool", steps=300, batch_size=64, min_accuracy=0.99
 )
@@ -74,36 +75,29 @@ def prompts(keys: list[str], tokenizer) -> list[Prompt]:
 @torch.no_grad()
 def accuracy(model, tokenizer, keys: list[str]) -> float:
     """Share of `keys` whose greedy episode against the tool ends with the right value."""
-    engine = HfRollouts(model, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
-    # top_p that keeps only the most likely token: greedy, through the trainer's own sampler.
-    rollouts = sample_episodes(
-        engine,
-        prompts(keys, tokenizer),
-        [0] * len(keys),
-        lookup.LookupTool(),
-        tokenizer,
-        EPISODE,
-        top_p=1e-9,
-        temperature=1.0,
-    )
+    engine, seeds = _engine(model, tokenizer), [0] * len(keys)
+    episodes = (engine, prompts(keys, tokenizer), seeds, lookup.LookupTool(), tokenizer, EPISODE)
+    rollouts = sample_episodes(*episodes, top_p=GREEDY, temperature=1.0)
     return float(np.mean([r.reward or 0.0 for r in rollouts]))
 
 
 @torch.no_grad()
 def direct_accuracy(model, tokenizer, keys: list[str]) -> float:
     """Share of `keys` the student answers right in one greedy turn, without the tool (hint task)."""
-    engine = HfRollouts(model, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
-    rollouts = engine.generate(
-        [p.ids for p in prompts(keys, tokenizer)], [0] * len(keys), top_p=1e-9, temperature=1.0, max_new_tokens=4
+    rollouts = _engine(model, tokenizer).generate(
+        [p.ids for p in prompts(keys, tokenizer)], [0] * len(keys), top_p=GREEDY, temperature=1.0, max_new_tokens=4
     )
     answers = [tokenizer.decode(r.tokens[r.prompt_length :], skip_special_tokens=True) for r in rollouts]
     return float(np.mean([answer == lookup.value_of(key) for answer, key in zip(answers, keys)]))
 
 
+def _engine(model, tokenizer) -> HfRollouts:
+    return HfRollouts(model, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
+
+
 def build_and_train(recipe: task.Recipe, tokenizer) -> tuple[transformers.LlamaForCausalLM, float]:
     """task.prepare's builder for the tool task: supervised on solved episodes of the training keys."""
-    config = task.llama_config(len(tokenizer), recipe.hidden, recipe.heads, recipe.intermediate, tokenizer=tokenizer)
-    model = task.build_model(config, recipe.seed)
+    model = task.recipe_model(recipe, tokenizer)
     seqs, targets = encode_episodes(tokenizer, [lookup.solved(key) for key in lookup.keys("train")])
     task.fit(model, seqs, targets, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed)
     return model, accuracy(model, tokenizer, lookup.keys("heldout"))

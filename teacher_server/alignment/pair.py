@@ -102,7 +102,7 @@ class PairTables:
         return self.ambiguous[at] == hashes
 
 
-def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, teacher_trie: ByteTrie) -> PairTables:
+def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie) -> PairTables:
     # Teacher tokenization of every student token that is valid UTF-8 on its own
     # (a fragment of a character cannot start a longer teacher path anyway).
     strings, owners = [], []
@@ -142,7 +142,7 @@ def build_pair_tables(student: ByteTable, text: TeacherText, trie: ByteTrie, tea
         student=student,
         teacher=text.table,
         trie=trie,
-        teacher_trie=teacher_trie,
+        teacher_trie=text.trie,
         ambiguous=ambiguous,
         prefix_best=prefix_best,
         first_student=first_student_tokens(student, trie, text.table, encoder),
@@ -228,6 +228,6 @@ def pair_tables(student: ByteTable, text: TeacherText) -> PairTables:
         cached = _pairs.get(key)
     if cached is not None:
         return cached
-    built = build_pair_tables(student, text, trie_of(student), trie_of(text.table))
+    built = build_pair_tables(student, text, trie_of(student))
     with _lock:
         return _pairs.setdefault(key, built)

@@ -22,6 +22,7 @@ import numpy as np
 
 from teacher_server.alignment.byte_tables import ByteTable
 from teacher_server.alignment.fast_bpe import TiktokenTwin, tiktoken_twin
+from teacher_server.alignment.trie import ByteTrie, build_trie
 
 if TYPE_CHECKING:
     from teacher_server.alignment.chat import TeacherChat
@@ -119,6 +120,9 @@ class TeacherText:
     _default: object = field(default=None, repr=False)
     _single_byte: dict[int, int] = field(default_factory=dict, repr=False)
     _twin: TiktokenTwin | None = field(default=None, repr=False)
+    # The teacher's trie (to count the teacher tokens that begin with given bytes): built with the
+    # text, held as long as it is, whatever sessions come and go.
+    trie: ByteTrie = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         spec = without_dummy_prefix(json.loads(self.chat.tokenizer_json))
@@ -133,6 +137,7 @@ class TeacherText:
         cut = len(with_special) - len(without)
         self._start_ids = np.asarray(with_special[:cut] if with_special[cut:] == without else [], dtype=np.int64)
         self._twin = tiktoken_twin(spec, self._plain, self.table)
+        self.trie = build_trie(self.table)
         for index, token in enumerate(self.table.tokens):
             if len(token) == 1 and self.table.preferred[index]:
                 self._single_byte.setdefault(token[0], index)
