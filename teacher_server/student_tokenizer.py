@@ -26,6 +26,7 @@ from teacher_server.alignment.byte_tables import (
     checked_table,
     parsed_tokenizer,
 )
+from teacher_server.alignment.packed_vocab import PackedVocab
 from teacher_server.alignment.pair import PairTables, build_pair_tables, trie_of
 from teacher_server.alignment.chat import TeacherChat
 from teacher_server.alignment.text import TeacherText, encoded_texts, plain_tokenizer
@@ -201,10 +202,10 @@ def _read_student(student: StudentTokenizerSpec) -> StudentReading:
     except UnsupportedTokenizer as reason:
         raise InvalidArgument(f"tokenizer_json cannot be used for cross-tokenizer scoring: {reason}") from None
     # The teacher's side stays out of the answer (the server has its own); so do the JSON and the
-    # tokens as Python objects (serving reads token bytes from the arrays).
+    # tokens and strings as Python objects (serving reads token bytes from the arrays).
     student_side = dataclasses.replace(
         tables,
-        student=dataclasses.replace(table, tokenizer_json="", tokens=()),
+        student=dataclasses.replace(table, tokenizer_json="", tokens=(), strings=(), ids=PackedVocab.of(table.ids)),
         teacher=None,
         teacher_trie=None,
         encoder=None,

@@ -28,8 +28,8 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
-from typing import Iterable
+from functools import lru_cache
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -74,11 +74,13 @@ class ByteTable:
     starts: np.ndarray  # int64 [V + 1]
     special: np.ndarray  # bool [V]: control/unknown tokens and holes in the id range (no bytes)
     preferred: np.ndarray  # bool [V]: the id to project onto among tokens with equal bytes
-    # The same bytes as Python objects, for building tables; empty in a student's table as the
-    # server keeps it (student_tokenizer.py): 150k small objects fragment the serving heap.
+    # The same bytes and strings as Python objects, for building tables; empty in a student's table
+    # as the server keeps it (student_tokenizer.py): 150k small objects fragment the serving heap.
     tokens: tuple[bytes, ...]
     strings: tuple[str | None, ...]  # vocabulary string of every id (None for holes)
-    ids: dict[str, int]  # vocabulary string -> id, added tokens included
+    # vocabulary string -> id, added tokens included (a student's table: packed_vocab.PackedVocab)
+    ids: Mapping[str, int]
+    specials: dict[str, int]  # its special (control) tokens by string
     dummy_prefix: bool  # the tokenizer puts a space before the text it encodes
     padded: np.ndarray  # uint16 [V, WINDOW]: first bytes of each token, padded with PAD_UNIT
     tokenizer_json: str = field(default="", repr=False)  # the source, for encoding text with this tokenizer
@@ -87,9 +89,9 @@ class ByteTable:
     def vocab_size(self) -> int:
         return len(self.starts) - 1
 
-    @cached_property
+    @property
     def special_vocab(self) -> SpecialVocab:
-        return SpecialVocab(self.ids, {string: index for string, index in self.ids.items() if self.special[index]})
+        return SpecialVocab(self.ids, self.specials)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -207,6 +209,7 @@ def build_byte_table(tokenizer_json: str, extra_special: Iterable[str] = (), che
         tokens=tuple(tokens),
         strings=tuple(strings),
         ids=vocab,
+        specials={string: index for string, index in vocab.items() if special[index]},
         dummy_prefix=False,
         padded=padded,
         tokenizer_json=tokenizer_json,

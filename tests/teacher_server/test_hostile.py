@@ -5,11 +5,13 @@ what each costs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from teacher_server.alignment.cross import CrossOptions
@@ -170,11 +172,27 @@ def test_a_real_student_opens_and_its_tables_count_against_the_budget(registry):
     spec = StudentTokenizerSpec(T.load("gpt2").backend_tokenizer.to_str(), eos_tokens=("<|endoftext|>",))
     session = registry.open(spec, SessionSettings())
     assert 5 << 20 < session.table_bytes < 200 << 20
+    # No per-token Python objects kept: they would fragment the server's heap (packed_vocab.py),
+    # and special-token pairing still finds the student's tokens by string.
+    assert _python_objects(session.alignment.tables.student) < 100
+    assert session.special_token_pairs == (("<|endoftext|>", "<|im_end|>"),)
     small = SessionRegistry(registry.teacher, max_table_bytes=session.table_bytes - 1)
     small.tokenizers = registry.tokenizers  # the same workers: no second start-up
     with pytest.raises(ResourceExhausted, match="over this teacher's budget"):
         small.open(spec, SessionSettings())
     assert small.table_bytes() == 0
+
+
+def _python_objects(value) -> int:
+    if isinstance(value, np.ndarray):
+        return 0
+    if isinstance(value, dict):
+        return 1 + sum(_python_objects(key) + _python_objects(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return 1 + sum(map(_python_objects, value))
+    if dataclasses.is_dataclass(value):
+        return 1 + sum(map(_python_objects, vars(value).values()))
+    return 1
 
 
 def test_one_tokenizer_opened_with_other_settings_is_read_once(registry):
