@@ -105,8 +105,8 @@ class BigramTeacher:
             if job.branches:
                 contexts, targets, before, before_targets = [], [], [], []
                 for branch in job.branches:
-                    contexts += list(branch.token_ids)
-                    targets += [-1] * len(branch.token_ids)
+                    contexts.append(branch.token_ids[-1])
+                    targets.append(-1)
                     before += [tokens[branch.attach - 1], *branch.token_ids[:-1]]
                     before_targets += list(branch.token_ids)
                 result.branch_ids, result.branch_logprobs, _ = rows(contexts, targets)
@@ -209,7 +209,7 @@ class ScriptedTeacher:
                         before.append(list(path))
                         targets.append(token)
                         path.append(token)
-                        after.append(list(path))
+                    after.append(path)
                 result.branch_ids, result.branch_logprobs, _ = rows(after, [-1] * len(after))
                 result.branch_token_logprobs = rows(before, targets)[2]
             results.append(result)

@@ -134,7 +134,7 @@ def _scored_by_the_main_pass(
             row.append(int(rest[0]))
         elif len(rest):
             branch_of[k] = len(branches)
-            branches.append(Branch(attach=start, token_ids=rest.astype(np.int32)))
+            branches.append(Branch(attach=start, token_ids=rest.astype(np.int32), row_after=False))
     width = max((len(ids) for ids in singles.values()), default=0)
     requested_ids = np.full((rows, width), -1, dtype=np.int64)
     for row, ids in singles.items():

@@ -249,9 +249,7 @@ class CrossTokenizer:
 
     @staticmethod
     def absorb(projection: Projection, requests: list[tuple[int, tuple[int, ...]]], scores: TeacherScores) -> None:
-        # The row after each branch's last token.
-        last = np.cumsum([len(extra) for _, extra in requests]) - 1
-        projection.absorb(requests, scores.branch_ids[last], scores.branch_logprobs[last])
+        projection.absorb(requests, scores.branch_ids, scores.branch_logprobs)
 
     def finish(self, projection: Projection, top_k: int, candidate_logprobs: np.ndarray | None = None) -> ScoreResult:
         """The response arrays; `candidate_logprobs` [P, M]: the chain rule along each requested

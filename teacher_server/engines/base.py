@@ -10,9 +10,10 @@ next token. Every engine gives these the same meaning:
 * `exclude_ids` are never part of the returned support, but their probability
   still counts in the normalisation (the support mass then shows what was lost);
 * `branches` are extra continuations of the job's own sequence: branch b scores
-  `token_ids[:attach] + branch.token_ids` and returns, after each of its tokens,
-  the same top-K row as a main position would, plus the log-probability of each
-  branch token given what precedes it. The service uses them to follow teacher
+  `token_ids[:attach] + branch.token_ids` and returns the log-probability of each
+  branch token given what precedes it, plus, after its last token, the same top-K
+  row as a main position would (a branch that says it needs no such row,
+  `row_after=False`, may get -1 / -inf there). The service uses them to follow teacher
   paths that the rollout itself does not take (multi-token candidates of a
   cross-tokenizer session). An engine may score them as separate sequences; one
   that shares the prefix (a KV cache, prefix caching) makes them cost only their
@@ -56,6 +57,9 @@ class EngineConfig:
 class Branch:
     attach: int  # 1 <= attach <= len(job.token_ids): the branch follows token_ids[:attach]
     token_ids: np.ndarray  # int32 [m], m >= 1, teacher vocabulary
+    # The top-K row after its last token is wanted (the expansion's branches); the candidates'
+    # branches need only their tokens' log-probabilities, and an engine may skip the row.
+    row_after: bool = True
 
 
 @dataclass
@@ -88,11 +92,12 @@ class TeacherScores:
     ids: np.ndarray  # int32 [P, K] teacher-vocabulary ids of the support
     logprobs: np.ndarray  # float32 [P, K]
     token_logprobs: np.ndarray  # float32 [P] log-probability of token_ids[t]
-    # Branch rows, branches one after the other (sum of branch lengths rows); None without branches.
-    # Row i of branch b: top-K after token_ids[:attach] + branch[: i + 1].
-    branch_ids: np.ndarray | None = None  # int32 [B, K]
-    branch_logprobs: np.ndarray | None = None  # float32 [B, K]
-    branch_token_logprobs: np.ndarray | None = None  # float32 [B]: log p(branch[i] | ... + branch[:i])
+    # Branch rows, one per branch (None without branches): row b is the top-K after
+    # token_ids[:attach] + the whole of branch b.
+    branch_ids: np.ndarray | None = None  # int32 [len(branches), K]
+    branch_logprobs: np.ndarray | None = None  # float32 [len(branches), K]
+    # float32 [sum of branch lengths], branches one after the other: log p(branch[i] | ... + branch[:i])
+    branch_token_logprobs: np.ndarray | None = None
     requested_logprobs: np.ndarray | None = None  # float32 [P, M] of job.requested_ids, -inf at its -1s
 
 

@@ -168,19 +168,30 @@ class HFEngine:
             branch_hidden = torch.cat(outputs[row])
             # The hidden state before each branch token: the main position attach-1 for the
             # first token, the previous branch token for the others.
-            before, targets, start = [], [], 0
+            before, targets, ends, start = [], [], [], 0
             for branch in job.branches:
                 size = len(branch.token_ids)
                 before.append(hidden[row, branch.attach - 1 : branch.attach])
                 before.append(branch_hidden[start : start + size - 1])
                 targets.append(branch.token_ids)
                 start += size
+                ends.append(start - 1)
             before_scores = self._score_rows(torch.cat(before), job, np.concatenate(targets), top_k=1)
-            after_scores = self._score_rows(branch_hidden[:start], job, np.zeros(start, dtype=np.int64))
             result = results[row]
-            result.branch_ids = after_scores.ids
-            result.branch_logprobs = after_scores.logprobs
             result.branch_token_logprobs = before_scores.token_logprobs
+            result.branch_ids, result.branch_logprobs = self._rows_after(job, branch_hidden, ends)
+
+    def _rows_after(self, job: ScoringJob, branch_hidden: torch.Tensor, ends: list[int]):
+        """(ids, log-probabilities) [len(branches), K]: the top-K row after each branch's last token
+        (state `ends[b]`), computed only for the branches that want it (Branch.row_after)."""
+        ids = np.full((len(ends), job.top_k), -1, dtype=np.int32)
+        logprobs = np.full((len(ends), job.top_k), -np.inf, dtype=np.float32)
+        wanted = [b for b, branch in enumerate(job.branches) if branch.row_after]
+        if wanted:
+            states = branch_hidden[torch.tensor([ends[b] for b in wanted], device=branch_hidden.device)]
+            part = self._score_rows(states, job, np.zeros(len(wanted), dtype=np.int64))
+            ids[wanted], logprobs[wanted] = part.ids, part.logprobs
+        return ids, logprobs
 
     def _branch_pass(self, part: list[tuple[Branch, ...]], hidden: torch.Tensor, cache) -> list[torch.Tensor]:
         """One pass of some branches per job; returns each job's branch hidden states [tokens, H]."""

@@ -79,10 +79,10 @@ def assemble(job: ScoringJob, answers: Sequence[Rows], excluded: np.ndarray, voc
         return None
     scores = TeacherScores(ids=main[0], logprobs=main[1], token_logprobs=np.asarray(token_logprobs, np.float32))
     if job.branches:
-        # Row i of a branch: after token_ids[:attach] + branch[: i + 1], i.e. prompt rows 1 .. m.
+        # A branch's row: after token_ids[:attach] + the whole branch, its prompt's last row.
         rows = select_support(
-            np.concatenate([a[0][1:] for a in answers[1:]]),
-            np.concatenate([a[1][1:] for a in answers[1:]]),
+            np.stack([a[0][-1] for a in answers[1:]]),
+            np.stack([a[1][-1] for a in answers[1:]]),
             job.top_k,
             excluded,
             vocab_size,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from teacher_server.engines import EngineConfig, ScoringJob
+from teacher_server.engines.base import Branch
 from teacher_server.engines.hf import HFEngine
 
 from testkit.tiny_model import TINY_VOCAB
@@ -238,3 +239,38 @@ def test_requested_ids_get_their_exact_logprobs_excluded_ones_too(engine, refere
         expected = np.take_along_axis(ref, np.maximum(wanted, 0), axis=1)
         np.testing.assert_allclose(scores.requested_logprobs[wanted >= 0], expected[wanted >= 0], rtol=0, atol=TOL)
         check_against_reference(scores, job, ref)  # the rest of the answer is unchanged
+
+
+def test_branches_give_each_tokens_logprob_and_the_row_after_only_where_wanted(
+    engine, reference_model, rollouts, monkeypatch
+):
+    """Branch b continues token_ids[:attach]: the log-probability of each of its tokens, and the
+    top-K row after its last token unless it says it needs none (then no head work for it)."""
+    tokens = rollouts[0]
+    rng = np.random.default_rng(3)
+    branches = tuple(
+        Branch(int(attach), rng.integers(4, TINY_VOCAB, size=size).astype(np.int32), row_after=bool(index % 2))
+        for index, (attach, size) in enumerate([(5, 1), (40, 3), (99, 2), (100, 4), (17, 1)])
+    )
+    job = ScoringJob(token_ids=tokens, score_from=90, top_k=6, branches=branches)
+    recorder = RowRecorder(engine.lm_head)
+    monkeypatch.setattr(engine, "lm_head", recorder)
+    (scores,) = engine.score([job])
+    branch_tokens = sum(len(branch.token_ids) for branch in branches)
+    wanted = [index for index, branch in enumerate(branches) if branch.row_after]
+    assert sum(recorder.rows) == job.num_positions + branch_tokens + len(wanted)
+    assert scores.branch_ids.shape == (len(branches), 6) and scores.branch_token_logprobs.shape == (branch_tokens,)
+    start = 0
+    for index, branch in enumerate(branches):
+        path = np.concatenate([tokens[: branch.attach], branch.token_ids, [0]]).astype(np.int32)
+        ref = reference(reference_model, path, branch.attach)  # rows: before each branch token, then after
+        size = len(branch.token_ids)
+        expected = ref[np.arange(size), branch.token_ids]
+        np.testing.assert_allclose(scores.branch_token_logprobs[start : start + size], expected, atol=TOL)
+        start += size
+        if branch.row_after:
+            after = ref[size]
+            np.testing.assert_array_equal(scores.branch_ids[index], np.argsort(-after)[:6])
+            np.testing.assert_allclose(scores.branch_logprobs[index], np.sort(after)[::-1][:6], atol=TOL)
+        else:
+            assert (scores.branch_ids[index] == -1).all() and np.isneginf(scores.branch_logprobs[index]).all()
