@@ -157,9 +157,10 @@ def exactness(args: argparse.Namespace) -> None:
     rows = []
     for student in args.students:
         cross = teachers.cross(student, "smollm2", engine)
-        found, rng = CandidateCheck(), np.random.default_rng(0)
-        for tokens, score_from, messages in rollouts(student, args.answers):
+        found, rng, started = CandidateCheck(), np.random.default_rng(0), time.monotonic()
+        for index, (tokens, score_from, messages) in enumerate(rollouts(student, args.answers)):
             check_example(found, cross, engine, T.load("smollm2"), tokens, score_from, messages, rng, args.width)
+            print(f"# {student}: {index + 1} answers, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         summary = found.summary()
         common.emit({"student": student, **summary})
         for kind in ("on", "inside", "across"):
