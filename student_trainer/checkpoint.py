@@ -47,6 +47,7 @@ class TrainerState:
     # "model@weights_sha256" of the teacher a --pin-teacher run was pinned to: a resumed run
     # keeps that pin, so it refuses a teacher that was swapped while it was stopped.
     teacher_pin: str | None = None
+    teacher_pins: dict[str, str] | None = None  # ... of each teacher by name, a run with several ("" the default)
 
 
 def capture_rng() -> dict:

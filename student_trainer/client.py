@@ -26,6 +26,10 @@ Security: `api_key` is sent as `authorization: Bearer <key>` with every call;
 `tls` (TlsOptions) switches to TLS, with a client certificate for mutual TLS.
 `pin_teacher` refuses a teacher whose model or weights changed (identity.py on
 the server): True pins what the first GetInfo reports, a string pins that.
+
+A server may host several teachers (GetInfo.teachers): `teacher` names the one this
+client's session scores with ("" the server's default); a trainer with several teachers
+holds one client per teacher.
 """
 
 from __future__ import annotations
@@ -94,8 +98,10 @@ class AsyncTeacherClient:
         api_key: str | None = None,
         tls: TlsOptions | None = None,
         pin_teacher: bool | str = False,
+        teacher: str = "",
     ) -> None:
         targets = split_targets(target)
+        self.teacher = teacher
         self.target = ",".join(targets)
         self.timeout_s = timeout_s
         self.retry = retry
@@ -136,7 +142,9 @@ class AsyncTeacherClient:
             )
         )
         if self._pin_wanted is True and self.pin is None:
-            self.pin = f"{info.model}@{info.weights_sha256}"
+            named = [t for t in info.teachers if t.name == self.teacher]
+            hosted = named[0] if named else info  # an older server, or the default teacher
+            self.pin = f"{hosted.model}@{hosted.weights_sha256}"
             log.info("pinned the teacher %s", self.pin)
         return info
 
@@ -157,7 +165,7 @@ class AsyncTeacherClient:
         if self._pin_wanted is True and self.pin is None:
             await self.get_info()
         self._session_request = teacher_pb2.OpenSessionRequest(
-            tokenizer=student, temperature=temperature, **session_options
+            tokenizer=student, temperature=temperature, teacher=self.teacher, **session_options
         )
         for endpoint in self.endpoints:
             endpoint.session_open = False

@@ -18,11 +18,13 @@ Messages = tuple[tuple[str, str], ...]
 @dataclass(frozen=True)
 class Prompt:
     """One prompt: the student's token ids, the chat messages they were rendered from (empty for a
-    text prompt) and a privileged prompt for the teacher only (empty: none)."""
+    text prompt), a privileged prompt for the teacher only (empty: none) and the hosted teacher
+    that scores its rollouts ("": the server's default)."""
 
     ids: list[int]
     messages: Messages = ()
     teacher_messages: Messages = ()
+    teacher: str = ""
 
     def for_teacher(self, chat: bool) -> Messages:
         """The messages the teacher renders with its own chat template: the privileged ones, else
@@ -42,8 +44,9 @@ def _messages(value, where: str, field: str) -> Messages:
 def load_prompts(path: str | Path, tokenizer) -> list[Prompt]:
     """Every prompt line: {"prompt": text} or {"messages": [{"role", "content"}, ...]}, and optionally
     {"teacher_messages": [...]}: a privileged prompt the teacher reads instead (a hint, a reference
-    solution, a system prompt the student never sees). The student reads a text prompt tokenized,
-    messages in its own chat template."""
+    solution, a system prompt the student never sees), and {"teacher": NAME}: the teacher (of the
+    several a server hosts) that scores it. The student reads a text prompt tokenized, messages in
+    its own chat template."""
     prompts = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -63,7 +66,10 @@ def load_prompts(path: str | Path, tokenizer) -> list[Prompt]:
         teacher = (
             _messages(record["teacher_messages"], where, "teacher_messages") if "teacher_messages" in record else ()
         )
-        prompts.append(Prompt(list(ids), messages, teacher))
+        name = record.get("teacher", "")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: 'teacher' must be a teacher's name (GetInfo.teachers), got {name!r}")
+        prompts.append(Prompt(list(ids), messages, teacher, name))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +25,6 @@ from student_trainer.batch import (
     summed_teacher_counts,
     teacher_coverage,
 )
-from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import Prompt
 from student_trainer.distributed import World, all_reduce_max, all_reduce_sums, unwrap
@@ -33,6 +32,7 @@ from student_trainer.environments import Environment, EpisodeOptions, sample_epi
 from student_trainer.losses import entropy_top_count, entropy_top_mask, sampled_token_loss, topk_reverse_kl
 from student_trainer.messages import TeacherScores
 from student_trainer.rollouts import HfRollouts, Rollout, RolloutEngine, rollout_seeds
+from student_trainer.teacher_router import TeacherRouter
 
 # Evaluation rollouts use their own fixed seed, so every evaluation of a run
 # (and of a resumed run) samples the same way.
@@ -125,10 +125,11 @@ def sample_rollouts(
 
 
 def score_rollouts(
-    teacher: TeacherClient, rollouts: list[Rollout], prompts: list[Prompt], config: TrainConfig, tokens: StudentTokens
+    teacher: TeacherRouter, rollouts: list[Rollout], prompts: list[Prompt], config: TrainConfig, tokens: StudentTokens
 ):
     requests = teacher_requests(rollouts, prompts, config.teacher_chat)
-    return collate_scores(rollouts, teacher.score_many(requests, config.top_k), config, tokens)
+    scores = teacher.score_many(requests, [p.teacher for p in prompts], config.top_k)
+    return collate_scores(rollouts, scores, config, tokens)
 
 
 def teacher_requests(rollouts: list[Rollout], prompts: list[Prompt], chat: bool) -> list[tuple]:
@@ -160,6 +161,10 @@ class PendingBatch:
     scores: Future  # of list[TeacherScores]
     rollout_s: float
     policy_lag: int
+    # The teacher of each rollout, and every teacher of the run: with more than one, the step's
+    # record carries the loss and support metrics per teacher too (every rank names the same ones).
+    teachers: list[str] = field(default_factory=list)
+    teacher_names: tuple[str, ...] = ()
 
 
 def optimizer_step(
@@ -188,8 +193,14 @@ def optimizer_step(
     totals: dict[str, float] = defaultdict(float)
     gap = {"behaviour_gap_sum": 0.0, "behaviour_gap_count": 0.0}
     gap_max = 0.0
-    for batch in micro_batches:
-        position_metrics, trained_sums, gaps = _backward(model, batch, config, world.size, trained_positions)
+    per_teacher: dict[str, float] = defaultdict(float)
+    for start, batch in zip(range(0, len(pending.rollouts), size), micro_batches):
+        teachers = pending.teachers[start : start + size] if len(pending.teacher_names) > 1 else []
+        position_metrics, trained_sums, gaps, teacher_sums = _backward(
+            model, batch, config, world.size, trained_positions, teachers, pending.teacher_names
+        )
+        for name, value in teacher_sums.items():
+            per_teacher[name] += value
         for name, value in position_metrics.items():
             totals[name] += value * int(batch.mask.sum()) / positions
         for name, value in trained_sums.items():
@@ -209,12 +220,14 @@ def optimizer_step(
         | {"completion_tokens": sum(r.completion_length for r in pending.rollouts), "rollouts": len(pending.rollouts)}
         | {"total_tokens": sum(len(r.tokens) for r in pending.rollouts)}
         | episode_sums(pending.rollouts)
-        | gap,
+        | gap
+        | dict(per_teacher),
         world,
     )
     teacher_counts = {name.removeprefix("counts."): sums.pop(name) for name in list(sums) if name.startswith("counts.")}
     return {
         **{name: sums[name] for name in totals},
+        **teacher_means({name: sums[name] for name in per_teacher}),
         **teacher_coverage(teacher_counts),
         "grad_norm": float(grad_norm),
         "lr": scheduler.get_last_lr()[0],
@@ -233,11 +246,18 @@ def optimizer_step(
 
 
 def _backward(
-    model, batch: ScoredBatch, config: TrainConfig, world_size: int, trained_positions: int
-) -> tuple[dict[str, float], dict[str, float], torch.Tensor]:
+    model,
+    batch: ScoredBatch,
+    config: TrainConfig,
+    world_size: int,
+    trained_positions: int,
+    teachers: list[str] = (),
+    teacher_names: tuple[str, ...] = (),
+) -> tuple[dict[str, float], dict[str, float], torch.Tensor, dict[str, float]]:
     """Loss and gradients of one micro-batch: its support metrics (means over its loss-carrying
     positions), the sums over the positions it trains on (all of them, or the highest-entropy
-    share of them with entropy_top_ratio < 1) and the behaviour gaps of its positions."""
+    share of them with entropy_top_ratio < 1), the behaviour gaps of its positions, and with
+    `teachers` (each rollout's) the sums per teacher (teacher_sums)."""
     select = config.entropy_top_ratio < 1.0
     with training_precision(config, model):
         student = student_scores(model, batch, log_norm_gradient=config.loss != "topk_rkl", entropy=select)
@@ -263,7 +283,37 @@ def _backward(
         entropy = student.entropy.detach()
         metrics["entropy_mean"] = float(entropy[batch.mask.to(entropy.device)].mean()) if batch.mask.any() else 0.0
         trained_sums["entropy_trained_mean"] = float(entropy[mask].sum())
-    return metrics, trained_sums, gaps
+    per_teacher = teacher_sums(student, batch, loss, teachers, teacher_names) if teachers else {}
+    return metrics, trained_sums, gaps, per_teacher
+
+
+def teacher_sums(
+    student, batch: ScoredBatch, loss: torch.Tensor, teachers: list[str], names: tuple[str, ...]
+) -> dict[str, float]:
+    """Per teacher of `names`: its loss-carrying positions among the rollouts it scored
+    (`teachers`: each rollout's), and the sums over them of the loss and the support metrics."""
+    sums = {}
+    for name in names:
+        rows = torch.tensor([teacher == name for teacher in teachers], dtype=torch.bool)
+        mask = batch.mask & rows[:, None]
+        metrics = student.metrics(batch, mask) if mask.any() else {"num_positions": 0}
+        count = metrics.pop("num_positions")
+        label = f"teacher.{name or 'default'}"
+        sums[f"{label}.positions"] = count
+        sums[f"{label}.loss"] = float(loss.detach()[rows.to(loss.device)].sum())
+        for metric, value in metrics.items():
+            sums[f"{label}.{metric}"] = value * count
+    return sums
+
+
+def teacher_means(sums: dict[str, float]) -> dict[str, float]:
+    """`teacher.NAME.METRIC` means over each teacher's positions, from teacher_sums over all ranks."""
+    means = {}
+    for key, value in sums.items():
+        label, _, metric = key.rpartition(".")
+        if metric != "positions" and sums[f"{label}.positions"]:  # a teacher with no position this step: none
+            means[key] = value / sums[f"{label}.positions"]
+    return means
 
 
 @torch.no_grad()

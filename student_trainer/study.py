@@ -40,7 +40,6 @@ import torch
 from transformers import AutoTokenizer
 
 from student_trainer.batch import mask_fractions, student_scores
-from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import Prompt, load_prompts
 from student_trainer.demo import task, xtok
@@ -49,6 +48,7 @@ from student_trainer.messages import tokenizer_message
 from student_trainer.plots import plot_study
 from student_trainer.study_report import aggregate, claims, markdown_report, summarize_run
 from student_trainer.step import StudentTokens, evaluation_seeds, hf_rollouts, score_rollouts
+from student_trainer.teacher_router import TeacherRouter
 from student_trainer.train import train
 from teacher_server.launch import TeacherProcess, threads
 
@@ -186,7 +186,7 @@ class HeldoutEvaluator:
 
     def __init__(
         self,
-        client: TeacherClient,
+        client: TeacherRouter,
         tokenizer,
         problems: list[task.Problem],
         prompts: list[Prompt],
@@ -283,9 +283,9 @@ def open_evaluator(
 ) -> tuple[HeldoutEvaluator, int]:
     """A HeldoutEvaluator for `student` with its own client and session (its tokenizer's); and max_k."""
     tokenizer = AutoTokenizer.from_pretrained(student)  # as train() loads it
-    client = stack.enter_context(TeacherClient(target))
-    client.open_session(tokenizer_message(tokenizer))  # a cross-tokenizer session if it is not the teacher's
-    max_k = client.get_info().max_k
+    client = stack.enter_context(TeacherRouter(target, [""]))
+    client.open_sessions(tokenizer_message(tokenizer))  # a cross-tokenizer session if it is not the teacher's
+    max_k = client.clients[""].get_info().max_k
     config = TrainConfig(
         student=str(student),
         prompts="-",

@@ -37,7 +37,6 @@ from student_trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from student_trainer.client import TeacherClient
 from student_trainer.config import TrainConfig
 from student_trainer.data import PromptStream, load_prompts
 from student_trainer.distributed import World, all_reduce_max, init_world, rank_device, shutdown, unwrap, wrap_model
@@ -55,6 +54,7 @@ from student_trainer.step import (
     sample_rollouts,
     teacher_requests,
 )
+from student_trainer.teacher_router import TeacherRouter
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,9 @@ class Run:
         )
         self.start = 0
         self.client_options = teacher_client_options(config)
+        # The teachers the prompts name ("" the server's default), in a fixed order on every rank.
+        self.teacher_names = tuple(sorted({p.teacher for p in self.prompts.prompts + self.eval_prompts}))
+        self.teacher_pins: dict[str, str] = {}
         if checkpoint:
             self._restore(checkpoint)
         self.records: list[dict] = []
@@ -239,8 +242,8 @@ class Run:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
-        if self.config.pin_teacher and state.teacher_pin:
-            self.client_options["pin_teacher"] = state.teacher_pin  # the teacher this run trained against
+        if self.config.pin_teacher:  # the teachers this run trained against
+            self.teacher_pins = state.teacher_pins or ({"": state.teacher_pin} if state.teacher_pin else {})
         load_optimizer_state(checkpoint, self.model, self.optimizer, self.world)
         self.scheduler.load_state_dict(state.scheduler)
         restore_rng(state.rng)
@@ -249,9 +252,9 @@ class Run:
 
     def loop(self) -> list[dict]:
         config = self.config
-        with TeacherClient(config.teacher, **self.client_options) as teacher:
+        with TeacherRouter(config.teacher, self.teacher_names, self.teacher_pins, **self.client_options) as teacher:
             # mask_special_tokens: false is an ablation of the whole masking: the teacher's too.
-            teacher.open_session(
+            teacher.open_sessions(
                 tokenizer_message(self.tokenizer), no_special_token_masking=not config.mask_special_tokens
             )
             if self.start == 0 and (self.eval_prompts or self.evaluate_task):
@@ -281,7 +284,7 @@ class Run:
                     self._save(step + 1, teacher, ahead=len(ahead))
         return self.records
 
-    def _produce(self, teacher: TeacherClient, step: int, steps_done: int) -> PendingBatch:
+    def _produce(self, teacher: TeacherRouter, step: int, steps_done: int) -> PendingBatch:
         """Sample this rank's shard of `step`'s global batch and send it to the teacher (no waiting)."""
         config = self.config
         shard = self.world.shard(self.prompts.next_batch(config.batch_size))
@@ -291,10 +294,14 @@ class Run:
             self.engine, shard, seeds, config, self.tokens, self.environment, candidates=config.candidates
         )
         version = steps_done if config.rollout_engine == "hf" else self.engine_version
-        scores = teacher.submit_score_many(teacher_requests(rollouts, shard, config.teacher_chat), config.top_k)
-        return PendingBatch(rollouts, scores, time.perf_counter() - started, policy_lag=step - version)
+        teachers = [prompt.teacher for prompt in shard]
+        requests = teacher_requests(rollouts, shard, config.teacher_chat)
+        scores = teacher.submit_score_many(requests, teachers, config.top_k)
+        return PendingBatch(
+            rollouts, scores, time.perf_counter() - started, step - version, teachers, self.teacher_names
+        )
 
-    def _step(self, teacher: TeacherClient, step: int, current: PendingBatch, started: float) -> dict:
+    def _step(self, teacher: TeacherRouter, step: int, current: PendingBatch, started: float) -> dict:
         """The optimizer step, a weight push and an evaluation when due; the step's record, logged."""
         config = self.config
         record = {"step": step + 1}
@@ -309,7 +316,7 @@ class Run:
         self._record(record)
         return record
 
-    def _evaluation(self, teacher: TeacherClient) -> dict:
+    def _evaluation(self, teacher: TeacherRouter) -> dict:
         result = {}
         if self.eval_prompts:
             result |= evaluate_heldout(
@@ -324,7 +331,7 @@ class Run:
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def _save(self, step: int, teacher: TeacherClient, ahead: int) -> None:
+    def _save(self, step: int, teacher: TeacherRouter, ahead: int) -> None:
         config = self.config
         state = TrainerState(
             step=step,
@@ -332,7 +339,8 @@ class Run:
             scheduler=self.scheduler.state_dict(),
             rng=capture_rng(),
             world_size=self.world.size,
-            teacher_pin=teacher.pin,
+            teacher_pin=teacher.pins.get(""),
+            teacher_pins=teacher.pins,
         )
         save_checkpoint(
             self.output, self.model, self.optimizer, self.tokenizer, state, config.keep_checkpoints, self.world

@@ -8,9 +8,18 @@ import json
 
 from teacher_server.auth import ApiKeys, KeyFileError
 from teacher_server.engines import ENGINE_NAMES, EngineConfig
+from teacher_server.engines.adapters import AdapterError
 from teacher_server.logs import configure_logging
 from teacher_server.scheduler import SchedulerLimits
 from teacher_server.server import ServerConfig, serve
+from teacher_server.teacher_specs import (
+    TeacherSpec,
+    TeacherSpecError,
+    load_teachers_file,
+    parse_teacher_flag,
+    resolve_teachers,
+    validated,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,8 +38,20 @@ def _parser() -> argparse.ArgumentParser:
 def _serving_flags(
     run: argparse.ArgumentParser, server: ServerConfig, engine_defaults: EngineConfig, limits: SchedulerLimits
 ) -> None:
-    run.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
-    run.add_argument("--tokenizer", help="the teacher's tokenizer (default: the model's)")
+    teachers = run.add_mutually_exclusive_group(required=True)
+    teachers.add_argument("--model", help="Hugging Face model directory or hub id (one teacher, named 'default')")
+    teachers.add_argument(
+        "--teacher",
+        action="append",
+        metavar="NAME=PATH",
+        help="a teacher by name, repeatable: NAME=MODEL_PATH, or NAME=BASE_NAME+ADAPTER_DIR for a LoRA adapter "
+        "over another teacher's model (its weights loaded once)",
+    )
+    teachers.add_argument(
+        "--teachers", metavar="FILE", help="a YAML file of teachers with per-teacher engine options (README)"
+    )
+    run.add_argument("--default-teacher", help="the teacher of sessions that name none (default: the first)")
+    run.add_argument("--tokenizer", help="the --model teacher's tokenizer (default: the model's)")
     run.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0 for all)")
     run.add_argument("--port", type=int, default=server.port, help="port (0 picks a free one)")
     run.add_argument(
@@ -139,16 +160,34 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     try:
         api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None
-    except KeyFileError as error:
+        config = server_config(args, api_keys)
+        asyncio.run(serve(config))
+    except (KeyFileError, TeacherSpecError, AdapterError) as error:
         raise SystemExit(f"opd-teacher: {error}") from None
-    asyncio.run(serve(server_config(args, api_keys)))
+
+
+def _teachers(args: argparse.Namespace) -> tuple[tuple[TeacherSpec, ...], str]:
+    """(the teachers named by --teacher or --teachers, the default one); ((), "") for --model."""
+    default = args.default_teacher or ""
+    if args.teachers:
+        specs, default_in_file = load_teachers_file(args.teachers)
+        return validated(specs, default or None), default or default_in_file
+    if args.teacher:
+        specs = resolve_teachers([parse_teacher_flag(value) for value in args.teacher])
+        return validated(specs, default or None), default
+    if default:
+        raise TeacherSpecError("--default-teacher names one of the --teacher or --teachers teachers")
+    return (), ""
 
 
 def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> ServerConfig:
+    teachers, default_teacher = _teachers(args)
     return ServerConfig(
         engine=args.engine,
+        teachers=teachers,
+        default_teacher=default_teacher,
         engine_config=EngineConfig(
-            model=args.model,
+            model=args.model or "",
             device=args.device,
             dtype=args.dtype,
             chunk_size=args.chunk_size,

@@ -21,7 +21,7 @@ import grpc
 from opd.metadata import PROTECTED_PREFIX
 from teacher_server.auth import ApiKeys, Authenticator
 from teacher_server.errors import FailedPrecondition, ResourceExhausted, TeacherError, Unauthenticated
-from teacher_server.identity import TeacherIdentity, pin_refusal
+from teacher_server.identity import TeacherIdentity, pinned_teacher, set_current_pin
 from teacher_server.interceptor import end_with_status
 from teacher_server.tenancy import set_current_tenant
 
@@ -66,13 +66,13 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         keys: ApiKeys | None,
-        identity: Callable[[], TeacherIdentity | None],
+        identities: Callable[[], tuple[TeacherIdentity, ...] | None],
         metrics: TeacherMetrics | None = None,
         max_calls: int = MAX_CALLS_IN_PROGRESS,
         max_tenant_calls: int = MAX_TENANT_CALLS,
     ) -> None:
         self.authenticator = Authenticator(keys, metrics)
-        self.identity = identity
+        self.identities = identities
         self.calls = CallsInProgress(max_calls, max_tenant_calls)
 
     async def intercept_service(
@@ -86,13 +86,13 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         tenant, unauthenticated = self.authenticator.authenticate(details)
         if unauthenticated is not None:
             return _refused(handler, lambda: Unauthenticated(unauthenticated))
-        swapped = pin_refusal(details, self.identity())
+        pinned, swapped = pinned_teacher(details, self.identities())
         if swapped is not None:
             return _refused(handler, lambda: FailedPrecondition(swapped))
         busy = self.calls.refusal(tenant)
         if busy is not None:
             return _refused(handler, lambda: ResourceExhausted(busy, retry_after_s=1.0))
-        return _checked(handler, tenant, self.calls)
+        return _checked(handler, tenant, pinned, self.calls)
 
 
 def _refused(handler: grpc.RpcMethodHandler, error: Callable[[], TeacherError]) -> grpc.RpcMethodHandler:
@@ -116,9 +116,11 @@ def _refused(handler: grpc.RpcMethodHandler, error: Callable[[], TeacherError]) 
     return grpc.stream_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
 
 
-def _checked(handler: grpc.RpcMethodHandler, tenant: str, calls: CallsInProgress) -> grpc.RpcMethodHandler:
-    """`handler` run as `tenant`, inside the RPC's own task, counted in `calls` while it runs; the
-    Teacher service has unary and bidirectional methods only."""
+def _checked(
+    handler: grpc.RpcMethodHandler, tenant: str, pinned: TeacherIdentity | None, calls: CallsInProgress
+) -> grpc.RpcMethodHandler:
+    """`handler` run as `tenant` pinned to `pinned`, inside the RPC's own task, counted in `calls`
+    while it runs; the Teacher service has unary and bidirectional methods only."""
 
     options = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
@@ -126,6 +128,7 @@ def _checked(handler: grpc.RpcMethodHandler, tenant: str, calls: CallsInProgress
 
         async def checked_unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             set_current_tenant(tenant)
+            set_current_pin(pinned)
             with calls.held(tenant):
                 return await unary_unary(request, context)
 
@@ -135,6 +138,7 @@ def _checked(handler: grpc.RpcMethodHandler, tenant: str, calls: CallsInProgress
 
         async def checked_stream_stream(requests: Any, context: grpc.aio.ServicerContext):
             set_current_tenant(tenant)
+            set_current_pin(pinned)
             with calls.held(tenant):
                 async for reply in stream_stream(requests, context):
                     yield reply

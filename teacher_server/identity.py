@@ -5,7 +5,9 @@ against different weights after an operator swapped the model behind the same
 address. GetInfo returns `model` and `weights_sha256`; a client that pins them
 sends the metadata `opd-teacher-pin: <model>@<weights_sha256>` with every call,
 and a server serving anything else answers FAILED_PRECONDITION (never a score).
-GetInfo itself is not checked: it is how a client learns what to pin.
+GetInfo itself is not checked: it is how a client learns what to pin. A server hosting
+several teachers accepts a pin of any of them, and refuses a pinned client's sessions of
+another (teachers.py).
 
 The hash covers every regular file of a local model directory (weights, config,
 tokenizer), streamed, so it is computed without loading anything twice. A hub id
@@ -15,6 +17,7 @@ model name only.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -52,19 +55,35 @@ def weights_sha256(model: str) -> str:
     return digest.hexdigest()
 
 
-def pin_refusal(details: grpc.HandlerCallDetails, served: TeacherIdentity | None) -> str | None:
-    """Why a call pinned to another teacher than the one served is refused, or None.
+_PINNED: contextvars.ContextVar[TeacherIdentity | None] = contextvars.ContextVar("opd_pinned", default=None)
 
-    `served` is None while the model loads (the servicer answers UNAVAILABLE then)."""
+
+def current_pin() -> TeacherIdentity | None:
+    """The teacher the current call is pinned to (None: not pinned)."""
+    return _PINNED.get()
+
+
+def set_current_pin(pinned: TeacherIdentity | None) -> None:
+    _PINNED.set(pinned)
+
+
+def pinned_teacher(
+    details: grpc.HandlerCallDetails, served: tuple[TeacherIdentity, ...] | None
+) -> tuple[TeacherIdentity | None, str | None]:
+    """(the served teacher the call is pinned to, why the call is refused): a pin must name one of
+    the teachers served (a server hosting several checks the session's own teacher later,
+    teachers.py). `served` is None while the models load (the servicer answers UNAVAILABLE then)."""
     pin = next((value for name, value in details.invocation_metadata or () if name == PIN), None)
     if pin is None or details.method in UNPINNED_METHODS or served is None:
-        return None
+        return None, None
     pin = pin.decode("latin-1") if isinstance(pin, bytes) else pin
-    if _matches(pin, served):
-        return None
+    for identity in served:
+        if _matches(pin, identity):
+            return identity, None
     log.warning("refused a call pinned to another teacher (%s)", details.method)
-    return (
-        f"this teacher serves {served.pin!r} but the client pinned {pin!r}: the teacher was swapped. "
+    serving = ", ".join(repr(identity.pin) for identity in served)
+    return None, (
+        f"this server serves {serving} but the client pinned {pin!r}: the teacher was swapped. "
         "Refusing to score with other weights; point the client at the pinned teacher, or re-pin deliberately"
     )
 

@@ -31,13 +31,13 @@ def free_port() -> int:
 class TeacherProcess:
     """`python -m teacher_server.cli serve --model MODEL` on 127.0.0.1, SERVING once constructed.
 
-    `extra`: further flags; `env`: variables added to this process's environment; `log`: file
+    `model` None: the teachers are in `extra` (--teacher / --teachers); `extra`: further flags; `env`: variables added to this process's environment; `log`: file
     for the teacher's output (None: discarded); `python`: the interpreter (another venv's).
     """
 
     def __init__(
         self,
-        model: Path | str,
+        model: Path | str | None,
         *,
         port: int | None = None,
         extra: Iterable[str] = (),
@@ -55,8 +55,7 @@ class TeacherProcess:
             "-m",
             "teacher_server.cli",
             "serve",
-            "--model",
-            str(model),
+            *(("--model", str(model)) if model is not None else ()),
             "--host",
             HOST,
             "--port",

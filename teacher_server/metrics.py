@@ -6,15 +6,18 @@ names come from the operator's key file, so their number is bounded. Names:
 
   opd_requests_total{tenant,method,code}         RPCs and stream requests by final status
   opd_request_latency_seconds{tenant,method}     time from arrival to answer
-  opd_tokens_scored_total{tenant}                positions scored (rows returned)
+  opd_tokens_scored_total{tenant,teacher}        positions scored (rows returned)
+  opd_engine_seconds_total{tenant,teacher}       engine time, each batch's split over its jobs by tokens
   opd_queue_depth{tenant}, opd_queued_tokens{tenant}, opd_in_flight_requests{tenant}
   opd_queue_wait_seconds{tenant}                 time in the queue before the engine
-  opd_batch_size, opd_batch_tokens, opd_batch_seconds   per engine forward pass
+  opd_batch_size{teacher}, opd_batch_tokens{teacher}, opd_batch_seconds{teacher}   per engine forward pass
   opd_alignment_coverage{tenant}                 per request: share of positions with a distribution
   opd_support_mass{tenant}                       per request: mean teacher mass on the support
   opd_rejected_total{tenant,limit}               RESOURCE_EXHAUSTED by limit
   opd_auth_failures_total{reason}                calls refused for a missing or invalid key
-  opd_sessions_open, opd_draining, opd_teacher_info{model,engine,weights_sha256}
+  opd_sessions_open, opd_draining
+  opd_teacher_info{teacher,model,engine,weights_sha256,base}   one series per hosted teacher
+  opd_teacher_memory_bytes{teacher}              process memory its loading added (an adapter: about its size)
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ class TeacherMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._tokens = Counter("opd_tokens_scored", "positions scored", ["tenant"], registry=registry)
+        self._tokens = Counter("opd_tokens_scored", "positions scored", ["tenant", "teacher"], registry=registry)
+        self._engine_seconds = Counter(
+            "opd_engine_seconds", "engine time by tenant and teacher", ["tenant", "teacher"], registry=registry
+        )
         self._queue_depth = Gauge("opd_queue_depth", "jobs waiting for the engine", ["tenant"], registry=registry)
         self._queued_tokens = Gauge("opd_queued_tokens", "tokens waiting for the engine", ["tenant"], registry=registry)
         self._in_flight = Gauge("opd_in_flight_requests", "requests queued or scored", ["tenant"], registry=registry)
@@ -55,12 +61,14 @@ class TeacherMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._batch_size = Histogram("opd_batch_size", "jobs per forward pass", buckets=SIZE_BUCKETS, registry=registry)
+        self._batch_size = Histogram(
+            "opd_batch_size", "jobs per forward pass", ["teacher"], buckets=SIZE_BUCKETS, registry=registry
+        )
         self._batch_tokens = Histogram(
-            "opd_batch_tokens", "tokens per forward pass", buckets=TOKEN_BUCKETS, registry=registry
+            "opd_batch_tokens", "tokens per forward pass", ["teacher"], buckets=TOKEN_BUCKETS, registry=registry
         )
         self._batch_seconds = Histogram(
-            "opd_batch_seconds", "engine time per forward pass", buckets=LATENCY_BUCKETS, registry=registry
+            "opd_batch_seconds", "engine time per forward pass", ["teacher"], buckets=LATENCY_BUCKETS, registry=registry
         )
         self._coverage = Histogram(
             "opd_alignment_coverage",
@@ -82,7 +90,10 @@ class TeacherMetrics:
         )
         self.sessions_open = Gauge("opd_sessions_open", "open sessions", registry=registry)
         self.draining = Gauge("opd_draining", "1 while the server drains before exiting", registry=registry)
-        self._info = Info("opd_teacher", "the model served", registry=registry)
+        self._info = Info("opd_teacher", "a hosted teacher", ["teacher"], registry=registry)
+        self._memory = Gauge(
+            "opd_teacher_memory_bytes", "process memory a teacher's loading added", ["teacher"], registry=registry
+        )
         self._http = None
 
     # ------------------------------------------------------------------ recording
@@ -91,8 +102,9 @@ class TeacherMetrics:
         self._requests.labels(tenant, method, code).inc()
         self._latency.labels(tenant, method).observe(seconds)
 
-    def scored(self, tenant: str, positions: int) -> None:
-        self._tokens.labels(tenant).inc(positions)
+    def scored(self, tenant: str, teacher: str, positions: int, engine_seconds: float) -> None:
+        self._tokens.labels(tenant, teacher).inc(positions)
+        self._engine_seconds.labels(tenant, teacher).inc(engine_seconds)
 
     def score_quality(self, tenant: str, coverage: float, support_mass: float) -> None:
         self._coverage.labels(tenant).observe(coverage)
@@ -106,10 +118,10 @@ class TeacherMetrics:
     def queue_wait(self, tenant: str, seconds: float) -> None:
         self._queue_wait.labels(tenant).observe(seconds)
 
-    def batch(self, jobs: int, tokens: int, seconds: float) -> None:
-        self._batch_size.observe(jobs)
-        self._batch_tokens.observe(tokens)
-        self._batch_seconds.observe(seconds)
+    def batch(self, teacher: str, jobs: int, tokens: int, seconds: float) -> None:
+        self._batch_size.labels(teacher).observe(jobs)
+        self._batch_tokens.labels(teacher).observe(tokens)
+        self._batch_seconds.labels(teacher).observe(seconds)
 
     def rejected(self, tenant: str, limit: str) -> None:
         self._rejected.labels(tenant, limit).inc()
@@ -117,8 +129,9 @@ class TeacherMetrics:
     def auth_failure(self, reason: str) -> None:
         self._auth_failures.labels(reason).inc()
 
-    def teacher(self, model: str, engine: str, weights_sha256: str) -> None:
-        self._info.info({"model": model, "engine": engine, "weights_sha256": weights_sha256})
+    def teacher(self, name: str, model: str, engine: str, weights_sha256: str, base: str, memory_bytes: int) -> None:
+        self._info.labels(name).info({"model": model, "engine": engine, "weights_sha256": weights_sha256, "base": base})
+        self._memory.labels(name).set(memory_bytes)
 
     # ------------------------------------------------------------------ HTTP
 

@@ -26,6 +26,11 @@ Batches are filled by popping jobs in DRR order until the token budget, the batc
 size or the time bound (the tokens the engine runs in `max_batch_seconds` at its recent
 throughput) is reached; the DRR state carries over from one batch to the next.
 
+Several teachers on one device (a server hosting more than one) share this one queue: a
+batch holds the jobs of one teacher, and ends where DRR's next job belongs to another, so
+tenants are served fairly in tokens whichever teacher they use, and each teacher's time
+bound uses its own throughput.
+
 Limits (SchedulerLimits): a request longer than `max_request_tokens` is refused
 outright; per tenant, the tokens waiting in the queue and the requests in flight
 (queued or on the device) are capped, and so are queued jobs over all tenants.
@@ -51,6 +56,7 @@ from typing import TYPE_CHECKING, Generic, Hashable, TypeVar
 
 from teacher_server.engines import Engine, ScoringJob, TeacherScores
 from teacher_server.errors import ResourceExhausted, Unavailable
+from teacher_server.teacher_specs import DEFAULT_TEACHER
 from teacher_server.tenancy import current_tenant
 
 if TYPE_CHECKING:
@@ -80,6 +86,14 @@ class SchedulerLimits:
     max_request_tokens: int = 65_536
 
 
+@dataclass(frozen=True, eq=False)
+class TeacherEngine:
+    """A hosted teacher as the scheduler knows it: its name (metrics) and its engine."""
+
+    name: str
+    engine: Engine
+
+
 def job_cost(job: ScoringJob) -> int:
     """Tokens the engine runs for `job`: the DRR cost and the unit of the limits."""
     return len(job.token_ids) + getattr(job, "num_branch_tokens", 0)
@@ -90,6 +104,7 @@ class _Pending:
     tenant: str
     job: ScoringJob
     result: asyncio.Future = field(repr=False)
+    teacher: TeacherEngine | None = None
     cost: int = 0
     queued_at: float = 0.0
     dequeued: bool = False  # taken into a batch (or dropped): no longer counts as queued
@@ -187,7 +202,9 @@ class Scheduler:
     def __init__(
         self, engine: Engine, limits: SchedulerLimits = SchedulerLimits(), metrics: TeacherMetrics | None = None
     ) -> None:
+        """`engine`: the teacher of jobs submitted without one (the default teacher)."""
         self.engine = engine
+        self.default_teacher = TeacherEngine(DEFAULT_TEACHER, engine)
         self.limits = limits
         self.metrics = metrics
         self.stats = SchedulerStats()
@@ -200,6 +217,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tokens_per_s = 0.0  # recent engine throughput, for retry hints
+        self._teacher_tokens_per_s: dict[str, float] = {}  # ... of each teacher, for the batches' time bound
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop_task: asyncio.Task | None = None
@@ -232,10 +250,13 @@ class Scheduler:
     def load(self, tenant: str) -> _TenantLoad:
         return self._load.get(tenant, _TenantLoad())
 
-    async def submit(self, session_id: str, job: ScoringJob, tenant: str | None = None) -> TeacherScores:
-        """Queue `job` for `tenant` and wait for its scores; cancelling the caller drops the job.
+    async def submit(
+        self, session_id: str, job: ScoringJob, tenant: str | None = None, teacher: TeacherEngine | None = None
+    ) -> TeacherScores:
+        """Queue `job` for `tenant` and wait for `teacher`'s scores; cancelling the caller drops the job.
 
-        `tenant` defaults to the tenant of the current RPC (tenancy.current_tenant()).
+        `tenant` defaults to the tenant of the current RPC (tenancy.current_tenant()), `teacher` to
+        the scheduler's default one.
         """
         tenant = current_tenant() if tenant is None else tenant
         if self.draining:
@@ -245,7 +266,14 @@ class Scheduler:
         cost = job_cost(job)
         self._admit(tenant, cost)
         load = self._load.setdefault(tenant, _TenantLoad())
-        pending = _Pending(tenant, job, asyncio.get_running_loop().create_future(), cost, time.monotonic())
+        pending = _Pending(
+            tenant,
+            job,
+            asyncio.get_running_loop().create_future(),
+            teacher or self.default_teacher,
+            cost,
+            time.monotonic(),
+        )
         self.stats.jobs_accepted += 1
         self._queues.queue(tenant, self._session_ring).queue(session_id, deque).append(pending)
         self._queued += 1
@@ -319,10 +347,13 @@ class Scheduler:
         batch: list[_Pending] = []
         longest, cost = 0, 0
         limits = self.limits
-        timely = (
-            self._tokens_per_s * limits.max_batch_seconds if self._tokens_per_s and limits.max_batch_seconds else None
-        )
+        timely = None
         while (head := self._queues.peek()) is not None:
+            if not batch:
+                rate = self._teacher_tokens_per_s.get(head.teacher.name, 0.0)
+                timely = rate * limits.max_batch_seconds if rate and limits.max_batch_seconds else None
+            elif head.teacher is not batch[0].teacher:
+                break
             tokens = len(head.job.token_ids)
             padded = (len(batch) + 1) * max(longest, tokens)
             full = padded > limits.max_batch_tokens or len(batch) >= limits.max_batch_size
@@ -379,7 +410,7 @@ class Scheduler:
 
     async def _score(self, batch: list[_Pending]) -> list:
         results = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.engine.score, [p.job for p in batch]
+            self._executor, batch[0].teacher.engine.score, [p.job for p in batch]
         )
         if len(results) != len(batch):
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} jobs")
@@ -403,11 +434,14 @@ class Scheduler:
         self.stats.batches += 1
         tokens = sum(p.cost for p in batch)
         rate = tokens / max(seconds, 1e-6)
-        self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+        self._tokens_per_s = _recent(self._tokens_per_s, rate)
+        teacher = batch[0].teacher.name
+        self._teacher_tokens_per_s[teacher] = _recent(self._teacher_tokens_per_s.get(teacher, 0.0), rate)
         if self.metrics is not None:
-            self.metrics.batch(len(batch), tokens, seconds)
+            self.metrics.batch(teacher, len(batch), tokens, seconds)
             for pending in batch:
-                self.metrics.scored(pending.tenant, pending.job.num_positions)
+                share = seconds * pending.cost / max(tokens, 1)
+                self.metrics.scored(pending.tenant, teacher, pending.job.num_positions, share)
 
     def _observe_queue(self, tenant: str) -> None:
         if self.metrics is not None:
@@ -417,3 +451,8 @@ class Scheduler:
     def _rejected(self, tenant: str, limit: str) -> None:
         if self.metrics is not None:
             self.metrics.rejected(tenant, limit)
+
+
+def _recent(average: float, value: float) -> float:
+    """An exponentially weighted average of throughputs (the first value as it is)."""
+    return value if not average else 0.8 * average + 0.2 * value

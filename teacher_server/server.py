@@ -29,17 +29,19 @@ from grpc_reflection.v1alpha import reflection
 from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.alignment.cross import MAX_ALIGNMENT_WORK
 from teacher_server.auth import ApiKeys, Authenticator
-from teacher_server.engines import EngineConfig, load_engine
+from teacher_server.engines import EngineConfig
 from teacher_server.gate import MAX_CALLS_IN_PROGRESS, MAX_TENANT_CALLS, GateInterceptor
 from teacher_server.http.app import HttpFront, HttpServer, TlsFiles
-from teacher_server.http.scoring import TokenTexts
-from teacher_server.identity import TeacherIdentity, weights_sha256
+from teacher_server.http.scoring import HttpTeacher, TokenTexts
+from teacher_server.identity import TeacherIdentity
 from teacher_server.interceptor import StatusInterceptor
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import Scheduler, SchedulerLimits
 from teacher_server.service import TeacherService, receive_limits
 from teacher_server.servicer import TeacherServicer
-from teacher_server.sessions import MAX_TABLE_BYTES, TeacherVocabulary
+from teacher_server.sessions import MAX_TABLE_BYTES, SessionRegistry
+from teacher_server.teacher_specs import DEFAULT_TEACHER, TeacherSpec
+from teacher_server.teachers import LoadedTeacher, Teachers, load_teachers
 from teacher_server.tenancy import MAX_TENANT_TABLE_BYTES, SessionOwners
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ GRPC_BOUNDS_FACTOR = 4
 @dataclass(frozen=True)
 class ServerConfig:
     engine: str = "hf"
-    engine_config: EngineConfig = EngineConfig(model="")
+    engine_config: EngineConfig = EngineConfig(model="")  # the engine options of every teacher
     tokenizer: str | None = None  # defaults to the model path
+    # Several teachers (teacher_specs.py); empty: the one teacher engine_config.model, named "default".
+    teachers: tuple[TeacherSpec, ...] = ()
+    default_teacher: str = ""  # the teacher of an OpenSession that names none ("": the first)
     host: str = "127.0.0.1"
     port: int = 50051
     max_k: int = 64
@@ -84,6 +89,11 @@ class ServerConfig:
     # The HTTP front end (vLLM's and SGLang's dialects, http/); None: not served. 0 picks a free port.
     http_port: int | None = None
 
+    def teacher_specs(self) -> tuple[TeacherSpec, ...]:
+        if self.teachers:
+            return self.teachers
+        return (TeacherSpec(name=DEFAULT_TEACHER, model=self.engine_config.model, tokenizer=self.tokenizer),)
+
 
 class TeacherServer:
     """A running teacher: `await start()`, then `await wait()` or `await stop()`."""
@@ -96,7 +106,8 @@ class TeacherServer:
         self.servicer = TeacherServicer(self.metrics)
         self.health = health.aio.HealthServicer()
         self.scheduler: Scheduler | None = None
-        self.identity: TeacherIdentity | None = None
+        self.identities: tuple[TeacherIdentity, ...] | None = None  # None while the models load
+        self.teachers: Teachers | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http: HttpServer | None = None
@@ -111,7 +122,7 @@ class TeacherServer:
         self._server = grpc.aio.server(
             interceptors=[
                 GateInterceptor(
-                    config.api_keys, lambda: self.identity, self.metrics, config.max_calls, config.max_tenant_calls
+                    config.api_keys, lambda: self.identities, self.metrics, config.max_calls, config.max_tenant_calls
                 ),
                 StatusInterceptor(
                     self.metrics,
@@ -147,7 +158,10 @@ class TeacherServer:
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         await self._server.start()
         transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
-        log.info("listening on %s:%d (%s), loading %s", config.host, self.port, transport, config.engine_config.model)
+        names = ", ".join(
+            f"{spec.name}={spec.model or spec.base + '+' + spec.adapter}" for spec in config.teacher_specs()
+        )
+        log.info("listening on %s:%d (%s), loading %s", config.host, self.port, transport, names)
         if self.http is not None:
             self.http_port = await self.http.start()
             log.info("HTTP (vLLM and SGLang dialects) on %s:%d (%s)", config.host, self.http_port, transport)
@@ -162,50 +176,72 @@ class TeacherServer:
         else:
             tenants = config.api_keys.tenants
             log.info("API keys required; %d tenant(s): %s", len(tenants), ", ".join(tenants))
-        model = config.engine_config.model
-        # The weights hash streams the model files while the engine loads them.
-        engine, sha = await asyncio.gather(
-            asyncio.to_thread(load_engine, config.engine, config.engine_config),
-            asyncio.to_thread(weights_sha256, model),
-        )
-        teacher = await asyncio.to_thread(
-            TeacherVocabulary.from_pretrained, config.tokenizer or model, engine.vocab_size
-        )
-        log.info("teacher: %s", teacher.describe_head())
-        self.scheduler = Scheduler(engine, config.limits, self.metrics)
+        specs = config.teacher_specs()
+        loaded = await asyncio.to_thread(load_teachers, specs, config.engine, config.engine_config)
+        teachers = self._services(loaded)
+        # The teachers' side of cross-tokenizer alignment (byte tables, chat rendering) is built once
+        # per tokenizer, here, rather than by the first cross-tokenizer OpenSession: its latency and
+        # memory are the deployment's, not the first tenant's.
+        for service in {id(s.sessions): s for s in teachers.by_name.values()}.values():
+            try:
+                await asyncio.to_thread(service.sessions.teacher_text)
+            except Exception:  # an odd tokenizer must not stop a teacher that may only serve its own
+                log.exception(
+                    "building teacher %r's side of cross-tokenizer alignment failed; the first such session retries",
+                    service.name,
+                )
+        self.servicer.set_teachers(teachers)
+        self.http_front.teachers = _http_teachers(teachers, specs)
+        if self.http is not None:  # decoded once, here, not on the event loop by a first request
+            for texts in {id(t.texts): t.texts for t in self.http_front.teachers.values()}.values():
+                await asyncio.to_thread(texts.get)
+        self.teachers, self.identities = teachers, teachers.identities()
+        for teacher in loaded:
+            self.metrics.teacher(
+                teacher.name,
+                teacher.engine.model_name,
+                teacher.engine.name,
+                teacher.weights_sha256,
+                teacher.spec.base,
+                teacher.memory_bytes,
+            )
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for teacher in loaded:
+            log.info(
+                "serving teacher %r: %s (weights sha256 %s) with the %s engine",
+                teacher.name,
+                teacher.engine.model_name,
+                teacher.weights_sha256[:16] or "n/a",
+                teacher.engine.name,
+            )
+
+    def _services(self, loaded: list[LoadedTeacher]) -> Teachers:
+        """One service per teacher, one scheduler for the device they share; teachers of one
+        tokenizer (a base and its adapters) share their sessions' registry."""
+        config = self.config
+        self.scheduler = Scheduler(loaded[0].engine, config.limits, self.metrics)
         self.scheduler.start()
         owners = SessionOwners(config.max_sessions_per_tenant, config.max_tenant_table_mib << 20)
-        service = TeacherService(
-            engine,
-            teacher,
-            self.scheduler,
-            config.max_k,
-            owners,
-            sha,
-            self.metrics,
-            max_table_bytes=config.max_table_mib << 20,
-            max_alignment_work=config.max_alignment_work,
-        )
-        # The teacher's side of cross-tokenizer alignment (its byte tables and chat rendering) is
-        # built once, here, rather than by the first cross-tokenizer OpenSession: its latency and
-        # memory are the deployment's, not the first tenant's.
-        try:
-            await asyncio.to_thread(service.sessions.teacher_text)
-        except Exception:  # an odd tokenizer must not stop a teacher that may only serve its own
-            log.exception(
-                "building the teacher's side of cross-tokenizer alignment failed; the first such session retries"
+        registries: dict[int, SessionRegistry] = {}
+        services = []
+        for teacher in loaded:
+            service = TeacherService(
+                teacher.engine,
+                teacher.vocabulary,
+                self.scheduler,
+                config.max_k,
+                owners,
+                teacher.weights_sha256,
+                self.metrics,
+                max_table_bytes=config.max_table_mib << 20,
+                max_alignment_work=config.max_alignment_work,
+                name=teacher.name,
+                base=teacher.spec.base,
+                sessions=registries.get(id(teacher.vocabulary)),
             )
-        self.servicer.set_service(service)
-        tokenizer = config.tokenizer or model
-        self.http_front.texts = TokenTexts(tokenizer)
-        if self.http is not None:  # decoded once, here, not on the event loop by a first request
-            await asyncio.to_thread(self.http_front.texts.get)
-        self.http_front.model, self.http_front.tokenizer = engine.model_name, tokenizer
-        self.http_front.service = service
-        self.identity = TeacherIdentity(engine.model_name, sha)
-        self.metrics.teacher(engine.model_name, engine.name, sha)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (weights sha256 %s) with the %s engine", engine.model_name, sha[:16] or "n/a", engine.name)
+            registries.setdefault(id(teacher.vocabulary), service.sessions)
+            services.append(service)
+        return Teachers(services, config.default_teacher or loaded[0].name)
 
     async def stop(self) -> None:
         """Drain, then stop: accepted requests are answered, new ones get UNAVAILABLE."""
@@ -234,8 +270,8 @@ class TeacherServer:
             await self._server.stop(rest)
         if self.scheduler is not None:
             await self.scheduler.stop()
-        if self.http_front.service is not None:
-            self.http_front.service.shutdown()
+        if self.teachers is not None:
+            self.teachers.shutdown()
         self.metrics.close()
 
     async def wait(self) -> None:
@@ -260,6 +296,32 @@ async def serve(config: ServerConfig) -> None:
     )
     await server.stop()
     log.info("drained; exiting")
+
+
+def _http_teachers(teachers: Teachers, specs: tuple[TeacherSpec, ...]) -> dict[str, HttpTeacher]:
+    """The teachers as the HTTP dialects name them (HttpTeacher), the default one first; teachers
+    of one tokenizer share its decoded texts."""
+    by_name = {spec.name: spec for spec in specs}
+    texts: dict[str, TokenTexts] = {}
+    served: dict[str, HttpTeacher] = {}
+    ordered = [teachers.named("")] + [s for s in teachers.by_name.values() if s.name != teachers.default]
+    for service in ordered:
+        spec = by_name[service.name]
+        root = by_name[spec.base] if spec.is_adapter else spec
+        tokenizer = root.tokenizer or root.model
+        model = service.engine.model_name if service.name == teachers.default else service.name
+        parent = None
+        if spec.is_adapter:
+            parent = root.model if root.name == teachers.default else root.name
+        served[model] = HttpTeacher(
+            service,
+            model,
+            service.engine.model_name,
+            tokenizer,
+            texts.setdefault(tokenizer, TokenTexts(tokenizer)),
+            parent,
+        )
+    return served
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -19,7 +19,7 @@ from teacher_server.alignment.cross import MAX_ALIGNMENT_WORK
 from teacher_server.alignment.result import Coverage, ScoreResult, advance
 from teacher_server.engines import Engine, ScoringJob
 from teacher_server.errors import InvalidArgument, ResourceExhausted
-from teacher_server.scheduler import Scheduler
+from teacher_server.scheduler import Scheduler, TeacherEngine
 from teacher_server.sessions import (
     MAX_TABLE_BYTES,
     Session,
@@ -29,6 +29,7 @@ from teacher_server.sessions import (
     session_id_of,
 )
 from teacher_server.student_tokenizer import StudentTokenizerSpec, TokenizerLimits
+from teacher_server.teacher_specs import DEFAULT_TEACHER
 from teacher_server.tenancy import OPEN_TENANT, SessionOwners
 
 if TYPE_CHECKING:
@@ -77,8 +78,9 @@ class ScoreInput:
 
 @dataclass(frozen=True)
 class TeacherInfo:
-    """What GetInfo tells a client about this teacher."""
+    """What GetInfo tells a client about one hosted teacher."""
 
+    name: str
     model: str
     engine: str
     vocab_size: int
@@ -89,9 +91,13 @@ class TeacherInfo:
     eos_token_ids: list[int]
     server_version: str
     weights_sha256: str
+    base: str = ""  # a LoRA adapter's base teacher
 
 
 class TeacherService:
+    """One hosted teacher: its engine, its sessions (shared with the teachers of its tokenizer)
+    and its jobs' way to the scheduler the device's teachers share."""
+
     def __init__(
         self,
         engine: Engine,
@@ -104,11 +110,20 @@ class TeacherService:
         tokenizer_limits: TokenizerLimits = TokenizerLimits(),
         max_table_bytes: int = MAX_TABLE_BYTES,
         max_alignment_work: int = MAX_ALIGNMENT_WORK,
+        name: str = DEFAULT_TEACHER,
+        base: str = "",
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.engine = engine
+        self.name = name
+        self.base = base
         self.max_alignment_work = max_alignment_work
         self.scheduler = scheduler
-        self.sessions = SessionRegistry(teacher, engine.max_sequence_length, tokenizer_limits, max_table_bytes)
+        self.teacher_engine = TeacherEngine(name, engine)
+        self._session_ids: set[str] = set()  # this teacher's open sessions (the registry may be shared)
+        self.sessions = sessions or SessionRegistry(
+            teacher, engine.max_sequence_length, tokenizer_limits, max_table_bytes
+        )
         # Which tenant opened which session (tenancy.py): sessions are shared, access is not.
         self.owners = owners or SessionOwners()
         self.weights_sha256 = weights_sha256
@@ -118,6 +133,7 @@ class TeacherService:
     def info(self) -> TeacherInfo:
         teacher = self.sessions.teacher
         return TeacherInfo(
+            name=self.name,
             model=self.engine.model_name,
             engine=self.engine.name,
             vocab_size=self.engine.vocab_size,
@@ -128,6 +144,7 @@ class TeacherService:
             eos_token_ids=sorted(teacher.eos_ids),
             server_version=__version__,
             weights_sha256=self.weights_sha256,
+            base=self.base,
         )
 
     def open_session(
@@ -141,7 +158,7 @@ class TeacherService:
                 f"the {self.engine.name} engine scores only at temperature {', '.join(map(str, served))}, "
                 f"not {temperature}; open the session with temperature 1 or use a teacher served with --engine hf"
             )
-        session_id = session_id_of(student, settings)
+        session_id = session_id_of(student, settings, self.name)
         self.owners.admit(tenant, session_id)  # at its caps: refused before any work
         session = self.sessions.open(student, settings, session_id)
         try:
@@ -150,8 +167,13 @@ class TeacherService:
             if not self.owners.has_owner(session.session_id):  # built just now for a tenant over its cap
                 self.sessions.close(session.session_id)
             raise
+        self._session_ids.add(session_id)
         self._count_sessions()
         return session
+
+    def holds(self, session_id: str) -> bool:
+        """Whether `session_id` is an open session of this teacher."""
+        return session_id in self._session_ids
 
     def shutdown(self) -> None:
         """Stop the workers that read students' tokenizers."""
@@ -160,6 +182,7 @@ class TeacherService:
     def close_session(self, session_id: str, tenant: str = OPEN_TENANT) -> None:
         if self.owners.release(tenant, session_id):  # the last tenant holding it
             self.sessions.close(session_id)
+            self._session_ids.discard(session_id)
         self._count_sessions()
 
     def _count_sessions(self) -> None:
@@ -188,7 +211,7 @@ class TeacherService:
         heavy = session.alignment.heavy_steps or bool(request.messages)
         step = await asyncio.to_thread(advance, steps, None) if heavy else advance(steps, None)
         while isinstance(step, ScoringJob):
-            scores = await self.scheduler.submit(session.session_id, step, tenant)
+            scores = await self.scheduler.submit(session.session_id, step, tenant, self.teacher_engine)
             step = await asyncio.to_thread(advance, steps, scores) if heavy else advance(steps, scores)
         session.stats.record(step.counts)
         return step

@@ -19,10 +19,12 @@ from opd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.alignment.cross import CrossOptions
 from teacher_server.alignment.result import Coverage, ScoreResult
 from teacher_server.errors import InvalidArgument, Unavailable
+from teacher_server.identity import current_pin
 from teacher_server.interceptor import failed_request, status_of
 from teacher_server.service import ScoreInput, TeacherService
 from teacher_server.sessions import SessionSettings
 from teacher_server.student_tokenizer import StudentTokenizerSpec
+from teacher_server.teachers import Teachers
 from teacher_server.tenancy import current_tenant
 
 if TYPE_CHECKING:
@@ -37,21 +39,33 @@ OPENING_THREADS = 16  # OpenSessions in progress (most wait for the tokenizer wo
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def __init__(self, metrics: TeacherMetrics | None = None) -> None:
-        self._service: TeacherService | None = None
+        self._teachers: Teachers | None = None
         self.metrics = metrics
         self._opening = ThreadPoolExecutor(OPENING_THREADS, thread_name_prefix="open-session")
 
-    def set_service(self, service: TeacherService) -> None:
-        self._service = service
+    def set_teachers(self, teachers: Teachers) -> None:
+        self._teachers = teachers
 
     @property
-    def service(self) -> TeacherService:
-        if self._service is None:
-            raise Unavailable("the teacher model is still loading; retry in a few seconds")
-        return self._service
+    def teachers(self) -> Teachers:
+        if self._teachers is None:
+            raise Unavailable("the teacher models are still loading; retry in a few seconds")
+        return self._teachers
+
+    def _of_session(self, session_id: str) -> TeacherService:
+        service = self.teachers.holding(session_id)
+        self.teachers.check_pin(service, current_pin())
+        return service
 
     async def GetInfo(self, request, context) -> teacher_pb2.GetInfoResponse:
-        return teacher_pb2.GetInfoResponse(**dataclasses.asdict(self.service.info()))
+        teachers = self.teachers
+        default = dataclasses.asdict(teachers.named("").info())
+        del default["name"], default["base"]
+        return teacher_pb2.GetInfoResponse(
+            **default,
+            teachers=[teacher_pb2.TeacherInfo(**_hosted(s.info())) for s in teachers.by_name.values()],
+            default_teacher=teachers.default,
+        )
 
     async def OpenSession(self, request: teacher_pb2.OpenSessionRequest, context) -> teacher_pb2.OpenSessionResponse:
         tokenizer = request.tokenizer
@@ -72,14 +86,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             mask_specials=not request.no_special_token_masking,
             options=_alignment_options(request.alignment),
         )
+        service = self.teachers.named(request.teacher)
+        self.teachers.check_pin(service, current_pin())
         # A new student tokenizer is read in a worker process (seconds); the thread waiting for it
         # is one of the pool's own, so waiting builds never hold the threads requests align in.
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(
-            self._opening, self.service.open_session, student, settings, current_tenant()
-        )
+        session = await loop.run_in_executor(self._opening, service.open_session, student, settings, current_tenant())
         return teacher_pb2.OpenSessionResponse(
             session_id=session.session_id,
+            teacher=service.name,
             same_as_teacher=session.same_as_teacher,
             student_vocab_size=session.student_vocab_size,
             special_token_pairs=[
@@ -88,7 +103,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         )
 
     async def GetSessionStats(self, request, context) -> teacher_pb2.SessionStats:
-        requests, totals = self.service.session_stats(request.session_id, current_tenant())
+        requests, totals = self.teachers.holding(request.session_id).session_stats(request.session_id, current_tenant())
         return teacher_pb2.SessionStats(
             session_id=request.session_id,
             requests=requests,
@@ -98,7 +113,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         )
 
     async def CloseSession(self, request, context) -> teacher_pb2.CloseSessionResponse:
-        self.service.close_session(request.session_id, current_tenant())
+        self.teachers.holding(request.session_id).close_session(request.session_id, current_tenant())
         return teacher_pb2.CloseSessionResponse()
 
     async def Score(self, request: teacher_pb2.ScoreRequest, context) -> teacher_pb2.ScoreResponse:
@@ -168,8 +183,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         teacher_prompt = None
         if request.HasField("teacher_prompt_ids"):
             teacher_prompt = from_tensor(request.teacher_prompt_ids, name="teacher_prompt_ids", dtype="int32", ndim=1)
+        service = self._of_session(request.session_id)
         # Before the messages become Python objects: a million of them take seconds to convert.
-        self.service.validate_size(
+        service.validate_size(
             len(tokens) + (0 if teacher_prompt is None else len(teacher_prompt)),
             len(messages),
             lambda: sum(len(m.role) + len(m.content) for m in messages),
@@ -181,7 +197,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         if request.HasField("candidate_ids"):
             candidates = from_tensor(request.candidate_ids, name="candidate_ids", dtype="int32", ndim=2)
         tenant = current_tenant()
-        result = await self.service.score(
+        result = await service.score(
             ScoreInput(
                 session_id=request.session_id,
                 tokens=tokens,
@@ -212,6 +228,13 @@ def _response(request_id: int, result: ScoreResult) -> teacher_pb2.ScoreResponse
         counts=_coverage(result.counts),
         candidate_logprobs=None if result.requested_logprobs is None else to_tensor(result.requested_logprobs),
     )
+
+
+def _hosted(info) -> dict:
+    """A TeacherInfo's fields for teacher_pb2.TeacherInfo (the server's version is GetInfo's own)."""
+    fields = dataclasses.asdict(info)
+    del fields["server_version"]
+    return fields
 
 
 def _coverage(counts: Coverage) -> teacher_pb2.Coverage:

@@ -37,6 +37,7 @@ from teacher_server.student_tokenizer import (
     teacher_chat_of,
     teacher_text_of,
 )
+from teacher_server.teacher_specs import DEFAULT_TEACHER
 from teacher_server.tenancy import unknown_session
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,9 @@ class SessionRegistry:
         held = {session.student_key: session.table_bytes for session in list(self._sessions.values())}
         return sum(held.values())
 
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     def get(self, session_id: str) -> Session:
         try:
             return self._sessions[session_id]
@@ -399,9 +403,13 @@ def student_key_of(student: StudentTokenizerSpec) -> str:
     return hashlib.sha256(json.dumps(student.__dict__, sort_keys=True).encode()).hexdigest()
 
 
-def session_id_of(student: StudentTokenizerSpec | None, settings: SessionSettings) -> str:
-    """The content-addressed id of the session for `student` and `settings`."""
+def session_id_of(
+    student: StudentTokenizerSpec | None, settings: SessionSettings, teacher: str = DEFAULT_TEACHER
+) -> str:
+    """The content-addressed id of the session for `student` and `settings` with `teacher`."""
     described = {"student": None if student is None else student.__dict__, "temperature": float(settings.temperature)}
+    if teacher != DEFAULT_TEACHER:  # the one teacher of `--model` keeps the ids it always had
+        described["teacher"] = teacher
     if settings != SessionSettings(temperature=settings.temperature):  # ids of default sessions stay as they were
         described["pairs"] = [list(pair) for pair in settings.special_token_pairs]
         described["pair_eos"] = settings.pair_eos

@@ -22,13 +22,15 @@ def build_tiny_model(
     hidden: int = 64,
     head_rows: int = TINY_VOCAB,
     extra_special_tokens: tuple[str, ...] = (),
+    word: str = "w",
 ) -> Path:
     """head_rows other than TINY_VOCAB pads the lm head; extra_special_tokens get ids past TINY_VOCAB
-    (past the head's rows unless it is padded), as in real checkpoints whose tokenizer and head disagree."""
+    (past the head's rows unless it is padded), as in real checkpoints whose tokenizer and head disagree.
+    `word`: the prefix of the vocabulary's words (another prefix: another tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    words = ["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN] + [f"w{i}" for i in range(TINY_VOCAB - 4)]
+    words = ["<pad>", "<bos>", "<eos>", SPECIAL_TOKEN] + [f"{word}{i}" for i in range(TINY_VOCAB - 4)]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -61,4 +63,22 @@ def build_tiny_model(
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_adapter(base: Path, path: Path, *, seed: int, merged: Path | None = None) -> Path:
+    """A random LoRA adapter (PEFT, rank 4 on the attention and MLP projections) over `base`;
+    `merged`: also the base with the adapter merged into its weights, saved as a plain model (the
+    reference a LoRA teacher must equal)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapted = get_peft_model(model, config)
+    adapted.save_pretrained(path)
+    if merged is not None:
+        adapted.merge_and_unload().save_pretrained(merged)
+        AutoTokenizer.from_pretrained(base).save_pretrained(merged)
     return path

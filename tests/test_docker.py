@@ -23,13 +23,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from teacher_server.teacher_specs import load_teachers_file
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 TEACHER_DOCKERFILE = DOCKER / "teacher.Dockerfile"
 TRAINER_DOCKERFILE = DOCKER / "trainer.Dockerfile"
+VLLM_TEACHER_DOCKERFILE = DOCKER / "teacher-vllm.Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERIGNORE = ROOT / ".dockerignore"
-DOCKERFILES = [TEACHER_DOCKERFILE, TRAINER_DOCKERFILE]
+DOCKERFILES = [TEACHER_DOCKERFILE, TRAINER_DOCKERFILE, VLLM_TEACHER_DOCKERFILE]
 
 TEACHER_PORT = 50051
 
@@ -231,6 +234,14 @@ def test_teacher_dockerfile() -> None:
     assert "--start-period=" in hc_args, "model loading needs a start period"
 
 
+def test_vllm_teacher_dockerfile_runs_the_vllm_engine_with_the_torch_vllm_pins() -> None:
+    cmd = _exec_form(_values(VLLM_TEACHER_DOCKERFILE, "CMD")[0])
+    assert _flag(cmd, "--engine") == "vllm" and _flag(cmd, "--port") == str(TEACHER_PORT)
+    assert _exec_form(_values(VLLM_TEACHER_DOCKERFILE, "ENTRYPOINT")[0]) == ["opd-teacher", "serve"]
+    args = dict(a.split("=", 1) for a in _values(VLLM_TEACHER_DOCKERFILE, "ARG"))
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["VLLM_VERSION"])
+
+
 def test_trainer_dockerfile() -> None:
     assert _exec_form(_values(TRAINER_DOCKERFILE, "ENTRYPOINT")[0]) == ["opd-train"]
     assert not _values(TRAINER_DOCKERFILE, "EXPOSE")
@@ -269,7 +280,7 @@ def test_compose_teacher_service(name: str) -> None:
     command = _effective_command(teacher)
     assert _flag(command, "--host") == "0.0.0.0"
     assert _flag(command, "--port") == str(TEACHER_PORT)
-    model = _flag(command, "--model")
+    teachers_file = _flag(command, "--teachers")
     # Tenants: the key file comes from a compose secret, never from the image or the command line.
     assert _flag(command, "--api-keys") == _secret_path(teacher, "api_keys")
     assert int(_flag(command, "--metrics-port")) > 0
@@ -280,7 +291,11 @@ def test_compose_teacher_service(name: str) -> None:
 
     volumes = teacher["volumes"]
     assert "./models:/models:ro" in volumes
-    assert model.startswith("/models/"), "the teacher must load weights from the /models mount"
+    assert f"./teachers.yaml:{teachers_file}:ro" in volumes
+    specs, default = load_teachers_file(str(DOCKER / "teachers.yaml"))  # refuses a list it cannot serve
+    assert default in {spec.name for spec in specs} and any(spec.is_adapter for spec in specs)
+    for spec in specs:
+        assert (spec.model or spec.adapter).startswith("/models/"), "weights come from the /models mount"
 
     health = teacher["healthcheck"]
     test = health["test"]

@@ -20,6 +20,7 @@ import yaml
 
 from student_trainer.cli import _parser as trainer_parser
 from teacher_server.cli import _parser as teacher_parser
+from teacher_server.teacher_specs import load_teachers_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -103,6 +104,21 @@ def test_teacher_deployment_and_headless_service_agree():
     mount = next(m for path, m in mounts.items() if keys.is_relative_to(path))
     assert mount["readOnly"] and "secret" in volumes[mount["name"]]
     assert pod["securityContext"]["runAsNonRoot"] and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_teachers_of_the_config_map_can_be_served_and_are_mounted_where_the_flag_says(tmp_path):
+    (config_map,) = by_kind("ConfigMap")
+    pod, container = teacher_container()
+    path = Path(flag(container["args"], "--teachers"))
+    listed = tmp_path / path.name
+    listed.write_text(config_map["data"][path.name])
+    specs, default = load_teachers_file(str(listed))  # refuses a list it cannot serve
+    assert default in {spec.name for spec in specs} and any(spec.is_adapter for spec in specs)
+    mount = next(m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"] and mount["readOnly"]
+    models = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models")
+    assert all(Path(spec.model or spec.adapter).is_relative_to(models) for spec in specs)
 
 
 def test_trainers_reach_every_replica_with_their_own_key():

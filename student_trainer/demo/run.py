@@ -8,6 +8,11 @@
 3. Train the student against it with teacher top-K local support matching.
 4. Write metrics.jsonl and curves.png, and print the held-out accuracy before
    and after as the last line.
+
+--task two-teachers: two teachers in one server, each an expert in one task (reverse,
+complement: demo/two_tasks.py), and a student weak at both, trained three ways: every prompt
+scored by its task's teacher, and every prompt by one teacher (each in turn); the held-out
+accuracy on each task before and after, per run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 from student_trainer.config import TrainConfig
-from student_trainer.demo import lookup, task, tool
+from student_trainer.demo import lookup, task, tool, two_tasks
 from student_trainer.plots import plot_metrics
 from student_trainer.train import train
 from teacher_server.launch import TeacherProcess, threads
@@ -31,7 +36,10 @@ TITLES = {
     "reverse": "opd-demo: 6-digit reversal, top-K reverse KL",
     "tool": "opd-demo: lookup-tool episodes",
     "hint": "opd-demo: self-distillation of the tool's answers (privileged teacher context)",
+    "two-teachers": "opd-demo: two tasks, each prompt distilled from its task's teacher",
 }
+# The two-teacher runs: which teacher scores the prompts of each task (None: the task's own).
+TEACHER_ROUTES = {"both": None, "reverse-only": "reverse", "complement-only": "complement"}
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opd-demo"
 
 
@@ -132,6 +140,50 @@ def run_hint(args) -> list[dict]:
         return train(config, evaluate_task=task_accuracy)
 
 
+def write_routed_prompts(path: Path, problems: dict[str, list[task.Problem]], route: str | None) -> None:
+    """The tasks' prompts interleaved, each naming its teacher: its task's, or `route` for all."""
+    lines = [
+        {"prompt": p.prompt, "answer": p.answer, "teacher": route or name}
+        for group in zip(*([(name, p) for p in items] for name, items in problems.items()))
+        for name, p in group
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def run_two_teachers(args) -> list[dict]:
+    teachers = two_tasks.prepare_teachers(args.cache_dir)
+    student_path = two_tasks.prepare_student(args.cache_dir)
+    tokenizer = task.build_tokenizer()
+    heldout = {name: two_tasks.heldout(name, 500) for name in two_tasks.TASKS}
+    train_problems = {name: two_tasks.problems(name, 10_000, seed=7) for name in two_tasks.TASKS}
+
+    def task_accuracy(model: torch.nn.Module) -> dict[str, float]:
+        scores = {f"accuracy_{name}": task.accuracy(model, tokenizer, problems) for name, problems in heldout.items()}
+        return scores | {"accuracy": sum(scores.values()) / len(scores)}
+
+    flags = [flag for name, path in teachers.items() for flag in ("--teacher", f"{name}={path}")]
+    runs = {}
+    with TeacherProcess(None, extra=flags, log=args.output / "teacher.log", env=threads(1)) as teacher:
+        for run, route in TEACHER_ROUTES.items():
+            output = args.output / run
+            output.mkdir(parents=True, exist_ok=True)
+            write_routed_prompts(output / "prompts.jsonl", train_problems, route)
+            write_routed_prompts(output / "heldout.jsonl", {n: p[:32] for n, p in heldout.items()}, route)
+            print(f"{run}: training the student for {args.steps} steps against {teacher.target} ...", flush=True)
+            config = demo_config(student_path, teacher.target, output, args.steps, args.seed)
+            runs[run] = train(config, evaluate_task=task_accuracy)
+    print("held-out accuracy before -> after, by task:")
+    for run, records in runs.items():
+        after = [r for r in records if "accuracy" in r][-1]
+        print(
+            f"  {run:16s}"
+            + "".join(
+                f"  {n} {records[0][f'accuracy_{n}']:.3f} -> {after[f'accuracy_{n}']:.3f}" for n in two_tasks.TASKS
+            )
+        )
+    return runs["both"]
+
+
 def run_tool(args) -> list[dict]:
     teacher_path = tool.prepare_teacher(args.cache_dir)
     student_path = tool.prepare_student(args.cache_dir)
@@ -162,11 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=task.OPD_RECIPE.steps)
     parser.add_argument(
         "--task",
-        choices=("reverse", "tool", "hint"),
+        choices=("reverse", "tool", "hint", "two-teachers"),
         default="reverse",
         help="reverse: 6-digit reversal; tool: two-turn episodes where the answer comes from a lookup tool; "
         "hint: the tool student answers without the tool, its own starting weights as teacher reading "
-        "the tool's answer as privileged context",
+        "the tool's answer as privileged context; two-teachers: reverse and complement, each prompt "
+        "distilled from its task's teacher, against one teacher for both",
     )
     parser.add_argument("--seed", type=int, default=0, help="prompt order and rollout sampling")
     parser.add_argument(
@@ -181,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args.output.mkdir(parents=True, exist_ok=True)
     print("preparing the teacher and the student (trained once, then cached) ...", flush=True)
-    records = {"reverse": run_reversal, "tool": run_tool, "hint": run_hint}[args.task](args)
+    runs = {"reverse": run_reversal, "tool": run_tool, "hint": run_hint, "two-teachers": run_two_teachers}
+    records = runs[args.task](args)
     title = TITLES[args.task] + (", observations in the loss" if args.observations_in_loss else "")
     plot = plot_metrics(records, args.output / "curves.png", title=title)
     before = records[0]["accuracy"]

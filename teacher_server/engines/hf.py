@@ -43,6 +43,7 @@ class HFEngine:
     temperatures = None  # logits / temperature before the softmax, any temperature
     supports_branches = True  # ScoringJob.branches, on the KV cache of the main pass
     supports_requested_ids = True  # gathered from the same logits as the top-K
+    supports_adapters = True  # LoRA teachers over this model (adapters.py)
     share_prefixes = True  # rollout groups: a shared prompt prefix runs once (module docstring)
 
     def __init__(self, config: EngineConfig) -> None:

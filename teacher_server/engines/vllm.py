@@ -58,6 +58,7 @@ class VLLMEngine:
     temperatures = (1.0,)  # prompt logprobs are computed from raw logits (see above)
     supports_branches = True  # as prompts of their own (module docstring; the prefix is recomputed)
     supports_requested_ids = False  # its prompt logprobs are the top-K and the prompt token only
+    supports_adapters = False  # vLLM's LoRARequest is not wired up yet: LoRA teachers need the hf engine
 
     def __init__(self, config: EngineConfig) -> None:
         if config.device.startswith("cpu"):

@@ -30,10 +30,9 @@ from teacher_server import __version__
 from teacher_server.auth import Authenticator
 from teacher_server.errors import TeacherError, Unavailable
 from teacher_server.http import sglang_dialect, vllm_dialect
-from teacher_server.http.scoring import DialectError, TokenTexts
+from teacher_server.http.scoring import DialectError, HttpTeacher
 from teacher_server.interceptor import failed_request, status_of
 from teacher_server.metrics import TeacherMetrics
-from teacher_server.service import TeacherService
 
 log = logging.getLogger(__name__)
 
@@ -59,49 +58,57 @@ class RequestTooLarge(TeacherError):
 
 @dataclass
 class HttpFront:
-    """What the routes need: the service (None while the model loads), keys, metrics, names."""
+    """What the routes need: the teachers (none while the models load), keys, metrics."""
 
     authenticator: Authenticator
     metrics: TeacherMetrics | None
     max_request_bytes: int
-    service: TeacherService | None = None
-    model: str = ""
-    tokenizer: str = ""
+    teachers: dict[str, HttpTeacher] = field(default_factory=dict)  # by `model`, the default first
     draining: bool = False
     started: int = field(default_factory=lambda: int(time.time()))
-    texts: TokenTexts | None = None
 
-    def serving(self) -> TeacherService:
+    def serving(self, model: str | None = None) -> HttpTeacher:
+        """The teacher a request's `model` names (None: the default one)."""
         if self.draining:
             raise Unavailable("the teacher is shutting down; retry on another replica")
-        if self.service is None:
+        if not self.teachers:
             raise Unavailable("the teacher is loading its model; retry in a few seconds")
-        return self.service
+        if model is None:
+            return next(iter(self.teachers.values()))
+        named = self.teachers.get(model) or next((t for t in self.teachers.values() if t.service.name == model), None)
+        if named is None:
+            served = ", ".join(f"`{name}`" for name in self.teachers)
+            raise vllm_dialect.ModelNotFound(
+                f"The model `{model}` does not exist; this teacher serves {served} (GET /v1/models)"
+            )
+        return named
 
 
 def http_app(front: HttpFront) -> Starlette:
     async def health(request: Request) -> Response:
-        ok = front.service is not None and not front.draining
+        ok = bool(front.teachers) and not front.draining
         return Response(status_code=200 if ok else 503)
 
     async def version(request: Request, tenant: str) -> Any:
         return {"version": __version__}
 
     async def models(request: Request, tenant: str) -> Any:
-        service = front.serving()
-        return vllm_dialect.models(front.model, service.engine.max_sequence_length, front.started)
+        front.serving()
+        return vllm_dialect.models(list(front.teachers.values()), front.started)
 
     async def completions(request: Request, tenant: str) -> Any:
         body = await _json_body(request, front.max_request_bytes)
-        return await vllm_dialect.completions(body, front.serving(), tenant, front.model, front.texts)
+        return await vllm_dialect.completions(body, front.serving(_named(body, "model")), tenant)
 
     async def generate(request: Request, tenant: str) -> Any:
         body = await _json_body(request, front.max_request_bytes)
-        return await sglang_dialect.generate(body, front.serving(), tenant, front.texts)
+        # SGLang picks a LoRA adapter by `lora_path`; `model` is accepted too.
+        named = _named(body, "lora_path") or _named(body, "model")
+        return await sglang_dialect.generate(body, front.serving(named), tenant)
 
     async def model_info(request: Request, tenant: str) -> Any:
-        front.serving()
-        return sglang_dialect.model_info(front.model, front.tokenizer)
+        default = front.serving()
+        return sglang_dialect.model_info(default.model, default.tokenizer)
 
     routes = [Route(path, health, methods=["GET"]) for path in HEALTH_PATHS]
     routes += [
@@ -119,6 +126,15 @@ def http_app(front: HttpFront) -> Starlette:
 
 
 Handler = Callable[[Request, str], Awaitable[Any]]
+
+
+def _named(body: Any, field_name: str) -> str | None:
+    """A request's teacher by `field_name` (None: not named); a body that is not an object is the
+    dialect's to refuse."""
+    value = body.get(field_name) if isinstance(body, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise DialectError(f"{field_name} must be a string naming a model (GET /v1/models)", field_name)
+    return value
 
 
 def _handler(front: HttpFront, path: str, handler: Handler, dialect: str) -> Callable[[Request], Awaitable[Response]]:

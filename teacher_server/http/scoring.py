@@ -145,5 +145,18 @@ class TokenTexts:
             return self._texts
 
 
+@dataclass
+class HttpTeacher:
+    """One hosted teacher as the dialects name it: `model` is the default teacher's model path (as
+    vLLM names its model) and another teacher's name (as vLLM names a LoRA module)."""
+
+    service: TeacherService
+    model: str
+    model_path: str
+    tokenizer: str
+    texts: TokenTexts
+    parent: str | None = None  # an adapter's base, by its `model`
+
+
 def token_text(decoded: list[str], token_id: int) -> str:
     return decoded[token_id] if token_id < len(decoded) else ""  # a padded lm-head row has no text

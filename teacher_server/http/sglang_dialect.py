@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 
 from teacher_server.http.scoring import (
+    HttpTeacher,
     DialectError,
     PromptScores,
-    TokenTexts,
     checked_int,
     score_prompts,
     token_prompts,
     token_text,
 )
-from teacher_server.service import TeacherService
 
 
 def model_info(model: str, tokenizer: str) -> dict:
@@ -96,11 +95,10 @@ def _requested_ids(body: dict, max_k: int, vocab_size: int) -> list[int]:
     return value
 
 
-async def generate(
-    body: dict, service: TeacherService, tenant: str, texts: TokenTexts
-) -> dict[str, Any] | list[dict[str, Any]]:
+async def generate(body: dict, teacher: HttpTeacher, tenant: str) -> dict[str, Any] | list[dict[str, Any]]:
     """POST /generate."""
     started = time.perf_counter()
+    service, texts = teacher.service, teacher.texts
     prompts, batched, start, top_k, with_text = _checked_request(body, service.max_k)
     requested = _requested_ids(body, service.max_k, service.sessions.teacher.model_vocab_size)
     with_logprobs = bool(body.get("return_logprob"))

@@ -23,16 +23,15 @@ import uuid
 from typing import Any
 
 from teacher_server.http.scoring import (
+    HttpTeacher,
     DialectError,
     PromptScores,
-    TokenTexts,
     checked_int,
     score_prompts,
     token_prompts,
     token_text,
 )
 from teacher_server.errors import NotFound
-from teacher_server.service import TeacherService
 
 NEG_INF_AS = -9999.0  # what vLLM sends for -inf (JSON has no infinity)
 UNSUPPORTED = {
@@ -44,30 +43,30 @@ UNSUPPORTED = {
 }
 
 
-def models(model: str, max_model_len: int, created: int) -> dict:
-    """GET /v1/models, in vLLM's shape; `owned_by` says what answers."""
+def models(teachers: list[HttpTeacher], created: int) -> dict:
+    """GET /v1/models, in vLLM's shape (a LoRA teacher as vLLM lists a LoRA module: its base as
+    parent); `owned_by` says what answers."""
     return {
         "object": "list",
         "data": [
             {
-                "id": model,
+                "id": teacher.model,
                 "object": "model",
                 "created": created,
                 "owned_by": "opd-teacher (scoring only: prompt_logprobs, same tokenizer, temperature 1)",
-                "root": model,
-                "parent": None,
-                "max_model_len": max_model_len,
+                "root": teacher.model_path,
+                "parent": teacher.parent,
+                "max_model_len": teacher.service.engine.max_sequence_length,
                 "permission": [],
             }
+            for teacher in teachers
         ],
     }
 
 
-def _checked_request(body: dict, model: str, max_k: int) -> tuple[list, int]:
-    """The prompts and K of a completions request, or the 4xx an OpenAI client expects."""
-    name = body.get("model")
-    if name is not None and name != model:
-        raise ModelNotFound(f"The model `{name}` does not exist; this teacher serves `{model}` (GET /v1/models)")
+def _checked_request(body: dict, max_k: int) -> tuple[list, int]:
+    """The prompts and K of a completions request, or the 4xx an OpenAI client expects (its
+    `model` chose the teacher already: HttpFront.serving)."""
     for field, why in UNSUPPORTED.items():
         if body.get(field) not in (None, False):
             raise DialectError(why, field)
@@ -99,19 +98,17 @@ class ModelNotFound(NotFound):
     param = "model"
 
 
-async def completions(
-    body: dict, service: TeacherService, tenant: str, model: str, texts: TokenTexts
-) -> dict[str, Any]:
+async def completions(body: dict, teacher: HttpTeacher, tenant: str) -> dict[str, Any]:
     """POST /v1/completions."""
-    prompts, top_k = _checked_request(body, model, service.max_k)
-    scored = await score_prompts(service, tenant, prompts, [1] * len(prompts), top_k)
-    choices = await asyncio.to_thread(_choices, scored, top_k, texts.get())  # large: off the event loop
+    prompts, top_k = _checked_request(body, teacher.service.max_k)
+    scored = await score_prompts(teacher.service, tenant, prompts, [1] * len(prompts), top_k)
+    choices = await asyncio.to_thread(_choices, scored, top_k, teacher.texts.get())  # large: off the event loop
     prompt_tokens = sum(len(tokens) for tokens in prompts)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": model,
+        "model": teacher.model,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0},
     }

@@ -70,7 +70,7 @@ def run_case(world, family: str, parallelism: str, lora: bool, loss: str, checkp
     model = wrap_model(model, parallelism, world)
     share = len(batch.targets) // world.size
     mine = batch_rows(batch, slice(world.rank * share, (world.rank + 1) * share))
-    _, trained_sums, _ = _backward(model, mine, config, world.size, positions)
+    _, trained_sums, _, _ = _backward(model, mine, config, world.size, positions)
     loss_sum = all_reduce_sums({"loss": trained_sums["loss"]}, world)["loss"]
     got = gradients(model)
     assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))

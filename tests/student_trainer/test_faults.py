@@ -241,7 +241,7 @@ def test_round_robin_over_replicas_reopens_the_session_on_each(tiny_model):
                 assert client.score(tokens, score_from, 8).ids.shape == (15, 8)
             assert len(client.score_many(rollouts, top_k=8)) == 6
         for server in servers:
-            assert server.server.servicer.service.sessions.get(session_id).session_id == session_id
+            assert server.server.teachers.named("").sessions.get(session_id).session_id == session_id
             assert server.server.scheduler.stats.jobs_scored > 0  # both replicas did work
     finally:
         for server in servers:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from opd.v1 import teacher_pb2
-from student_trainer.client import TeacherClient
+from student_trainer.teacher_router import TeacherRouter
 from student_trainer.config import TrainConfig
 from student_trainer.data import Prompt
 from student_trainer.losses import entropy_top_count, entropy_top_mask
@@ -60,7 +60,7 @@ def test_entropy_top_ratio_trains_the_highest_entropy_positions_only(loss):
     expected = gradients(model)
     model.zero_grad(set_to_none=True)
 
-    metrics, trained_sums, _ = _backward(model, batch, config, 1, trained_count)
+    metrics, trained_sums, _, _ = _backward(model, batch, config, 1, trained_count)
     got = gradients(model)
     want = float(reference.detach().sum())
     assert abs(trained_sums["loss"] - want) <= TOL * max(1.0, abs(want))
@@ -98,8 +98,8 @@ def test_context_tokens_of_a_rollout_reach_the_teacher_and_carry_no_loss(live_se
     score_mask = np.array([1, 1, 0, 0, 0, 1, 1, 1], np.uint8)  # w60 w61 w62: a tool's output
     rollout = Rollout(prompt + completion, len(prompt), score_mask=score_mask)
     config = TrainConfig(student="s", prompts="p", top_k=8)
-    with TeacherClient(live_server.target, timeout_s=30) as client:
-        client.open_session()
+    with TeacherRouter(live_server.target, [""], timeout_s=30) as client:
+        client.open_sessions(None)
         batch = score_rollouts(client, [rollout], [Prompt(prompt)], config, StudentTokens(tokenizer))
     context = torch.from_numpy(score_mask == 0)
     assert not batch.mask[0, : len(completion)][context].any() and batch.mask[0, : len(completion)][~context].all()

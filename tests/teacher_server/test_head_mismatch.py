@@ -25,9 +25,9 @@ TOKENS = np.array([1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 2], dtype=np.int32)
 
 
 def serve(model, caplog):
-    with caplog.at_level(logging.INFO, logger="teacher_server.server"):
+    with caplog.at_level(logging.INFO, logger="teacher_server.teachers"):
         server = LiveServer(server_config(model))
-    head = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher: ")]
+    head = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher 'default': tokenizer")]
     return server, head
 
 
@@ -40,7 +40,7 @@ def test_a_tokenizer_longer_than_the_head_opens_sessions_and_scores(tmp_path, ca
     server, head = serve(model, caplog)
     try:
         assert head == [
-            f"teacher: tokenizer ({TINY_VOCAB + 1} tokens) and lm head ({TINY_VOCAB} rows) disagree: 1 token id(s) "
+            f"teacher 'default': tokenizer ({TINY_VOCAB + 1} tokens) and lm head ({TINY_VOCAB} rows) disagree: 1 token id(s) "
             f"beyond the head are never scored or offered ('<|tool|>'={TINY_VOCAB}); 0 row(s) no token owns are "
             "never offered as support"
         ]
@@ -68,7 +68,7 @@ def test_a_padded_head_never_offers_its_unowned_rows(tmp_path, caplog):
     server, head = serve(model, caplog)
     try:
         assert head == [
-            f"teacher: tokenizer ({TINY_VOCAB} tokens) and lm head ({rows} rows) disagree: 0 token id(s) beyond the "
+            f"teacher 'default': tokenizer ({TINY_VOCAB} tokens) and lm head ({rows} rows) disagree: 0 token id(s) beyond the "
             "head are never scored or offered; 32 row(s) no token owns are never offered as support"
         ]
         with grpc.insecure_channel(server.target) as channel:

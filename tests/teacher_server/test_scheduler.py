@@ -15,7 +15,7 @@ import pytest
 
 from teacher_server.engines import ScoringJob, TeacherScores
 from teacher_server.errors import ResourceExhausted, Unavailable
-from teacher_server.scheduler import Scheduler, SchedulerLimits
+from teacher_server.scheduler import Scheduler, SchedulerLimits, TeacherEngine
 
 
 class RecordingEngine:
@@ -87,6 +87,33 @@ def test_fair_share_is_by_tokens_not_by_requests():
     long_tokens = 128 * sum(tag.startswith("L") for tag in first)
     short_tokens = 16 * sum(tag.startswith("S") for tag in first)
     assert abs(long_tokens - short_tokens) <= 128, (long_tokens, short_tokens)
+
+
+def test_teachers_sharing_the_device_get_batches_of_their_own_and_tenants_stay_fair():
+    first, second = RecordingEngine(), RecordingEngine()
+    second.batches = first.batches  # one record of the order the device ran them in
+    second.gate.set()
+    scheduler = Scheduler(first, SchedulerLimits(max_batch_size=8, quantum_tokens=64))
+    other = TeacherEngine("second", second)
+
+    async def run():
+        scheduler.start()
+        blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "blocker"))
+        await asyncio.to_thread(first.entered.wait, 30)
+        tasks = [asyncio.ensure_future(scheduler.submit("a", job(f"a{i}", 32), "A")) for i in range(40)]
+        tasks += [asyncio.ensure_future(scheduler.submit("b", job(f"b{i}", 32), "B", other)) for i in range(40)]
+        await asyncio.sleep(0)
+        first.gate.set()
+        await asyncio.gather(blocker, *tasks)
+        await scheduler.stop()
+
+    asyncio.run(run())
+    batches = first.batches[1:]
+    assert all(len({tag[0] for tag in batch}) == 1 for batch in batches), batches  # one teacher per batch
+    order = [tag for batch in batches for tag in batch]
+    for end in range(4, len(order), 4):  # a quantum (two jobs) each, turn by turn
+        served = order[:end]
+        assert abs(sum(t[0] == "a" for t in served) - sum(t[0] == "b" for t in served)) <= 2, served
 
 
 class SlowEngine(RecordingEngine):

@@ -92,11 +92,11 @@ def test_client_retries_until_the_server_is_up_and_reopens_after_a_restart(tiny_
         servers.append(LiveServer(server_config(tiny_model, port=port)))
         assert servers[0].server.port == port
         with pytest.raises(Exception, match="unknown session_id"):
-            servers[0].server.servicer.service.sessions.get(session)
+            servers[0].server.teachers.named("").sessions.get(session)
         with caplog.at_level(logging.WARNING, logger="student_trainer.client"):
             results = client.score_many([(tokens, sf) for tokens, sf, _ in rollouts], top_k=8)
         assert "lost the session" in caplog.text
-        assert servers[0].server.servicer.service.sessions.get(session).session_id == session
+        assert servers[0].server.teachers.named("").sessions.get(session).session_id == session
         assert client.session_id == session
         for got, want in zip(results, expected):
             assert_same_scores(got, want)

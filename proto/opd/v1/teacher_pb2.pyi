@@ -37,7 +37,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "engine", "vocab_size", "max_k", "max_sequence_length", "dtype", "special_token_ids", "eos_token_ids", "server_version", "weights_sha256")
+    __slots__ = ("model", "engine", "vocab_size", "max_k", "max_sequence_length", "dtype", "special_token_ids", "eos_token_ids", "server_version", "weights_sha256", "teachers", "default_teacher")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class GetInfoResponse(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TEACHER_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine: str
     vocab_size: int
@@ -58,7 +60,35 @@ class GetInfoResponse(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     server_version: str
     weights_sha256: str
-    def __init__(self, model: _Optional[str] = ..., engine: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    teachers: _containers.RepeatedCompositeFieldContainer[TeacherInfo]
+    default_teacher: str
+    def __init__(self, model: _Optional[str] = ..., engine: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., default_teacher: _Optional[str] = ...) -> None: ...
+
+class TeacherInfo(_message.Message):
+    __slots__ = ("name", "model", "engine", "vocab_size", "max_k", "max_sequence_length", "dtype", "special_token_ids", "eos_token_ids", "weights_sha256", "base")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    engine: str
+    vocab_size: int
+    max_k: int
+    max_sequence_length: int
+    dtype: str
+    special_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    weights_sha256: str
+    base: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., weights_sha256: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
 
 class StudentTokenizer(_message.Message):
     __slots__ = ("same_as_teacher", "hf")
@@ -103,32 +133,36 @@ class AlignmentOptions(_message.Message):
     def __init__(self, candidates: _Optional[int] = ..., expansion_rounds: _Optional[int] = ..., branch_token_factor: _Optional[float] = ..., min_branch_prob: _Optional[float] = ..., inside_candidates: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("tokenizer", "temperature", "special_token_pairs", "no_eos_pairing", "alignment", "no_special_token_masking")
+    __slots__ = ("tokenizer", "temperature", "special_token_pairs", "no_eos_pairing", "alignment", "no_special_token_masking", "teacher")
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKEN_PAIRS_FIELD_NUMBER: _ClassVar[int]
     NO_EOS_PAIRING_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     NO_SPECIAL_TOKEN_MASKING_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
     tokenizer: StudentTokenizer
     temperature: float
     special_token_pairs: _containers.RepeatedCompositeFieldContainer[SpecialTokenPair]
     no_eos_pairing: bool
     alignment: AlignmentOptions
     no_special_token_masking: bool
-    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., no_eos_pairing: _Optional[bool] = ..., alignment: _Optional[_Union[AlignmentOptions, _Mapping]] = ..., no_special_token_masking: _Optional[bool] = ...) -> None: ...
+    teacher: str
+    def __init__(self, tokenizer: _Optional[_Union[StudentTokenizer, _Mapping]] = ..., temperature: _Optional[float] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., no_eos_pairing: _Optional[bool] = ..., alignment: _Optional[_Union[AlignmentOptions, _Mapping]] = ..., no_special_token_masking: _Optional[bool] = ..., teacher: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "same_as_teacher", "student_vocab_size", "special_token_pairs")
+    __slots__ = ("session_id", "same_as_teacher", "student_vocab_size", "special_token_pairs", "teacher")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SAME_AS_TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKEN_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     same_as_teacher: bool
     student_vocab_size: int
     special_token_pairs: _containers.RepeatedCompositeFieldContainer[SpecialTokenPair]
-    def __init__(self, session_id: _Optional[str] = ..., same_as_teacher: _Optional[bool] = ..., student_vocab_size: _Optional[int] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ...) -> None: ...
+    teacher: str
+    def __init__(self, session_id: _Optional[str] = ..., same_as_teacher: _Optional[bool] = ..., student_vocab_size: _Optional[int] = ..., special_token_pairs: _Optional[_Iterable[_Union[SpecialTokenPair, _Mapping]]] = ..., teacher: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
