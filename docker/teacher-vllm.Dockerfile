@@ -8,7 +8,7 @@
 #
 # vLLM pins torch exactly: TORCH_VERSION must be the one VLLM_VERSION requires (vllm 0.34.0:
 # torch 2.14.0), so pip keeps the torch layer below instead of replacing it. LoRA teachers
-# (NAME=BASE+ADAPTER) need the hf engine: this image serves full-model teachers with vLLM.
+# (--teacher NAME=BASE+ADAPTER_DIR) are served through vLLM's LoRA requests.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.14.0

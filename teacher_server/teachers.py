@@ -15,8 +15,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from teacher_server.engines import Engine, EngineConfig, load_engine
-from teacher_server.engines.adapters import AdapterError, AdapterTeacher, LoraAdapters
+from teacher_server.engines import ADAPTER_ENGINES, Engine, EngineConfig, load_engine
+from teacher_server.engines.adapters import AdapterError, AdapterTeacher, check_adapter_dir, engine_args_for_adapters
 from teacher_server.errors import FailedPrecondition, NotFound
 from teacher_server.identity import TeacherIdentity, weights_sha256
 from teacher_server.service import TeacherService
@@ -41,30 +41,33 @@ class LoadedTeacher:
 
 def load_teachers(specs: tuple[TeacherSpec, ...], engine_name: str, config: EngineConfig) -> list[LoadedTeacher]:
     """Load every full-model teacher, then every adapter over its base; in the order given."""
+    adapters = {spec.name: [a.adapter for a in specs if a.base == spec.name] for spec in specs}
     loaded: dict[str, LoadedTeacher] = {}
-    adapters: dict[str, LoraAdapters] = {}
     for spec in specs:
         if not spec.is_adapter:
-            loaded[spec.name] = _load_model(spec, engine_name, config)
+            loaded[spec.name] = _load_model(spec, engine_name, config, adapters[spec.name])
     for spec in specs:
         if spec.is_adapter:
-            base = loaded[spec.base]
-            if not getattr(base.engine, "supports_adapters", False):
-                raise AdapterError(
-                    f"teacher {spec.name!r}: its base {spec.base!r} runs on the {base.engine.name} engine, which "
-                    "does not host LoRA adapters here; serve the base with --engine hf"
-                )
-            if spec.base not in adapters:
-                adapters[spec.base] = LoraAdapters(base.engine)
-            loaded[spec.name] = _load_adapter(spec, base, adapters[spec.base])
-    for name, lora in adapters.items():  # the base, too, must say which adapter is in force: none
-        base = loaded[name]
-        base.engine = AdapterTeacher(base.engine, lora, None, base.engine.model_name)
+            loaded[spec.name] = _load_adapter(spec, loaded[spec.base])
+    for name, directories in adapters.items():  # the base, too, must say which adapter is in force: none
+        if directories:
+            base = loaded[name]
+            base.engine = AdapterTeacher(base.engine, None, base.engine.model_name)
     return [loaded[spec.name] for spec in specs]
 
 
-def _load_model(spec: TeacherSpec, engine_name: str, defaults: EngineConfig) -> LoadedTeacher:
+def _load_model(spec: TeacherSpec, engine_name: str, defaults: EngineConfig, adapters: list[str]) -> LoadedTeacher:
     config = dataclasses.replace(defaults, model=spec.model, **spec.engine_options)
+    if adapters:
+        if engine_name not in ADAPTER_ENGINES:
+            raise AdapterError(
+                f"teacher {spec.name!r} has LoRA adapters, which the {engine_name} engine does not host here; "
+                f"serve it with --engine {' or '.join(ADAPTER_ENGINES)}"
+            )
+        for path in adapters:
+            check_adapter_dir(spec.name, path)
+        engine_args = {**config.engine_args, **engine_args_for_adapters(engine_name, adapters)}
+        config = dataclasses.replace(config, engine_args=engine_args)
     before = resident_bytes()
     with ThreadPoolExecutor(1) as hashing:  # the hash streams the model's files while the engine loads them
         sha = hashing.submit(weights_sha256, spec.model)
@@ -76,10 +79,10 @@ def _load_model(spec: TeacherSpec, engine_name: str, defaults: EngineConfig) -> 
     return LoadedTeacher(spec, engine, vocabulary, sha.result(), memory)
 
 
-def _load_adapter(spec: TeacherSpec, base: LoadedTeacher, adapters: LoraAdapters) -> LoadedTeacher:
+def _load_adapter(spec: TeacherSpec, base: LoadedTeacher) -> LoadedTeacher:
     before = resident_bytes()
-    weights = adapters.load(spec.name, spec.adapter, spec.base)
-    engine = AdapterTeacher(base.engine, adapters, spec.name, f"{base.engine.model_name}+{spec.adapter}")
+    weights = base.engine.load_adapter(spec.name, spec.adapter, spec.base)
+    engine = AdapterTeacher(base.engine, spec.name, f"{base.engine.model_name}+{spec.adapter}")
     memory = resident_bytes() - before
     log.info(
         "teacher %r: LoRA adapter %s over %r, %.1f MiB of adapter weights; +%.0f MiB",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from teacher_server.engines.base import Branch, Engine, EngineConfig, ScoringJob, TeacherScores
 
 ENGINE_NAMES = ("hf", "vllm", "sglang")
+ADAPTER_ENGINES = ("hf", "vllm")  # the engines that host LoRA teachers over a base (adapters.py)
 
 
 def load_engine(name: str, config: EngineConfig) -> Engine:
@@ -27,4 +28,13 @@ def load_engine(name: str, config: EngineConfig) -> Engine:
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 
 
-__all__ = ["ENGINE_NAMES", "Branch", "Engine", "EngineConfig", "ScoringJob", "TeacherScores", "load_engine"]
+__all__ = [
+    "ADAPTER_ENGINES",
+    "ENGINE_NAMES",
+    "Branch",
+    "Engine",
+    "EngineConfig",
+    "ScoringJob",
+    "TeacherScores",
+    "load_engine",
+]

@@ -1,14 +1,19 @@
 """LoRA teachers over one base model: the base weights are loaded once, each adapter adds its own
-low-rank weights (PEFT), and the adapter in force is switched per batch.
+low-rank weights, and the adapter in force is chosen per batch.
 
-Every teacher hosted on a base that has adapters, the base's own teacher included, is an
-`AdapterTeacher`: an engine (base.py) that makes its adapter the active one (or none) and scores
-with the base engine. The scheduler runs one batch at a time in one thread, and its batches hold
-the jobs of one teacher, so a switch never happens under a batch.
+An engine that hosts adapters (engines.ADAPTER_ENGINES) has `load_adapter(name, path, base_name)`
+(returns the bytes of the adapter's weights; an adapter that does not fit raises AdapterError)
+and `score_adapted(jobs, adapter)` (adapter None: the base alone). The hf engine applies them
+with PEFT (`LoraAdapters`, switched per batch); the vLLM engine with its LoRA requests, which
+must be enabled when the base loads (`engine_args_for_adapters`). Every teacher hosted on a base
+that has adapters, the base's own teacher included, is an `AdapterTeacher`: an engine that scores
+with the base and its adapter. The scheduler runs one batch at a time in one thread, and its
+batches hold the jobs of one teacher, so a switch never happens under a batch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -17,13 +22,15 @@ from teacher_server.engines.base import ScoringJob, TeacherScores
 
 log = logging.getLogger(__name__)
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
+
 
 class AdapterError(ValueError):
     """An adapter that cannot be applied to its base (the message names both)."""
 
 
 class LoraAdapters:
-    """The LoRA adapters loaded into one HF engine's model."""
+    """The LoRA adapters loaded into one HF engine's model (PEFT)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -32,8 +39,7 @@ class LoraAdapters:
 
     def load(self, name: str, path: str, base_name: str) -> int:
         """Load the adapter at `path` as `name`; returns the bytes of its weights."""
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise AdapterError(f"teacher {name!r}: {path} holds no adapter_config.json (a PEFT LoRA adapter directory)")
+        check_adapter_dir(name, path)
         from peft import PeftModel
 
         before = self._parameter_bytes()
@@ -72,9 +78,8 @@ class LoraAdapters:
 class AdapterTeacher:
     """An engine that scores with `base` with adapter `adapter` in force (None: the base alone)."""
 
-    def __init__(self, base, adapters: LoraAdapters, adapter: str | None, model_name: str) -> None:
+    def __init__(self, base, adapter: str | None, model_name: str) -> None:
         self.base = base
-        self.adapters = adapters
         self.adapter = adapter
         self.model_name = model_name
         self.name = base.name
@@ -86,5 +91,23 @@ class AdapterTeacher:
         self.supports_requested_ids = base.supports_requested_ids
 
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
-        self.adapters.activate(self.adapter)
-        return self.base.score(jobs)
+        return self.base.score_adapted(jobs, self.adapter)
+
+
+def check_adapter_dir(name: str, path: str) -> dict:
+    """The adapter's adapter_config.json, or AdapterError saying what `path` lacks."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise AdapterError(f"teacher {name!r}: {path} holds no adapter_config.json (a PEFT LoRA adapter directory)")
+    return json.loads(config.read_text())
+
+
+def engine_args_for_adapters(engine_name: str, adapters: list[str]) -> dict:
+    """What the base's engine must be started with to host `adapters` (directories)."""
+    if engine_name != "vllm" or not adapters:
+        return {}
+    rank = max(int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8)) for path in adapters)
+    ranks = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not ranks:
+        raise AdapterError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_loras": len(adapters), "max_lora_rank": ranks[0]}

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from teacher_server.engines.adapters import LoraAdapters
 from teacher_server.engines.base import Branch, EngineConfig, ScoringJob, TeacherScores
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ class HFEngine:
     temperatures = None  # logits / temperature before the softmax, any temperature
     supports_branches = True  # ScoringJob.branches, on the KV cache of the main pass
     supports_requested_ids = True  # gathered from the same logits as the top-K
-    supports_adapters = True  # LoRA teachers over this model (adapters.py)
     share_prefixes = True  # rollout groups: a shared prompt prefix runs once (module docstring)
 
     def __init__(self, config: EngineConfig) -> None:
@@ -64,11 +64,23 @@ class HFEngine:
             raise ValueError("models with final logit soft-capping are not supported by the hf engine yet")
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self._buffer: torch.Tensor | None = None  # float32 [chunk_size, vocab] logits, reused (_logits)
+        self._adapters: LoraAdapters | None = None
         # transformers is renaming the cache argument of forward (past_key_values -> cache).
         parameters = inspect.signature(self.backbone.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.max_sequence_length = int(getattr(model.config, "max_position_embeddings", 0) or 2**31 - 1)
         log.info("hf engine: %s on %s (%s), vocab %d", config.model, self.device, self.dtype, self.vocab_size)
+
+    def load_adapter(self, name: str, path: str, base_name: str) -> int:
+        """A LoRA adapter over this model (adapters.py); the bytes of its weights."""
+        if self._adapters is None:
+            self._adapters = LoraAdapters(self)
+        return self._adapters.load(name, path, base_name)
+
+    def score_adapted(self, jobs: Sequence[ScoringJob], adapter: str | None) -> list[TeacherScores]:
+        if self._adapters is not None:
+            self._adapters.activate(adapter)
+        return self.score(jobs)
 
     @torch.inference_mode()
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:

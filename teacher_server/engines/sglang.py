@@ -69,7 +69,6 @@ class SGLangEngine:
     temperatures = (1.0,)
     supports_branches = True  # as prompts of their own, sharing the radix cache (module docstring)
     supports_requested_ids = False  # SGLang has token_ids_logprob; this adapter does not ask for it yet
-    supports_adapters = False  # SGLang's lora_path is not wired up yet: LoRA teachers need the hf engine
 
     def __init__(self, config: EngineConfig) -> None:
         self.model_name = config.model

@@ -43,10 +43,13 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from teacher_server.engines.adapters import AdapterError, check_adapter_dir
 from teacher_server.engines.base import EngineConfig, ScoringJob, TeacherScores
 from teacher_server.engines.support import Prompt, Rows, check_temperatures, score_jobs
 
@@ -58,7 +61,6 @@ class VLLMEngine:
     temperatures = (1.0,)  # prompt logprobs are computed from raw logits (see above)
     supports_branches = True  # as prompts of their own (module docstring; the prefix is recomputed)
     supports_requested_ids = False  # its prompt logprobs are the top-K and the prompt token only
-    supports_adapters = False  # vLLM's LoRARequest is not wired up yet: LoRA teachers need the hf engine
 
     def __init__(self, config: EngineConfig) -> None:
         if config.device.startswith("cpu"):
@@ -67,6 +69,9 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.model_name = config.model
         self.dtype = config.dtype
+        self._loras: dict[str, Any] = {}  # adapter name -> its vllm LoRARequest
+        # _run; measured on vllm-cpu only (GPU vLLM with LoRA was not run here).
+        self._lora_one_by_one = config.device.startswith("cpu") and bool(config.engine_args.get("enable_lora"))
         # vLLM is driven from one thread of its own, whichever thread calls score().
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
         self._thread.submit(self._load, config).result()
@@ -116,10 +121,31 @@ class VLLMEngine:
         self.max_sequence_length = int(model_config.max_model_len) - 1
 
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
-        check_temperatures(self.name, jobs)
-        return self._thread.submit(score_jobs, list(jobs), self.vocab_size, self._run).result()
+        return self.score_adapted(jobs, None)
 
-    def _run(self, prompts: list[Prompt], counts: list[int]) -> list[Rows]:
+    def load_adapter(self, name: str, path: str, base_name: str) -> int:
+        """A LoRA adapter (the base must load with engine_args_for_adapters); loaded into vLLM now,
+        so one that does not fit fails at start-up. The bytes of its weights on disk."""
+        check_adapter_dir(name, path)
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, len(self._loras) + 1, path)
+        try:
+            self._thread.submit(self.llm.llm_engine.add_lora, request).result()
+        except Exception as error:
+            raise AdapterError(
+                f"teacher {name!r}: the adapter {path} does not fit its base teacher {base_name!r} "
+                f"({self.model_name}): {error}"
+            ) from error
+        self._loras[name] = request
+        return sum(f.stat().st_size for f in Path(path).glob("adapter_model.*"))
+
+    def score_adapted(self, jobs: Sequence[ScoringJob], adapter: str | None) -> list[TeacherScores]:
+        check_temperatures(self.name, jobs)
+        run = partial(self._run, lora=self._loras[adapter] if adapter is not None else None)
+        return self._thread.submit(score_jobs, list(jobs), self.vocab_size, run).result()
+
+    def _run(self, prompts: list[Prompt], counts: list[int], lora=None) -> list[Rows]:
         # max_tokens=1: vLLM samples one token after the prompt (greedy, thrown away); its
         # `logprobs` (raw, like the prompt ones) are the row after the last token when a branch needs it.
         params = [
@@ -134,7 +160,16 @@ class VLLMEngine:
             for p, n in zip(prompts, counts)
         ]
         requests = [{"prompt_token_ids": p.token_ids.astype(np.int64).tolist()} for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self._lora_one_by_one:
+            # vllm-cpu 0.32 with LoRA enabled fails a step of several prompts that want prompt
+            # logprobs, with or without a LoRA request ("einsum(): subscript b has size 2 ...", and
+            # its engine then hangs); one prompt per step works.
+            outputs = [
+                self.llm.generate([request], [param], use_tqdm=False, lora_request=lora)[0]
+                for request, param in zip(requests, params)
+            ]
+        else:
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
         answers = []
         for prompt, n, output in zip(prompts, counts, outputs):
             ids, logprobs, token_logprobs = parse_prompt_logprobs(

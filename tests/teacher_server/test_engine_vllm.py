@@ -37,7 +37,8 @@ from teacher_server.engines import EngineConfig, ScoringJob
 from teacher_server.engines.base import Branch
 from teacher_server.launch import TeacherProcess
 from tests.conftest import LiveServer, server_config
-from testkit.tiny_model import SPECIAL_TOKEN, TINY_VOCAB
+from teacher_server.teacher_specs import resolve_teachers
+from testkit.tiny_model import SPECIAL_TOKEN, TINY_VOCAB, build_tiny_adapter, build_tiny_model
 
 pytestmark = pytest.mark.vllm
 
@@ -270,19 +271,20 @@ def test_inprocess_many_excluded_ids_take_a_second_pass_and_stay_exact(vllm_engi
 # ---------------------------------------------------------------- over gRPC (main environment)
 
 
-def vllm_teacher(python: Path, model: Path, tmp_path: Path) -> TeacherProcess:
-    """`opd-teacher serve --engine vllm` under the vLLM environment's Python, on 127.0.0.1."""
+def vllm_teacher(python: Path, model: Path | None, tmp_path: Path, teachers: tuple[str, ...] = ()) -> TeacherProcess:
+    """`opd-teacher serve --engine vllm` under the vLLM environment's Python, on 127.0.0.1;
+    `teachers`: --teacher flags instead of the model."""
     started = time.monotonic()
     server = TeacherProcess(
         model,
         python=str(python),
-        extra=("--engine", "vllm", "--max-k", str(MAX_K), "--grace", "1", *EAGER),
+        extra=("--engine", "vllm", "--max-k", str(MAX_K), "--grace", "1", *EAGER, *teachers),
         env={"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "proto")])},
         log=tmp_path / "vllm-teacher.log",
         cwd=REPO,
         timeout_s=420.0,
     )
-    print(f"\n[vllm server] {model.name} serving after {time.monotonic() - started:.1f} s")
+    print(f"\n[vllm server] {model or teachers} serving after {time.monotonic() - started:.1f} s")
     return server
 
 
@@ -313,9 +315,9 @@ def tiny_hf_server(tiny_model):
     server.stop()
 
 
-def score_all(target: str, rollouts, session: teacher_pb2.HFTokenizer | None = None):
+def score_all(target: str, rollouts, session: teacher_pb2.HFTokenizer | None = None, teacher: str = ""):
     """Score (tokens, score_from, top_k) rollouts over unary Score and ScoreStream, grouped by K."""
-    with TeacherClient(target) as client:
+    with TeacherClient(target, teacher=teacher) as client:
         client.open_session(session)
         results = {}
         by_k: dict[int, list[int]] = {}
@@ -347,6 +349,37 @@ def test_grpc_tiny_model_vllm_server_agrees_with_hf_server(tiny_vllm_server, tin
         assert not np.isin(a.ids, [0, 1, 3]).any()  # special tokens other than EOS never in the support
         figures.append(agreement(a, b))
     assert_agreement(summarise("tiny model (head_dim 32), gRPC", figures))
+
+
+def test_grpc_lora_teacher_on_vllm_agrees_with_the_hf_engines(vllm_python, tmp_path):
+    """A base and a LoRA adapter over it, hosted by vLLM (its LoRA requests) and by hf (PEFT)."""
+    base = build_tiny_model(tmp_path / "base", seed=3)
+    adapter = build_tiny_adapter(base, tmp_path / "math", seed=5)
+    flags = [("base", str(base)), ("math", f"base+{adapter}")]
+    vllm = vllm_teacher(
+        vllm_python, None, tmp_path, tuple(f for name, v in flags for f in ("--teacher", f"{name}={v}"))
+    )
+    hf = LiveServer(server_config(base, teachers=resolve_teachers(flags), max_k=MAX_K))
+    try:
+        rollouts = random_rollouts(16, seed=5)
+        scored = {
+            teacher: (
+                score_all(vllm.target, rollouts, teacher=teacher),
+                score_all(hf.target, rollouts, teacher=teacher),
+            )
+            for teacher in ("base", "math")
+        }
+    finally:
+        vllm.close(timeout_s=60)
+        hf.stop()
+    for teacher, (got, expected) in scored.items():
+        assert_agreement(
+            summarise(
+                f"tiny base and LoRA adapter, teacher {teacher}, gRPC", [agreement(a, b) for a, b in zip(got, expected)]
+            )
+        )
+    base_rows, math_rows = scored["base"][0][0], scored["math"][0][0]
+    assert np.abs(base_rows.logprobs - math_rows.logprobs).max() > 0.1  # vLLM applied the adapter
 
 
 def gsm8k_rollouts(tokenizer, count: int) -> list[tuple[np.ndarray, int, int]]:

@@ -176,6 +176,12 @@ def test_teacher_lists_that_cannot_be_served_are_refused_at_start_up_naming_both
     )
     with pytest.raises(AdapterError, match=f"'x'.*{narrow_adapter}.*'base'"):
         load_teachers(specs, "hf", EngineConfig(model=""))
+    adapted = (
+        TeacherSpec(name="base", model=str(models["base"])),
+        TeacherSpec("m", base="base", adapter=str(models["math"])),
+    )
+    with pytest.raises(AdapterError, match="sglang engine does not host"):  # refused before anything loads
+        load_teachers(adapted, "sglang", EngineConfig(model=""))
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         load_teachers(specs[:1] + (TeacherSpec("y", base="base", adapter=str(tmp_path)),), "hf", EngineConfig(model=""))
 
