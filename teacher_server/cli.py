@@ -15,10 +15,10 @@ from teacher_server.server import ServerConfig, serve
 from teacher_server.teacher_specs import (
     TeacherSpec,
     TeacherSpecError,
+    check_default,
     load_teachers_file,
     parse_teacher_flag,
     resolve_teachers,
-    validated,
 )
 
 
@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> None:
 def _teachers(args: argparse.Namespace) -> tuple[tuple[TeacherSpec, ...], str]:
     """(the teachers named by --teacher or --teachers, the default one); ((), "") for --model."""
     default = args.default_teacher or ""
-    if args.teachers:
-        specs, default_in_file = load_teachers_file(args.teachers)
-        return validated(specs, default or None), default or default_in_file
-    if args.teacher:
-        specs = resolve_teachers([parse_teacher_flag(value) for value in args.teacher])
-        return validated(specs, default or None), default
+    if args.teachers or args.teacher:  # both validate their list; the flag's default is checked here
+        if args.teachers:
+            specs, default_in_file = load_teachers_file(args.teachers)
+        else:
+            specs, default_in_file = resolve_teachers([parse_teacher_flag(value) for value in args.teacher]), ""
+        if default:
+            check_default(specs, default)
+        return specs, default or default_in_file
     if default:
         raise TeacherSpecError("--default-teacher names one of the --teacher or --teachers teachers")
     return (), ""

@@ -104,7 +104,7 @@ class _Pending:
     tenant: str
     job: ScoringJob
     result: asyncio.Future = field(repr=False)
-    teacher: TeacherEngine | None = None
+    teacher: TeacherEngine
     cost: int = 0
     queued_at: float = 0.0
     dequeued: bool = False  # taken into a batch (or dropped): no longer counts as queued

@@ -120,6 +120,11 @@ def validated(specs: tuple[TeacherSpec, ...], default: str | None = None) -> tup
                     f"teacher {spec.name!r}: its base {spec.base!r} is not a full-model teacher of this server "
                     f"(teachers: {', '.join(names)})"
                 )
-    if default is not None and default not in by_name:
-        raise TeacherSpecError(f"the default teacher {default!r} is not one of {', '.join(names)}")
+    if default is not None:
+        check_default(specs, default)
     return specs
+
+
+def check_default(specs: tuple[TeacherSpec, ...], default: str) -> None:
+    if default not in {spec.name for spec in specs}:
+        raise TeacherSpecError(f"the default teacher {default!r} is not one of {', '.join(s.name for s in specs)}")

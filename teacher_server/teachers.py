@@ -64,9 +64,8 @@ def _load_model(spec: TeacherSpec, engine_name: str, defaults: EngineConfig, ada
                 f"teacher {spec.name!r} has LoRA adapters, which the {engine_name} engine does not host here; "
                 f"serve it with --engine {' or '.join(ADAPTER_ENGINES)}"
             )
-        for path in adapters:
-            check_adapter_dir(spec.name, path)
-        engine_args = {**config.engine_args, **engine_args_for_adapters(engine_name, adapters)}
+        configs = [check_adapter_dir(spec.name, path) for path in adapters]
+        engine_args = {**config.engine_args, **engine_args_for_adapters(engine_name, configs)}
         config = dataclasses.replace(config, engine_args=engine_args)
     before = resident_bytes()
     with ThreadPoolExecutor(1) as hashing:  # the hash streams the model's files while the engine loads them

@@ -102,11 +102,11 @@ def check_adapter_dir(name: str, path: str) -> dict:
     return json.loads(config.read_text())
 
 
-def engine_args_for_adapters(engine_name: str, adapters: list[str]) -> dict:
-    """What the base's engine must be started with to host `adapters` (directories)."""
+def engine_args_for_adapters(engine_name: str, adapters: list[dict]) -> dict:
+    """What the base's engine must be started with to host `adapters` (their adapter_config.json)."""
     if engine_name != "vllm" or not adapters:
         return {}
-    rank = max(int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8)) for path in adapters)
+    rank = max(int(config.get("r", 8)) for config in adapters)
     ranks = [r for r in VLLM_LORA_RANKS if r >= rank]
     if not ranks:
         raise AdapterError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
