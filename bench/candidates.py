@@ -4,6 +4,7 @@ cross-tokenizer values are.
     python bench/candidates.py engine [--batch 4 --length 512 --top-k 32 --candidates 0 8 32 --repeats 5]
     python bench/candidates.py cross [--students gpt2 mistral-sp-v1 tekken] [--answers 8] [--candidates 0 8 32]
     python bench/candidates.py exact [--students mistral-sp-v1 tekken gpt2] [--answers 100] [--width 12]
+                                     [--skip 0] [--dtype float32]
 
 SmolLM2-135M float32 in this process, the hf engine (teacher_server/engines/hf.py), one torch thread.
 
@@ -152,13 +153,15 @@ def exactness(args: argparse.Namespace) -> None:
     from testkit import tokenizers as T
     from testkit.candidate_check import CandidateCheck, check_example
 
-    common.header("cross-tokenizer candidate values against brute force (nats)")
-    engine = teachers.smollm2_engine()
+    common.header(f"cross-tokenizer candidate values against brute force (nats), a {args.dtype} teacher")
+    engine = teachers.smollm2_engine(args.dtype)
     rows = []
     for student in args.students:
         cross = teachers.cross(student, "smollm2", engine)
         found, rng, started = CandidateCheck(), np.random.default_rng(0), time.monotonic()
         for index, (tokens, score_from, messages) in enumerate(rollouts(student, args.answers)):
+            if index < args.skip:
+                continue
             check_example(found, cross, engine, T.load("smollm2"), tokens, score_from, messages, rng, args.width)
             print(f"# {student}: {index + 1} answers, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         summary = found.summary()
@@ -189,6 +192,8 @@ def main() -> None:
     exact.add_argument("--students", nargs="+", default=["mistral-sp-v1", "tekken", "gpt2"])
     exact.add_argument("--answers", type=int, default=100)
     exact.add_argument("--width", type=int, default=12)
+    exact.add_argument("--skip", type=int, default=0, help="leave out the first SKIP answers (checked before)")
+    exact.add_argument("--dtype", default="float32", help="the teacher's: float64 checks the algorithm alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"engine": engine_cost, "cross": cross_cost, "exact": exactness}[args.command](args)

@@ -11,7 +11,8 @@ and each teacher's `opd_teacher_memory_bytes`, against the adapters' size on dis
 fairness: one server, two teachers (SmolLM2-135M, "big", and the tests' tiny Llama, "small": each
 token of "big" costs the device far more), API keys, one torch thread. Two tenants of equal
 demand (each keeps 8 requests of 128 tokens in flight, tenant A on "big", tenant B on "small")
-for `--seconds`: positions scored by each, and the Jain index of the two (1 = equal). Then a
+for `--seconds`: positions scored and engine seconds used by each (opd_engine_seconds_total),
+and the Jain index of each pair (1 = equal). Then a
 light tenant scoring 64 tokens one request at a time: its median latency unloaded and while a
 tenant floods the other teacher (16 requests of `--flood-tokens` in flight), both ways round.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import tempfile
 import time
@@ -54,14 +56,14 @@ def adapter(base: Path, seed: int) -> Path:
     return path
 
 
-def metric(port: int, name: str) -> dict[str, float]:
-    """Samples of one metric by their first label value."""
+def metric(port: int, name: str, label: str) -> dict[str, float]:
+    """One metric's samples summed by the value of their `label`."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "{"):
-            label = line.split('"')[1]
-            values[label] = float(line.rsplit(" ", 1)[1])
+            key = re.search(f'{label}="([^"]*)"', line).group(1)
+            values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return values
 
 
@@ -77,7 +79,7 @@ def memory() -> None:
         port = free_port()
         with TeacherProcess(None, extra=(*flags, "--metrics-port", str(port)), env=threads(1), timeout_s=600) as t:
             time.sleep(2.0)
-            grown = metric(port, "opd_teacher_memory_bytes")
+            grown = metric(port, "opd_teacher_memory_bytes", "teacher")
             rows.append(
                 {
                     "teachers": "base" + "".join(f" + lora{i}" for i in range(count)),
@@ -131,14 +133,23 @@ def fairness(seconds: float, flood_tokens: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys"
         keys.write_text("".join(f"{tenant} {key}\n" for tenant, key in KEYS.items()))
+        port = free_port()
         flags = ("--teacher", f"big={smollm2_model()}", "--teacher", f"small={tiny_model()}", "--api-keys", str(keys))
+        flags += ("--metrics-port", str(port))
         with TeacherProcess(None, extra=flags, env=threads(1), timeout_s=600) as teacher:
+            busy = metric(port, "opd_engine_seconds_total", "tenant")
             shares = asyncio.run(_equal_demand(teacher.target, seconds))
+            busy = {
+                tenant: value - busy.get(tenant, 0.0)
+                for tenant, value in metric(port, "opd_engine_seconds_total", "tenant").items()
+            }
             tokens = [len(latencies) * 127 / seconds for latencies in shares.values()]
-            emit({"positions_per_s": dict(zip(shares, tokens)), "jain": jain(tokens)})
+            engine_s = [busy.get(tenant, 0.0) for tenant in shares]
+            emit({"positions_per_s": dict(zip(shares, tokens)), "engine_s": dict(zip(shares, engine_s))})
             print(
                 f"equal demand, {seconds:.0f} s: positions/s A (big) {tokens[0]:.0f}, B (small) {tokens[1]:.0f}, "
-                f"Jain index {jain(tokens):.3f}"
+                f"Jain index {jain(tokens):.3f}; engine seconds A {engine_s[0]:.1f}, B {engine_s[1]:.1f}, "
+                f"Jain index {jain(engine_s):.3f}"
             )
             rows = []
             for light, heavy in (("small", "big"), ("big", "small")):

@@ -23,6 +23,15 @@ def _parser() -> argparse.ArgumentParser:
         "--teacher", help="HOST:PORT of the teacher service, a comma-separated list, or dns:///NAME:PORT"
     )
     parser.add_argument(
+        "--teacher-endpoint",
+        "--teacher-endpoints",
+        dest="teacher_endpoints",
+        action="append",
+        type=_endpoint,
+        metavar="NAME=HOST:PORT",
+        help="a teacher the prompts name that another deployment serves (repeatable)",
+    )
+    parser.add_argument(
         "--teacher-api-key-file", help="file with this trainer's API key (default: $OPD_TEACHER_API_KEY)"
     )
     parser.add_argument("--teacher-tls", action="store_true", default=None, help="TLS with the system's CA roots")
@@ -77,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _endpoint(text: str) -> tuple[str, str]:
+    name, _, target = text.partition("=")
+    if not name or not target:
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {text!r}")
+    return name, target
+
+
 def _add_remaining_keys(parser: argparse.ArgumentParser) -> None:
     """Every TrainConfig key is a flag: those not declared above get a plain one (default None:
     the config's value stands)."""
@@ -95,14 +111,21 @@ def _add_remaining_keys(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), help=described)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """The training config and whether to resume, from the command line (SystemExit if invalid)."""
     args = vars(_parser().parse_args(argv))
     logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path, resume = args.pop("config"), args.pop("resume")
+    if args["teacher_endpoints"] is not None:
+        args["teacher_endpoints"] = dict(args["teacher_endpoints"])
     try:
-        config = load_config(config_path, **args)
+        return load_config(config_path, **args), resume
     except ValueError as error:
         raise SystemExit(f"opd-train: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, resume = parse(argv)
     records = train(config, resume=resume)
     if records and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per rank
         last = records[-1]

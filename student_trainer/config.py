@@ -25,6 +25,9 @@ class TrainConfig:
     # The teacher service: HOST:PORT, a comma-separated list of them (requests are spread over
     # the replicas that are up), or dns:///NAME:PORT (every address of NAME, round robin).
     teacher: str = "127.0.0.1:50051"
+    # Teachers that prompts name and another deployment serves: NAME -> its target (as `teacher`);
+    # that deployment must host it by that name (opd-teacher serve --teacher NAME=...).
+    teacher_endpoints: dict[str, str] = dataclasses.field(default_factory=dict)
     # JSONL, one {"prompt": "..."} or {"messages": [...]} per line, optionally with "teacher_messages":
     # a privileged prompt the teacher reads instead (data.load_prompts).
     prompts: str = ""
@@ -138,6 +141,9 @@ class TrainConfig:
             problems.append(f"gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        for name, target in self.teacher_endpoints.items():
+            if not name or not target:
+                problems.append(f"teacher_endpoints maps a teacher name to its HOST:PORT, got {name!r}: {target!r}")
         if bool(self.teacher_tls_cert) != bool(self.teacher_tls_key):
             problems.append("teacher_tls_cert and teacher_tls_key go together (mutual TLS)")
         if self.rollout_engine not in ROLLOUT_ENGINES:

@@ -2,7 +2,8 @@
 prompts file), and every rollout is scored by its prompt's teacher.
 
 One client, and one session, per teacher named (the teacher service hosts them by name;
-student_trainer/client.py); a batch's rollouts are split by teacher, sent at once, and their
+student_trainer/client.py), at the teacher's own endpoint where one is given (teachers served by
+different deployments) and at the common target otherwise; a batch's rollouts are split by teacher, sent at once, and their
 answers put back in the batch's order. Prompts that name none go to the server's default teacher
 (""), so a run without names is one teacher, as before.
 """
@@ -18,15 +19,23 @@ from student_trainer.messages import TeacherScores
 
 
 class TeacherRouter:
-    def __init__(self, target: str, names: Sequence[str], pins: dict[str, str] | None = None, **options) -> None:
+    def __init__(
+        self,
+        target: str,
+        names: Sequence[str],
+        pins: dict[str, str] | None = None,
+        endpoints: dict[str, str] | None = None,
+        **options,
+    ) -> None:
         """`names`: the teachers the prompts name ("" the default); `pins`: a pin per name, from a
-        checkpoint (the `pin_teacher` option pins the others as their first GetInfo reports)."""
-        pins = pins or {}
+        checkpoint (the `pin_teacher` option pins the others as their first GetInfo reports);
+        `endpoints`: the target of each teacher served elsewhere than `target`."""
+        pins, endpoints = pins or {}, endpoints or {}
         self.clients: dict[str, TeacherClient] = {}
         try:
             for name in dict.fromkeys(names):
                 pinned = {"pin_teacher": pins[name]} if name in pins and options.get("pin_teacher") else {}
-                self.clients[name] = TeacherClient(target, **(options | pinned), teacher=name)
+                self.clients[name] = TeacherClient(endpoints.get(name, target), **(options | pinned), teacher=name)
         except BaseException:
             self.close()
             raise

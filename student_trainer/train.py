@@ -252,7 +252,9 @@ class Run:
 
     def loop(self) -> list[dict]:
         config = self.config
-        with TeacherRouter(config.teacher, self.teacher_names, self.teacher_pins, **self.client_options) as teacher:
+        with TeacherRouter(
+            config.teacher, self.teacher_names, self.teacher_pins, config.teacher_endpoints, **self.client_options
+        ) as teacher:
             # mask_special_tokens: false is an ablation of the whole masking: the teacher's too.
             teacher.open_sessions(
                 tokenizer_message(self.tokenizer), no_special_token_masking=not config.mask_special_tokens

@@ -63,7 +63,12 @@ def _serving_flags(
     )
     run.add_argument("--engine", choices=ENGINE_NAMES, default=server.engine)
     run.add_argument("--device", default=engine_defaults.device, help="cpu, cuda or cuda:N")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=engine_defaults.dtype)
+    run.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        default=engine_defaults.dtype,
+        help="float64: an exact reference, slow (hf engine)",
+    )
     run.add_argument("--max-k", type=int, default=server.max_k, help="largest top_k a request may ask for")
     run.add_argument(
         "--chunk-size", type=int, default=engine_defaults.chunk_size, help="positions per lm-head chunk (bounds memory)"
@@ -157,6 +162,8 @@ def _engine_flags(engine: argparse._ArgumentGroup, engine_defaults: EngineConfig
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.dtype == "float64" and args.engine != "hf":
+        raise SystemExit(f"opd-teacher: --dtype float64 (an exact reference) is the hf engine's, not {args.engine}'s")
     configure_logging(args.log_level, args.log_format)
     try:
         api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None

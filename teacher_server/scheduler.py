@@ -1,47 +1,35 @@
 """Packs concurrent scoring jobs into engine batches, fairly across tenants, within limits.
 
-Fairness: deficit round robin (DRR, Shreedhar & Varghese 1995) by tokens, on two
-levels: tenants, then the sessions of each tenant. Sessions are content-addressed
-and may be shared by tenants, so a queue belongs to a (tenant, session) pair.
+Fairness: deficit round robin by tokens (fair_queue.DeficitRoundRobin) on two levels:
+tenants, then the sessions of each tenant. Sessions are content-addressed and may be
+shared by tenants, so a queue belongs to a (tenant, session) pair. A tenant that becomes
+active joins at the front ("new flows first"), so its job goes into the very next batch;
+sessions inside a tenant join at the back.
 
-    Every active tenant sits in a ring with a deficit counter (a token credit).
-    The tenant at the head may send its next job while the job's cost (its tokens)
-    is within its credit; the cost is then taken from the credit. When the next
-    job costs more than is left, the tenant goes to the back of the ring with
-    `quantum` more credit for its next turn. A tenant whose queue empties leaves
-    the ring and forgets its credit (no banking of credit while idle).
+Each tenant thus gets about the same number of tokens per round whatever its queue
+length, so a tenant flooding the queue with thousands of jobs delays a light tenant's job
+by at most one quantum of its own work plus the batch already on the device. Batches are
+filled by popping jobs in DRR order until the token budget, the batch size or the time
+bound (the tokens the engine runs in `max_batch_seconds` at its recent throughput) is
+reached; the DRR state carries over from one batch to the next.
 
-A tenant that becomes active (it had nothing queued) joins at the front of the
-ring with one quantum, so its job goes into the very next batch; the tenant it
-interrupts keeps its credit for after. This is FQ-CoDel's "new flows first"
-(RFC 8290): it gives light tenants low latency and cannot be used to take more
-than a fair share, because only a tenant whose queue ran empty gets it, and a
-tenant that floods never runs empty. Sessions inside a tenant join at the back.
+Lanes: each engine (a loaded model, with the LoRA adapters hosted over it) has its own
+fair queue and its own worker thread, so the teachers of a server run side by side: a
+batch of a large teacher does not hold up a small one's jobs (on a GPU their kernels
+interleave; teachers placed on different devices run in parallel). Inside a lane a batch
+holds the jobs of one teacher (one adapter in force) and ends where DRR's next job
+belongs to another. The price: the lanes' batches are in memory at the same time.
 
-Each tenant thus gets about the same number of tokens per round whatever its
-queue length, so a tenant flooding the queue with thousands of jobs delays a
-light tenant's job by at most one quantum of its own work plus the batch already
-on the device. Inside a tenant the same rule spreads its share over its sessions.
-Batches are filled by popping jobs in DRR order until the token budget, the batch
-size or the time bound (the tokens the engine runs in `max_batch_seconds` at its recent
-throughput) is reached; the DRR state carries over from one batch to the next.
+Limits (SchedulerLimits) hold over all lanes: a request longer than `max_request_tokens`
+is refused outright; per tenant, the tokens waiting in the queues and the requests in
+flight (queued or on a device) are capped, and so are queued jobs over all tenants. Over
+a cap, RESOURCE_EXHAUSTED carries a retry hint: the time the engine needs, at its recent
+throughput, to work off what the tenant already has queued.
 
-Several teachers on one device (a server hosting more than one) share this one queue: a
-batch holds the jobs of one teacher, and ends where DRR's next job belongs to another, so
-tenants are served fairly in tokens whichever teacher they use, and each teacher's time
-bound uses its own throughput.
-
-Limits (SchedulerLimits): a request longer than `max_request_tokens` is refused
-outright; per tenant, the tokens waiting in the queue and the requests in flight
-(queued or on the device) are capped, and so are queued jobs over all tenants.
-Over a cap, RESOURCE_EXHAUSTED carries a retry hint: the time the engine needs,
-at its recent throughput, to work off what the tenant already has queued.
-
-The engine runs in one worker thread, so the event loop keeps serving RPCs
-while a batch is on the device. A job whose caller went away (cancelled RPC,
-expired deadline) is dropped before it reaches the engine; its tenant's quota is
-released at once. `drain()` refuses new jobs (UNAVAILABLE) while accepted ones
-finish; `wait_idle()` returns when none is left.
+The worker threads leave the event loop free to serve RPCs while batches run. A job
+whose caller went away (cancelled RPC, expired deadline) is dropped before it reaches the
+engine; its tenant's quota is released at once. `drain()` refuses new jobs (UNAVAILABLE)
+while accepted ones finish; `wait_idle()` returns when none is left.
 """
 
 from __future__ import annotations
@@ -49,13 +37,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Hashable, TypeVar
+from typing import TYPE_CHECKING
 
 from teacher_server.engines import Engine, ScoringJob, TeacherScores
+from teacher_server.engines.adapters import AdapterTeacher
 from teacher_server.errors import ResourceExhausted, Unavailable
+from teacher_server.fair_queue import DeficitRoundRobin
 from teacher_server.teacher_specs import DEFAULT_TEACHER
 from teacher_server.tenancy import current_tenant
 
@@ -93,6 +83,11 @@ class TeacherEngine:
     name: str
     engine: Engine
 
+    @property
+    def runs_on(self) -> object:
+        """The engine object that runs its batches, its lane's key: the base for a LoRA adapter."""
+        return self.engine.base if isinstance(self.engine, AdapterTeacher) else self.engine
+
 
 def job_cost(job: ScoringJob) -> int:
     """Tokens the engine runs for `job`: the DRR cost and the unit of the limits."""
@@ -126,76 +121,14 @@ class _TenantLoad:
     in_flight: int = 0
 
 
-K = TypeVar("K", bound=Hashable)
+class _Lane:
+    """One engine's queue (tenant -> session -> FIFO of jobs) and the worker that runs its batches."""
 
-
-class DeficitRoundRobin(Generic[K]):
-    """DRR over keyed FIFO queues of _Pending; a queue may itself be a DeficitRoundRobin.
-
-    `peek()` names the job DRR serves next (dropping cancelled jobs it meets on the
-    way), `pop()` serves it. Both may rotate the ring; that is the algorithm, not a
-    side effect: a turn ends when the head cannot afford its next job.
-    """
-
-    def __init__(self, quantum: int, on_drop, new_first: bool = False) -> None:
-        self.quantum = max(1, quantum)
-        self.new_first = new_first  # a key that (re)joins goes to the front, not the back
-        self._on_drop = on_drop  # called with each cancelled job taken off a queue
-        self._ring: OrderedDict[K, deque[_Pending] | DeficitRoundRobin] = OrderedDict()
-        self._credit: dict[K, int] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._ring)
-
-    def queue(self, key: K, factory) -> deque[_Pending] | DeficitRoundRobin:
-        """The queue of `key`, joining the back of the ring with one quantum if new."""
-        if key not in self._ring:
-            self._ring[key] = factory()
-            self._credit[key] = self.quantum
-            if self.new_first:
-                self._ring.move_to_end(key, last=False)
-        return self._ring[key]
-
-    def items(self):
-        for child in self._ring.values():
-            yield from (child.items() if isinstance(child, DeficitRoundRobin) else child)
-
-    def peek(self) -> _Pending | None:
-        while self._ring:
-            key, child = next(iter(self._ring.items()))
-            head = self._head(child)
-            if head is None:  # emptied by cancellations
-                self._leave(key)
-            elif head.cost <= self._credit[key]:
-                return head
-            else:  # the turn is over: back of the ring, one more quantum for next time
-                self._credit[key] += self.quantum
-                self._ring.move_to_end(key)
-        return None
-
-    def pop(self) -> _Pending:
-        head = self.peek()
-        assert head is not None, "pop() on an empty queue"
-        key, child = next(iter(self._ring.items()))
-        self._credit[key] -= head.cost
-        if isinstance(child, DeficitRoundRobin):
-            child.pop()
-        else:
-            child.popleft()
-        if not child:
-            self._leave(key)
-        return head
-
-    def _head(self, child) -> _Pending | None:
-        if isinstance(child, DeficitRoundRobin):
-            return child.peek()
-        while child and child[0].result.cancelled():
-            self._on_drop(child.popleft())
-        return child[0] if child else None
-
-    def _leave(self, key: K) -> None:
-        del self._ring[key]
-        del self._credit[key]
+    def __init__(self, quantum: int, on_drop) -> None:
+        self.queues: DeficitRoundRobin[str] = DeficitRoundRobin(quantum, on_drop, new_first=True)
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.task: asyncio.Task | None = None
 
 
 class Scheduler:
@@ -209,8 +142,8 @@ class Scheduler:
         self.metrics = metrics
         self.stats = SchedulerStats()
         self.draining = False
-        # tenant -> (session -> FIFO of jobs)
-        self._queues: DeficitRoundRobin[str] = DeficitRoundRobin(limits.quantum_tokens, self._dropped, new_first=True)
+        self._lanes: dict[object, _Lane] = {}  # TeacherEngine.runs_on -> its lane
+        self._running = False
         self._load: dict[str, _TenantLoad] = {}
         self._queued = 0
         self._in_flight = 0
@@ -218,18 +151,19 @@ class Scheduler:
         self._idle.set()
         self._tokens_per_s = 0.0  # recent engine throughput, for retry hints
         self._teacher_tokens_per_s: dict[str, float] = {}  # ... of each teacher, for the batches' time bound
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._loop_task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+        self._running = True
+        self._lane(self.default_teacher)
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._running = False
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in self._lanes.values():
+            lane.executor.shutdown(wait=True)
 
     def drain(self) -> None:
         """Refuse new jobs from now on; accepted ones still run."""
@@ -244,11 +178,19 @@ class Scheduler:
             return False
 
     def queued_jobs(self) -> list[_Pending]:
-        """Jobs still in the queue (cancelled ones included until they are dropped)."""
-        return list(self._queues.items())
+        """Jobs still in the queues (cancelled ones included until they are dropped)."""
+        return [pending for lane in self._lanes.values() for pending in lane.queues.items()]
 
     def load(self, tenant: str) -> _TenantLoad:
         return self._load.get(tenant, _TenantLoad())
+
+    def _lane(self, teacher: TeacherEngine) -> _Lane:
+        """The lane of `teacher`'s engine, opened (and its worker started) on first use."""
+        lane = self._lanes.get(teacher.runs_on)
+        if lane is None:
+            lane = self._lanes[teacher.runs_on] = _Lane(self.limits.quantum_tokens, self._dropped)
+            lane.task = asyncio.get_running_loop().create_task(self._run(lane), name=f"scheduler:{teacher.name}")
+        return lane
 
     async def submit(
         self, session_id: str, job: ScoringJob, tenant: str | None = None, teacher: TeacherEngine | None = None
@@ -261,7 +203,9 @@ class Scheduler:
         tenant = current_tenant() if tenant is None else tenant
         if self.draining:
             raise Unavailable("the teacher is shutting down (draining); retry against another replica")
-        if self._loop_task is None or self._loop_task.done():
+        teacher = teacher or self.default_teacher
+        lane = self._lane(teacher) if self._running else None
+        if lane is None or lane.task.done():
             raise Unavailable("the scheduler is not running; retry against a healthy replica")
         cost = job_cost(job)
         self._admit(tenant, cost)
@@ -270,12 +214,12 @@ class Scheduler:
             tenant,
             job,
             asyncio.get_running_loop().create_future(),
-            teacher or self.default_teacher,
+            teacher,
             cost,
             time.monotonic(),
         )
         self.stats.jobs_accepted += 1
-        self._queues.queue(tenant, self._session_ring).queue(session_id, deque).append(pending)
+        lane.queues.queue(tenant, self._session_ring).queue(session_id, deque).append(pending)
         self._queued += 1
         self._in_flight += 1
         self._idle.clear()
@@ -283,7 +227,7 @@ class Scheduler:
         load.queued_tokens += cost
         load.in_flight += 1
         self._observe_queue(tenant)
-        self._wakeup.set()
+        lane.wakeup.set()
         try:
             # The future is cancelled with the awaiting task; the queue drops it when it comes up.
             return await pending.result
@@ -318,7 +262,7 @@ class Scheduler:
             raise ResourceExhausted(
                 f"the teacher queue is full ({limits.max_queued_jobs} jobs); retry with backoff or send fewer "
                 "requests at once",
-                retry_after_s=self._retry_after(sum(p.cost for p in self._queues.items())),
+                retry_after_s=self._retry_after(sum(p.cost for p in self.queued_jobs())),
             )
         if load.in_flight >= limits.max_tenant_in_flight:
             self._rejected(tenant, "tenant_in_flight")
@@ -343,12 +287,12 @@ class Scheduler:
     def _dropped(self, pending: _Pending) -> None:
         self.stats.jobs_dropped += 1
 
-    def _next_batch(self) -> list[_Pending]:
+    def _next_batch(self, queues: DeficitRoundRobin[str]) -> list[_Pending]:
         batch: list[_Pending] = []
         longest, cost = 0, 0
         limits = self.limits
         timely = None
-        while (head := self._queues.peek()) is not None:
+        while (head := queues.peek()) is not None:
             if not batch:
                 rate = self._teacher_tokens_per_s.get(head.teacher.name, 0.0)
                 timely = rate * limits.max_batch_seconds if rate and limits.max_batch_seconds else None
@@ -359,7 +303,7 @@ class Scheduler:
             full = padded > limits.max_batch_tokens or len(batch) >= limits.max_batch_size
             if batch and (full or (timely is not None and cost + head.cost > timely)):
                 break
-            pending = self._queues.pop()
+            pending = queues.pop()
             if not pending.dequeued:
                 pending.dequeued = True
                 self._queued -= 1
@@ -370,31 +314,31 @@ class Scheduler:
             longest, cost = max(longest, tokens), cost + pending.cost
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         batch: list[_Pending] = []
         try:
             while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while batch := self._next_batch():
+                await lane.wakeup.wait()
+                lane.wakeup.clear()
+                while batch := self._next_batch(lane.queues):
                     if self.metrics is not None:
                         now = time.monotonic()
                         for pending in batch:
                             self.metrics.queue_wait(pending.tenant, now - pending.queued_at)
                             self._observe_queue(pending.tenant)
-                    await self._run_batch(batch)
+                    await self._run_batch(lane, batch)
         except Exception:
             # A bug here must not leave requests waiting forever: answer them, and refuse new
             # ones (submit sees the loop is done), so clients go to a healthy replica.
             log.exception("the scheduler loop failed; failing the jobs in flight and in the queue")
             failure = Unavailable("the teacher's scheduler failed; retry against a healthy replica")
-            self._fail(batch + list(self._queues.items()), failure)
+            self._fail(batch + list(lane.queues.items()), failure)
             raise
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, lane: _Lane, batch: list[_Pending]) -> None:
         started = time.monotonic()
         try:
-            results = await self._score(batch)
+            results = await self._score(lane, batch)
         except Exception as error:
             if len(batch) == 1:
                 log.exception("engine failed on a job")
@@ -404,13 +348,13 @@ class Scheduler:
             # with: score them one at a time, so only the job at fault gets the error.
             log.warning("engine failed on a batch of %d jobs (%s); scoring them one by one", len(batch), error)
             for pending in batch:
-                await self._run_batch([pending])
+                await self._run_batch(lane, [pending])
             return
         self._deliver(batch, results, started)
 
-    async def _score(self, batch: list[_Pending]) -> list:
+    async def _score(self, lane: _Lane, batch: list[_Pending]) -> list:
         results = await asyncio.get_running_loop().run_in_executor(
-            self._executor, batch[0].teacher.engine.score, [p.job for p in batch]
+            lane.executor, batch[0].teacher.engine.score, [p.job for p in batch]
         )
         if len(results) != len(batch):
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} jobs")

@@ -101,7 +101,10 @@ class ModelRows:
             allowed[0, 0, start : start + n, length + start : length + start + n] = torch.ones(n, n).tril().bool()
             spans[(at, extra)] = (start, start + n)
             start += n
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        dtype = (
+            self.hidden.dtype
+        )  # the model's, as the engine builds it (a float32 one gave a float64 model wrong rows)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         out = engine.backbone(
             input_ids=ids,
             position_ids=positions,

@@ -217,10 +217,10 @@ class ScriptedTeacher:
 
 
 @lru_cache(maxsize=1)
-def smollm2_engine():
+def smollm2_engine(dtype: str = "float32"):
     """The hf engine on SmolLM2-135M-Instruct (one per test session)."""
     from teacher_server.engines import EngineConfig
     from teacher_server.engines.hf import HFEngine
     from testkit.real_model import smollm2_path
 
-    return HFEngine(EngineConfig(model=str(smollm2_path())))
+    return HFEngine(EngineConfig(model=str(smollm2_path()), dtype=dtype))

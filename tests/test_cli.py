@@ -46,6 +46,7 @@ def test_teachers_by_flag_and_by_yaml_file_give_the_same_specs(tmp_path):
         (["--teacher", "a b=/m"], "teacher name 'a b'"),
         (["--teacher", "a=/m", "--default-teacher", "b"], "default teacher 'b' is not one of a"),
         (["--model", "/m", "--default-teacher", "b"], "--default-teacher names one of"),
+        (["--model", "/m", "--engine", "vllm", "--dtype", "float64"], "is the hf engine's, not vllm's"),
     ],
 )
 def test_teacher_lists_that_cannot_be_served_exit_with_a_message(flags, message):
@@ -62,6 +63,14 @@ def test_every_train_config_key_has_a_flag_and_no_flag_changes_a_default():
     args = vars(parser.parse_args(["--student", "s", "--prompts", "p"]))
     args.pop("config"), args.pop("resume"), args.pop("log_level")
     assert load_config(None, **args) == TrainConfig(student="s", prompts="p")
+
+
+def test_teacher_endpoints_are_name_target_pairs():
+    flags = ["--student", "s", "--prompts", "p", "--teacher-endpoint", "math=10.0.0.2:50051"]
+    config, _ = train_cli.parse([*flags, "--teacher-endpoint", "code=dns:///code-teacher:50051"])
+    assert config.teacher_endpoints == {"math": "10.0.0.2:50051", "code": "dns:///code-teacher:50051"}
+    with pytest.raises(SystemExit):  # argparse: expected NAME=HOST:PORT
+        train_cli.parse([*flags, "--teacher-endpoint", "math"])
 
 
 def test_flags_the_parser_builds_from_the_config_parse_into_it():

@@ -7,8 +7,8 @@ and `score_adapted(jobs, adapter)` (adapter None: the base alone). The hf engine
 with PEFT (`LoraAdapters`, switched per batch); the vLLM engine with its LoRA requests, which
 must be enabled when the base loads (`engine_args_for_adapters`). Every teacher hosted on a base
 that has adapters, the base's own teacher included, is an `AdapterTeacher`: an engine that scores
-with the base and its adapter. The scheduler runs one batch at a time in one thread, and its
-batches hold the jobs of one teacher, so a switch never happens under a batch.
+with the base and its adapter. The scheduler runs one batch at a time per base (its lane), and
+its batches hold the jobs of one teacher, so a switch never happens under a batch.
 """
 
 from __future__ import annotations

@@ -114,5 +114,5 @@ class Engine(Protocol):
     supports_requested_ids: bool  # ScoringJob.requested_ids
 
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
-        """Score a batch of jobs; called from one worker thread at a time."""
+        """Score a batch of jobs; called from this engine's one worker thread (its scheduler lane)."""
         ...

@@ -36,7 +36,8 @@ SHARED_PREFIX_MIN = (
     128  # tokens a group must share before its prefix runs once (shorter: rarely a gain, bench/groups.py)
 )
 SUFFIX_SEGMENT = 2048  # tokens of a job's own part per pass on the shared prefix (bounds the mask)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: slow, for exactness checks against a float64 reference (the logits stay float64 too).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class HFEngine:
@@ -63,7 +64,11 @@ class HFEngine:
         if getattr(model.config, "final_logit_softcapping", None):
             raise ValueError("models with final logit soft-capping are not supported by the hf engine yet")
         self.vocab_size = int(self.lm_head.weight.shape[0])
-        self._buffer: torch.Tensor | None = None  # float32 [chunk_size, vocab] logits, reused (_logits)
+        self._buffer: torch.Tensor | None = None  # [chunk_size, vocab] logits, reused (_logits)
+        self._logits_dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        # Teachers sharing a GPU run side by side (the scheduler's lanes): on a stream of its own
+        # each one's kernels interleave with the others' instead of queueing behind a whole batch.
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._adapters: LoraAdapters | None = None
         # transformers is renaming the cache argument of forward (past_key_values -> cache).
         parameters = inspect.signature(self.backbone.forward).parameters
@@ -84,6 +89,10 @@ class HFEngine:
 
     @torch.inference_mode()
     def score(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
+        with torch.cuda.stream(self._stream):  # None: a no-op
+            return self._score_jobs(jobs)
+
+    def _score_jobs(self, jobs: Sequence[ScoringJob]) -> list[TeacherScores]:
         groups = _shared_prefixes(jobs) if self.share_prefixes and not any(job.branches for job in jobs) else []
         if not groups:
             return self._score_batch(jobs)
@@ -276,7 +285,7 @@ class HFEngine:
     ) -> TeacherScores:
         """Top-K and target log-probabilities for hidden states [P, H] of one job.
 
-        Per chunk of rows, on the float32 logits [chunk, V] (in a reused buffer, see
+        Per chunk of rows, on the logits [chunk, V] (float32 or float64, in a reused buffer, see
         _logits): the targets' logits, the row maximum m, the excluded ids' logits
         (kept aside, then set to -inf), top-K on the logits themselves (log-softmax is
         monotone, so the same ids), and last the normaliser m + log(sum exp(logits - m)),
@@ -327,21 +336,22 @@ class HFEngine:
         return scores
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [n, V] of hidden states [n, H], n <= chunk_size, in a buffer reused
+        """float32 (float64 for a float64 model) logits [n, V] of hidden states [n, H], n <= chunk_size, in a buffer reused
         across chunks and calls: a fresh [chunk, V] tensor per chunk (50 MB at V=49k and 256
         rows, above glibc's mmap threshold) costs page faults comparable to the top-K itself.
-        A plain float32 nn.Linear head is applied with torch.mm into the buffer; any other head
+        A plain nn.Linear head of the buffer's dtype is applied with torch.mm into it; any other head
         (bias, another dtype, a wrapper) is called as a module and its output copied in."""
         rows = hidden.shape[0]
         buffer = self._buffer
         if buffer is None or buffer.shape[0] < rows or buffer.device != hidden.device:
-            buffer = self._buffer = torch.empty((max(rows, self.chunk_size), self.vocab_size), device=hidden.device)
+            shape = (max(rows, self.chunk_size), self.vocab_size)
+            buffer = self._buffer = torch.empty(shape, dtype=self._logits_dtype, device=hidden.device)
         out = buffer[:rows]
         head = self.lm_head
-        if type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32:
+        if type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == out.dtype:
             return torch.mm(hidden, head.weight.t(), out=out)
         logits = head(hidden)
-        if logits.dtype == torch.float32:
+        if logits.dtype == out.dtype:
             return logits  # a fresh tensor of the module's: as good as the buffer
         return out.copy_(logits)
 

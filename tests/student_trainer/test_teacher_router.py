@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,26 @@ def test_each_rollout_is_scored_by_its_prompts_teacher_in_the_batchs_order(two_t
                 np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     # The two teachers differ, so the comparison above tells them apart.
     assert not np.array_equal(routed[teachers.index("first")].ids, direct[teachers.index("first")].ids)
+
+
+def test_a_teacher_served_by_another_deployment_is_reached_at_its_own_endpoint(two_teachers, tmp_path):
+    other = two_teachers.server.config.teachers[1]  # "second", alone in a server of its own
+    alone = LiveServer(server_config(Path(other.model), teachers=(other,)))
+    try:
+        requests = [([1] + list(range(4, 4 + n)), 2) for n in (6, 9, 12)]
+        endpoints = {"second": alone.target}
+        with TeacherRouter(two_teachers.target, ["first", "second"], endpoints=endpoints) as router:
+            router.open_sessions(None)
+            routed = router.score_many(requests, ["second", "first", "second"], top_k=4)
+        assert alone.server.scheduler.stats.jobs_scored == 2  # the two "second" rollouts went there
+        with TeacherClient(two_teachers.target, teacher="second") as client:
+            client.open_session()
+            direct = client.score_many(requests, top_k=4)
+        for row in (0, 2):
+            np.testing.assert_array_equal(routed[row].ids, direct[row].ids)
+            np.testing.assert_allclose(routed[row].logprobs, direct[row].logprobs, atol=1e-5)
+    finally:
+        alone.stop()
 
 
 def test_training_with_two_teachers_logs_each_teachers_loss_and_keeps_their_pins(two_teachers, student, tmp_path):

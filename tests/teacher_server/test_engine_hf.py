@@ -274,3 +274,16 @@ def test_branches_give_each_tokens_logprob_and_the_row_after_only_where_wanted(
             np.testing.assert_allclose(scores.branch_logprobs[index], np.sort(after)[::-1][:6], atol=TOL)
         else:
             assert (scores.branch_ids[index] == -1).all() and np.isneginf(scores.branch_logprobs[index]).all()
+
+
+def test_a_float64_teacher_equals_the_float64_reference_to_float32_rounding(tiny_model, reference_model, rollouts):
+    """--dtype float64 (an exact reference for checks): the forward and the log-softmax in float64,
+    so the only error left is the float32 of the wire."""
+    engine = HFEngine(EngineConfig(model=str(tiny_model), chunk_size=CHUNK, dtype="float64"))
+    job = ScoringJob(token_ids=rollouts[0], score_from=1, top_k=8, requested_ids=np.tile([4, 9], (99, 1)))
+    (scores,) = engine.score([job])
+    ref = reference(reference_model, rollouts[0], 1)
+    rows = np.arange(job.num_positions)
+    np.testing.assert_allclose(scores.token_logprobs, ref[rows, rollouts[0][1:]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores.logprobs, np.take_along_axis(ref, scores.ids.astype(np.int64), 1), rtol=1e-6)
+    np.testing.assert_allclose(scores.requested_logprobs, ref[:, [4, 9]], rtol=1e-6, atol=1e-7)

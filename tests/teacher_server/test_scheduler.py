@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from teacher_server.engines import ScoringJob, TeacherScores
+from teacher_server.engines.adapters import AdapterTeacher
 from teacher_server.errors import ResourceExhausted, Unavailable
 from teacher_server.scheduler import Scheduler, SchedulerLimits, TeacherEngine
 
@@ -89,27 +90,63 @@ def test_fair_share_is_by_tokens_not_by_requests():
     assert abs(long_tokens - short_tokens) <= 128, (long_tokens, short_tokens)
 
 
-def test_teachers_sharing_the_device_get_batches_of_their_own_and_tenants_stay_fair():
-    first, second = RecordingEngine(), RecordingEngine()
-    second.batches = first.batches  # one record of the order the device ran them in
-    second.gate.set()
-    scheduler = Scheduler(first, SchedulerLimits(max_batch_size=8, quantum_tokens=64))
-    other = TeacherEngine("second", second)
+def test_teachers_on_different_engines_run_side_by_side():
+    """Each engine has its own lane: a small teacher's job does not wait for a large one's batch."""
+    large, small = RecordingEngine(), RecordingEngine()
+    small.gate.set()
+    scheduler = Scheduler(large, SchedulerLimits(max_batch_size=8))
+    other = TeacherEngine("small", small)
+
+    async def run():
+        scheduler.start()
+        held = asyncio.ensure_future(scheduler.submit("s", job("held", 512), "A"))
+        await asyncio.to_thread(large.entered.wait, 30)
+        await asyncio.wait_for(scheduler.submit("s", job("quick", 8), "B", other), 30)
+        assert not held.done()  # the large teacher's batch is still on its device
+        large.gate.set()
+        await held
+        await scheduler.stop()
+
+    asyncio.run(run())
+    assert small.batches == [["quick"]] and large.batches == [["held"]]
+
+
+class AdaptedEngine(RecordingEngine):
+    """A base model hosting LoRA adapters: records the adapter in force for each batch."""
+
+    name, vocab_size, max_sequence_length, dtype = "recording", 50, 4096, "float32"
+    temperatures, supports_branches, supports_requested_ids = False, False, False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters: list[str | None] = []
+
+    def score_adapted(self, jobs, adapter):
+        self.adapters.append(adapter)
+        return self.score(jobs)
+
+
+def test_teachers_over_one_base_get_batches_of_their_own_and_tenants_stay_fair():
+    engine = AdaptedEngine()
+    base, adapter = AdapterTeacher(engine, None, "base"), AdapterTeacher(engine, "b", "base+b")
+    scheduler = Scheduler(base, SchedulerLimits(max_batch_size=8, quantum_tokens=64))
+    other = TeacherEngine("b", adapter)
 
     async def run():
         scheduler.start()
         blocker = asyncio.ensure_future(scheduler.submit("s", job("blocker", 4), "blocker"))
-        await asyncio.to_thread(first.entered.wait, 30)
+        await asyncio.to_thread(engine.entered.wait, 30)
         tasks = [asyncio.ensure_future(scheduler.submit("a", job(f"a{i}", 32), "A")) for i in range(40)]
         tasks += [asyncio.ensure_future(scheduler.submit("b", job(f"b{i}", 32), "B", other)) for i in range(40)]
         await asyncio.sleep(0)
-        first.gate.set()
+        engine.gate.set()
         await asyncio.gather(blocker, *tasks)
         await scheduler.stop()
 
     asyncio.run(run())
-    batches = first.batches[1:]
+    batches = engine.batches[1:]
     assert all(len({tag[0] for tag in batch}) == 1 for batch in batches), batches  # one teacher per batch
+    assert engine.adapters[1:] == [None if batch[0][0] == "a" else "b" for batch in batches]  # ... its adapter in force
     order = [tag for batch in batches for tag in batch]
     for end in range(4, len(order), 4):  # a quantum (two jobs) each, turn by turn
         served = order[:end]
