@@ -163,7 +163,12 @@ def exactness(args: argparse.Namespace) -> None:
             if index < args.skip:
                 continue
             check_example(found, cross, engine, T.load("smollm2"), tokens, score_from, messages, rng, args.width)
-            print(f"# {student}: {index + 1} answers, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+            worst = " ".join(f"{kind} {max(found.diff[kind], default=0):.1e}" for kind in found.diff)
+            print(
+                f"# {student}: {index + 1} answers, {time.monotonic() - started:.0f} s; max |diff| {worst}",
+                file=sys.stderr,
+                flush=True,
+            )
         summary = found.summary()
         common.emit({"student": student, **summary})
         for kind in ("on", "inside", "across"):

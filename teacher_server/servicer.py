@@ -21,7 +21,7 @@ from teacher_server.alignment.result import Coverage, ScoreResult
 from teacher_server.errors import InvalidArgument, Unavailable
 from teacher_server.identity import current_pin
 from teacher_server.interceptor import failed_request, status_of
-from teacher_server.service import ScoreInput, TeacherService
+from teacher_server.service import ScoreInput, TeacherInfo, TeacherService
 from teacher_server.sessions import SessionSettings
 from teacher_server.student_tokenizer import StudentTokenizerSpec
 from teacher_server.teachers import Teachers
@@ -230,7 +230,7 @@ def _response(request_id: int, result: ScoreResult) -> teacher_pb2.ScoreResponse
     )
 
 
-def _hosted(info) -> dict:
+def _hosted(info: TeacherInfo) -> dict:
     """A TeacherInfo's fields for teacher_pb2.TeacherInfo (the server's version is GetInfo's own)."""
     fields = dataclasses.asdict(info)
     del fields["server_version"]
