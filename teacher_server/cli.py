@@ -162,8 +162,6 @@ def _engine_flags(engine: argparse._ArgumentGroup, engine_defaults: EngineConfig
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.dtype == "float64" and args.engine != "hf":
-        raise SystemExit(f"opd-teacher: --dtype float64 (an exact reference) is the hf engine's, not {args.engine}'s")
     configure_logging(args.log_level, args.log_format)
     try:
         api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None
@@ -191,6 +189,9 @@ def _teachers(args: argparse.Namespace) -> tuple[tuple[TeacherSpec, ...], str]:
 
 def server_config(args: argparse.Namespace, api_keys: ApiKeys | None = None) -> ServerConfig:
     teachers, default_teacher = _teachers(args)
+    dtypes = {args.dtype, *(spec.engine_options.get("dtype") for spec in teachers)}
+    if "float64" in dtypes and args.engine != "hf":
+        raise TeacherSpecError(f"dtype float64 (an exact reference) is the hf engine's, not {args.engine}'s")
     return ServerConfig(
         engine=args.engine,
         teachers=teachers,

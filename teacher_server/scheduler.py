@@ -124,11 +124,12 @@ class _TenantLoad:
 class _Lane:
     """One engine's queue (tenant -> session -> FIFO of jobs) and the worker that runs its batches."""
 
-    def __init__(self, quantum: int, on_drop) -> None:
+    def __init__(self, quantum: int, on_drop, run, name: str) -> None:
+        """`run(lane)`: the coroutine that serves the lane, started now as its task."""
         self.queues: DeficitRoundRobin[str] = DeficitRoundRobin(quantum, on_drop, new_first=True)
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.task: asyncio.Task | None = None
+        self.task = asyncio.get_running_loop().create_task(run(self), name=name)
 
 
 class Scheduler:
@@ -158,7 +159,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._running = False
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        tasks = [lane.task for lane in self._lanes.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -188,8 +189,8 @@ class Scheduler:
         """The lane of `teacher`'s engine, opened (and its worker started) on first use."""
         lane = self._lanes.get(teacher.runs_on)
         if lane is None:
-            lane = self._lanes[teacher.runs_on] = _Lane(self.limits.quantum_tokens, self._dropped)
-            lane.task = asyncio.get_running_loop().create_task(self._run(lane), name=f"scheduler:{teacher.name}")
+            lane = _Lane(self.limits.quantum_tokens, self._dropped, self._run, f"scheduler:{teacher.name}")
+            self._lanes[teacher.runs_on] = lane
         return lane
 
     async def submit(

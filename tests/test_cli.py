@@ -97,3 +97,11 @@ def test_flags_the_parser_builds_from_the_config_parse_into_it():
     config = load_config(None, **args)
     assert (config.mask_special_tokens, config.weight_decay, config.lr_schedule) == (False, 0.1, "cosine")
     assert (config.keep_checkpoints, config.teacher_timeout_s) == (5, 9.5)
+
+
+def test_a_float64_teacher_in_a_teachers_file_needs_the_hf_engine(tmp_path):
+    teachers = tmp_path / "teachers.yaml"
+    teachers.write_text("teachers:\n  - {name: a, model: /m, dtype: float64}\n")
+    with pytest.raises(SystemExit) as exited:
+        teacher_cli.main(["serve", "--teachers", str(teachers), "--engine", "vllm"])
+    assert "is the hf engine's, not vllm's" in str(exited.value)

@@ -336,8 +336,8 @@ class HFEngine:
         return scores
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 (float64 for a float64 model) logits [n, V] of hidden states [n, H], n <= chunk_size, in a buffer reused
-        across chunks and calls: a fresh [chunk, V] tensor per chunk (50 MB at V=49k and 256
+        """float32 logits [n, V] (float64 for a float64 model) of hidden states [n, H], n <= chunk_size,
+        in a buffer reused across chunks and calls: a fresh [chunk, V] tensor per chunk (50 MB at V=49k and 256
         rows, above glibc's mmap threshold) costs page faults comparable to the top-K itself.
         A plain nn.Linear head of the buffer's dtype is applied with torch.mm into it; any other head
         (bias, another dtype, a wrapper) is called as a module and its output copied in."""
