@@ -143,6 +143,7 @@ class Settings:
     accuracy_problems: int  # held-out problems for greedy accuracy
     kl_rollouts: int  # held-out rollouts for the reverse KL
     max_new_tokens: int = task.NUM_DIGITS + 1  # xtok answers take at most as many tokens
+    doubled_digit_prompts: bool = True  # False: training prompts whose answer has no doubled digit
 
 
 # task.OPD_RECIPE's batch and lr; 100 steps instead of 200 so that the 30 runs fit in 30 min on the 2-core
@@ -211,7 +212,7 @@ class HeldoutEvaluator:
         on_loss = student.metrics(batch, batch.mask)
         on_all = student.metrics(batch, batch.valid)
         return {
-            "accuracy": task.accuracy(model, self.tokenizer, self.problems),
+            **task.accuracy_by_doubled_digit(model, self.tokenizer, self.problems),
             "heldout_rkl": on_loss["topk_rkl"],
             "heldout_masked": mask_fractions(batch)["masked"],
             "heldout_support_mass": on_all["student_support_mass"],
@@ -225,7 +226,7 @@ def run_config(
     return TrainConfig(
         student=str(student),
         teacher=target,
-        prompts=str(output / "prompts.jsonl"),
+        prompts=str(prompts_file(output, settings)),
         output=str(output / "runs" / variant.name / f"seed{seed}"),
         steps=settings.steps,
         loss=variant.loss,
@@ -258,19 +259,22 @@ def _without_address(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != "teacher"}
 
 
-def run_one(config: TrainConfig, evaluator: HeldoutEvaluator) -> dict[str, Any]:
-    """Train one variant/seed (or reuse a finished identical run); returns its run.json content."""
+def run_one(config: TrainConfig, evaluator: HeldoutEvaluator, teacher_model: str = "") -> dict[str, Any]:
+    """Train one variant/seed (or reuse a finished identical run, with the same teacher model); returns
+    its run.json content."""
     run_dir = Path(config.output)
     done = run_dir / "run.json"
     if done.exists():
         previous = json.loads(done.read_text())
         # The teacher's port changes from one study to the next; the numbers are recomputed (newer code).
-        if _without_address(previous["config"]) == _without_address(dataclasses.asdict(config)):
+        same = _without_address(previous["config"]) == _without_address(dataclasses.asdict(config))
+        if same and previous.get("teacher_model", "") == teacher_model:
             return previous | {"metrics": summarize_run(read_records(run_dir))}
     started = time.monotonic()
     train(config, evaluate_task=evaluator)
     result = {
         "config": dataclasses.asdict(config),
+        "teacher_model": teacher_model,
         "wall_s": time.monotonic() - started,
         "metrics": summarize_run(read_records(run_dir)),
     }
@@ -301,6 +305,19 @@ def open_evaluator(
     return evaluator, max_k
 
 
+def prompts_file(output: Path, settings: Settings) -> Path:
+    """The training prompts (a file of their own without doubled digits, so runs of the other set are not reused)."""
+    return output / ("prompts.jsonl" if settings.doubled_digit_prompts else "prompts-no-doubled-digit.jsonl")
+
+
+def training_problems(doubled_digits: bool, count: int = 20_000) -> list[task.Problem]:
+    """The study's training problems; without doubled digits, those of twice as many draws that have none (59%)."""
+    if doubled_digits:
+        return task.make_problems(count, seed=7, split="train")
+    drawn = task.make_problems(2 * count, seed=7, split="train")
+    return [problem for problem in drawn if not task.has_doubled_digit(problem.answer)][:count]
+
+
 def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict[str, Path]) -> dict[str, Any]:
     """Run every (variant, seed) of `settings`, then write summary.json, summary.md and the plots.
 
@@ -309,7 +326,7 @@ def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict
     started = time.monotonic()
     output.mkdir(parents=True, exist_ok=True)
     problems = task.heldout_problems(max(settings.accuracy_problems, settings.kl_rollouts))
-    write_prompts(output / "prompts.jsonl", task.make_problems(20_000, seed=7, split="train"))
+    write_prompts(prompts_file(output, settings), training_problems(settings.doubled_digit_prompts))
     write_prompts(output / "heldout.jsonl", problems[: settings.kl_rollouts])
     variants = [VARIANT_BY_NAME[name] for name in settings.variants]
     total = len(variants) * len(settings.seeds)
@@ -327,7 +344,7 @@ def run_study(output: Path, settings: Settings, *, teacher: Path, students: dict
             config = run_config(
                 variant, seed, settings, student=students[variant.student], target=target, max_k=max_k, output=output
             )
-            result = run_one(config, evaluators[variant.student])
+            result = run_one(config, evaluators[variant.student], str(teacher))
             runs[variant.name].append({"seed": seed, "wall_s": result["wall_s"], **result["metrics"]})
             m = result["metrics"]
             print(
@@ -391,6 +408,18 @@ def main(argv: list[str] | None = None) -> None:
         help="the *_xtok variants train the demo student itself with the other tokenizer (its rows copied, "
         "demo/xtok.py: same_weights_student) instead of a student trained with that tokenizer",
     )
+    parser.add_argument(
+        "--xtok-teacher",
+        action="store_true",
+        help="the teacher speaks the other tokenizer (task.XTOK_TEACHER_RECIPE): the *_xtok variants then run "
+        "without cross-tokenizer scoring, the demo ones with it",
+    )
+    parser.add_argument(
+        "--no-doubled-digit-prompts",
+        action="store_true",
+        help="train on problems whose answer has no doubled digit (the other tokenizer writes those pairs as one "
+        "token); the evaluation keeps every problem and reports both kinds",
+    )
     parser.add_argument("--steps", type=int, help="training steps per run (overrides the preset)")
     parser.add_argument("--seeds", type=int, help="number of seeds per variant (overrides the preset)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANT_BY_NAME)}")
@@ -400,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = dataclasses.replace(settings, steps=args.steps)
     if args.seeds:
         settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
+    if args.no_doubled_digit_prompts:
+        settings = dataclasses.replace(settings, doubled_digit_prompts=False)
     if args.variants:
         names = tuple(name.strip() for name in args.variants.split(",") if name.strip())
         unknown = [name for name in names if name not in VARIANT_BY_NAME]
@@ -411,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         started = time.monotonic()
         print("preparing the teacher and the student (trained once, then cached) ...", flush=True)
-        teacher = args.teacher_model or task.prepare_teacher(args.cache_dir)
+        recipe = task.XTOK_TEACHER_RECIPE if args.xtok_teacher else task.TEACHER_RECIPE
+        teacher = args.teacher_model or task.prepare_teacher(args.cache_dir, recipe)
         kinds = {VARIANT_BY_NAME[name].student for name in settings.variants}
         students = {}
         if "demo" in kinds or args.xtok_same_weights:

@@ -15,10 +15,12 @@ teacher cannot write (a student control token without a teacher twin, bytes the 
 tokenizer does not reproduce, a path past the teacher's context) is -inf.
 
 So is a candidate other than the target that spells the beginning of the rollout's own text from
-the position ("3" or "33" where the rollout writes "3", "3"; " represent" before " representatives"):
-the projection gives the text the rollout writes to the rollout's own split, so the teacher's mass
-of that text is already in the target's entry, and a union of the two would count it twice (in
-the demo's cross-tokenizer study, up to twice the teacher's mass at a position).
+the position: the projection has already given the teacher's mass of that text to a support entry,
+and a union of the two would count it twice (in the demo's cross-tokenizer study, up to twice the
+teacher's mass at a position). A shorter one ("3" where the rollout writes "33", " represent"
+before " representatives") is inside the target's entry; a longer one ("33" where the rollout
+writes "3", "3") is in the entry of the token the student's tokenizer begins that text with
+("33", project.py) or, where one teacher token of look-ahead cannot tell, in the target's.
 """
 
 from __future__ import annotations

@@ -86,14 +86,21 @@ class PairTables:
                 self._first_after.clear()
                 todo = list(unique)
             joined = [self.student.token(s) + self.teacher.token(t) for s, t in todo]
-            ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in joined]
-            first = first_tokens(self.student, self.trie, self.encoder, ended)
-            unspelt = np.flatnonzero(first < 0)  # a vocabulary without the end mark (the demo's digits)
-            if len(unspelt):
-                first[unspelt] = first_tokens(self.student, self.trie, self.encoder, [joined[i] for i in unspelt])
-            inside = (first >= 0) & (self.student.lengths[first] <= np.asarray([len(text) for text in joined]))
-            self._first_after.update(zip(todo, np.where(inside, first, -1).tolist()))
+            self._first_after.update(zip(todo, self.first_of_words(joined).tolist()))
         return np.asarray([self._first_after.get(key, -1) for key in keys], dtype=np.int64)
+
+    def first_of_words(self, texts: list[bytes]) -> np.ndarray:
+        """The first token of the student's encoding of each text as the end of a word (first_after);
+        -1 where unknown, or where that token is longer than the text (it needs what follows)."""
+        if self.encoder is None:
+            return np.full(len(texts), -1, dtype=np.int64)
+        ended = [text + (b"a" if BYTE_CLASS[text[-1]] == SPACE else b" ") for text in texts]
+        first = first_tokens(self.student, self.trie, self.encoder, ended)
+        unspelt = np.flatnonzero(first < 0)  # a vocabulary without the end mark (the demo's digits)
+        if len(unspelt):
+            first[unspelt] = first_tokens(self.student, self.trie, self.encoder, [texts[i] for i in unspelt])
+        inside = (first >= 0) & (self.student.lengths[first] <= np.asarray([len(text) for text in texts]))
+        return np.where(inside, first, -1)
 
     def is_ambiguous(self, hashes: np.ndarray) -> np.ndarray:
         if len(self.ambiguous) == 0:

@@ -7,12 +7,14 @@ r decides the student token it lands on, and its probability (the chain rule
 along the path) adds to that token's. Paths are followed as far as needed:
 
 * a path whose text is the rollout's text through the end of the student's actual
-  target lands on it (the student's own tokenizer split this very text there). When
-  the rollout's own teacher tokens end exactly with the target, the teacher's next
-  token (the rollout's next row, free) decides first: a token that goes on with the
-  target's last word is other text (" restart" + "s" is " restarts", which a
-  SentencePiece student writes " rest", "arts"), landing on the first token of the
-  student's encoding of the joined bytes (pair.first_after);
+  target lands on it. When the rollout's own teacher tokens end exactly with the
+  target, the teacher's next token (the rollout's next row, free) decides first: a
+  token that goes on with the target's last word is other text (" restart" + "s" is
+  " restarts", which a SentencePiece student writes " rest", "arts"), landing on the
+  first token of the student's encoding of the joined bytes (pair.first_after). The
+  rollout's own next token is such text too where the student's tokenizer would not
+  begin the rollout's own word with the target (a sampled "0", "0" for "00"): what was
+  sampled at a position does not change the distribution there;
 * a path that leaves the rollout's text, before or after covering the target, is
   other text (" three" is not the student's lone " " before "3"): unless it is
   *ambiguous* (pair.py: the teacher may be spelling a longer student token one
@@ -58,12 +60,13 @@ import numpy as np
 from opd.v1 import teacher_pb2
 from teacher_server.alignment.align import Alignment
 from teacher_server.alignment.byte_tables import WINDOW
-from teacher_server.alignment.pair import PairTables, path_hash
+from teacher_server.alignment.pair import BYTE_CLASS, PairTables, path_hash
 from teacher_server.alignment.specials import SpecialMap
 
 LOW_MASS = teacher_pb2.MASK_REASON_LOW_MASS
 MAX_EXTRA = 8  # off-rollout tokens a path may carry into a branch
 MIN_LOOKAHEAD_PROB = 1e-4  # see Projection._land_after_target
+MAX_WORD_UNITS = 64  # see Projection._tokenizer_writes_target_first
 MAX_UNRESOLVED_SHARE = 0.5  # see Projection.finish
 UNALIGNED = teacher_pb2.MASK_REASON_UNALIGNED
 
@@ -392,24 +395,49 @@ class Projection:
 
     def _land_after_target(self, pos: np.ndarray, y: np.ndarray, logp: np.ndarray, row: np.ndarray) -> None:
         """Land paths that wrote the rollout's text up to the end of the target y, split by the
-        teacher's next token (completion row `row`): the rollout's own next token, a token that
-        begins a new word, and the unread rest keep the target; a token that continues the
-        target's last word is other text, landing where the student's tokenizer starts on the
-        joined bytes (SentencePiece writes " restarts" as " rest", "arts"; Tekken writes ".\n"
-        + "\n" as ".\n\n"). Continuations below MIN_LOOKAHEAD_PROB stay on the target."""
+        teacher's next token (completion row `row`): a token that begins a new word, and the unread
+        rest, keep the target; a token that continues the target's last word is other text, landing
+        where the student's tokenizer starts on the joined bytes (SentencePiece writes " restarts"
+        as " rest", "arts"; Tekken writes ".\n" + "\n" as ".\n\n"). So is the rollout's own next
+        token where the student's tokenizer would not begin the rollout's own word with y: a
+        sampled split ("0", "0" where it writes "00") is not evidence of where the text's mass
+        belongs, and a position's distribution must not depend on the token sampled there.
+        Continuations below MIN_LOOKAHEAD_PROB stay on the target."""
         a, t = self.alignment, self.tables
         ids, row_logp = self.main_ids[row], self.main_logp[row]
-        actual = a.teacher_ids[a.teacher_from + row]
         weight = logp[:, None] + row_logp
-        candidate = (ids >= 0) & (ids != actual[:, None]) & (weight >= np.log(MIN_LOOKAHEAD_PROB))
+        candidate = (ids >= 0) & (weight >= np.log(MIN_LOOKAHEAD_PROB))
         candidate[candidate] = t.continues_word(np.broadcast_to(y[:, None], ids.shape)[candidate], ids[candidate])
         path, column = np.nonzero(candidate)
         first = t.first_after(y[path], ids[path, column])
         moves = (first >= 0) & (first != y[path])
+        own = np.flatnonzero(moves & (ids[path, column] == a.teacher_ids[a.teacher_from + row[path]]))
+        moves[own] = ~self._tokenizer_writes_target_first(pos[path[own]], y[path[own]])
         path, column, first = path[moves], column[moves], first[moves]
         self._land(pos[path], first, weight[path, column])
         moved = np.bincount(path, weights=np.exp(row_logp[path, column]), minlength=len(pos))
         self._land(pos, y, logp + np.log(np.clip(1.0 - moved, 1e-300, 1.0)))
+
+    def _tokenizer_writes_target_first(self, pos: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether the student's tokenizer begins the rollout's own bytes from each position, through
+        the end of the word its target runs into (one byte class, at most MAX_WORD_UNITS), with the
+        target y; also where that cannot be told (a special token in the way, an unknown split)."""
+        a = self.alignment
+        words, told = [], []
+        for index, p in enumerate(pos.tolist()):
+            start, end = int(a.s[p]), int(a.e[p])
+            after = a.units[end : min(end + MAX_WORD_UNITS, a.num_units)]
+            classes = BYTE_CLASS[np.minimum(after, 255)]
+            other = np.flatnonzero((after >= 256) | (classes != classes[:1]))
+            word = a.units[start : end + (int(other[0]) if len(other) else len(after))]
+            if len(word) and len(after) and (word < 256).all():
+                words.append(word.astype(np.uint8).tobytes())
+                told.append(index)
+        writes = np.ones(len(pos), dtype=bool)
+        if words:
+            first = self.tables.first_of_words(words)
+            writes[told] = (first < 0) | (first == y[told])
+        return writes
 
     def _common_prefix(self, cand: np.ndarray, at: np.ndarray) -> np.ndarray:
         """Units shared by each teacher token and the stream from `at` (capped at the token length)."""

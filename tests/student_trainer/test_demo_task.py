@@ -161,6 +161,20 @@ def test_accuracy_on_oracles(tok) -> None:
     assert accuracy(_Oracle(bad="7"), tok, problems, batch_size=128) == pytest.approx(1 - wrong / len(problems))
 
 
+def test_accuracy_by_doubled_digit_splits_the_problems(tok) -> None:
+    """The oracle that errs on prompts starting with "7": the split accuracies are those of the two kinds."""
+    problems = heldout_problems(300)
+    doubled = [task.has_doubled_digit(p.answer) for p in problems]
+    assert task.has_doubled_digit("123345") and not task.has_doubled_digit("121212")
+    assert 0.3 < sum(doubled) / len(problems) < 0.55  # 1 - 0.9**5 = 41% of 6-digit strings
+    split = task.accuracy_by_doubled_digit(_Oracle(bad="7"), tok, problems)
+    right = [p.prompt[0] != "7" for p in problems]
+    for key, kind in (("accuracy_doubled_digit", True), ("accuracy_no_doubled_digit", False)):
+        chosen = [r for r, d in zip(right, doubled) if d == kind]
+        assert split[key] == pytest.approx(sum(chosen) / len(chosen)), key
+    assert split["accuracy"] == pytest.approx(sum(right) / len(right))
+
+
 def test_greedy_matches_generate(tok) -> None:
     model = build_model(student_config(len(tok)), seed=5)
     train_supervised(model, tok, make_problems(500, 5), steps=15, batch_size=32, lr=5e-3, seed=5)

@@ -63,6 +63,8 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
         assert [run["seed"] for run in variant["runs"]] == list(settings.seeds)
         for key in (
             "accuracy_final",
+            "accuracy_doubled_digit_final",
+            "accuracy_no_doubled_digit_final",
             "heldout_rkl_final",
             "heldout_masked_final",
             "heldout_support_mass_final",
@@ -103,11 +105,27 @@ def test_quick_study_writes_runs_summary_table_and_plots(tmp_path: Path, _restor
     config = TrainConfig(**{**json.loads((run_dir / "run.json").read_text())["config"], "teacher": "127.0.0.1:1"})
     trained: list[TrainConfig] = []
     monkeypatch.setattr(study, "train", lambda config, **kwargs: trained.append(config))
-    assert study.run_one(config, evaluator=None)["metrics"] == summarize_run(study.read_records(run_dir))
+    reused = study.run_one(config, evaluator=None, teacher_model=str(teacher))
+    assert reused["metrics"] == summarize_run(study.read_records(run_dir))
     assert trained == []
     changed = dataclasses.replace(config, lr=2e-3)  # other settings: another run, trained
     study.run_one(changed, evaluator=None)
     assert trained == [changed]
+    study.run_one(config, evaluator=None, teacher_model=str(student))  # another teacher: trained again
+    assert trained == [changed, config]
+
+
+def test_training_problems_without_doubled_digits() -> None:
+    """--no-doubled-digit-prompts: 20k training problems, none with a doubled digit, in a prompts file of their own."""
+    problems = study.training_problems(doubled_digits=False)
+    assert len(problems) == 20_000 and not any(task.has_doubled_digit(p.answer) for p in problems)
+    assert len({p.prompt for p in problems}) == len(problems)
+    assert study.training_problems(doubled_digits=True) == task.make_problems(20_000, seed=7, split="train")
+    output = Path("study")
+    files = {
+        study.prompts_file(output, dataclasses.replace(study.FULL, doubled_digit_prompts=d)) for d in (True, False)
+    }
+    assert len(files) == 2
 
 
 def records_of(accuracies: list[float], grad_norms: list[float], eval_every: int = 2) -> list[dict]:
@@ -194,7 +212,16 @@ def run(final: float, drawdown: float = 0.0, grad_var: float = 1.0, start: float
         "grad_norm_mean_live": 1.0,
         "live_steps": 10.0,
         "student_support_mass": 0.9,
-        **{key: 0.0 for key in ("accuracy_best", "negative_advantage_share", "masked")},
+        **{
+            key: 0.0
+            for key in (
+                "accuracy_best",
+                "accuracy_doubled_digit_final",
+                "accuracy_no_doubled_digit_final",
+                "negative_advantage_share",
+                "masked",
+            )
+        },
     }
 
 

@@ -294,3 +294,46 @@ def test_word_that_goes_on_past_the_target_lands_where_the_student_splits_it():
     expected = {"▁restart": 0.6 * (0.5 + 0.2), "▁rest": 0.6 * 0.3, "▁stop": 0.4}
     assert support(result, 0, "mistral-sp-v1") == pytest.approx(expected, rel=1e-5)
     assert result.token_logprobs[0] == pytest.approx(np.log(0.6), abs=1e-5), "token_logprobs stays the chain rule"
+
+
+def test_a_sampled_split_the_tokenizer_would_not_write_does_not_keep_the_text():
+    """The student sampled " 1", "1" for " 11", which its tokenizer writes " 11": at the first
+    position the teacher's " 11..." is the student's " 11", whatever was sampled there, so the
+    distribution there is the one a student that sampled " 2" gets (it must not depend on the token
+    sampled at the position); the target keeps " 1" followed by a new word."""
+    need("gpt2", "smollm2")
+    gpt2 = T.load("gpt2")
+    completion = gpt2.convert_tokens_to_ids(["Ġ1", "1", "Ġeggs"])
+    script = {
+        "": {" ": 1.0},
+        " ": {"1": 0.8, "2": 0.2},
+        " 1": {"1": 0.5, " eggs": 0.5},
+        " 11": {" eggs": 1.0},
+        " 2": {" eggs": 1.0},
+    }
+    _, result = run("gpt2", "smollm2", completion, script)
+    assert support(result, 0, "gpt2") == pytest.approx({"Ġ11": 0.4, "Ġ1": 0.4, "Ġ2": 0.2}, rel=1e-5)
+    assert result.token_logprobs[0] == pytest.approx(np.log(0.8), abs=1e-5), "token_logprobs stays the chain rule"
+    assert support(result, 1, "gpt2") == pytest.approx({"1": 0.5, "Ġeggs": 0.5}, rel=1e-5)
+    sampled_other = gpt2.convert_tokens_to_ids(["Ġ2", "Ġeggs"])
+    _, other = run("gpt2", "smollm2", sampled_other, script)
+    assert support(other, 0, "gpt2") == pytest.approx(support(result, 0, "gpt2"), rel=1e-5)
+
+
+def test_the_tokenizers_own_split_keeps_its_text_though_the_next_teacher_token_alone_reads_otherwise():
+    """GPT-2 writes " 1150" as " 11", "50", though " 115" alone is one token: the teacher's "5" after
+    " 11" (one digit at a time) is the rollout's own text, which the student's tokenizer begins with
+    " 11", so it stays on the target; another digit ("2": " 112") is other text."""
+    need("gpt2", "smollm2")
+    gpt2 = T.load("gpt2")
+    completion = gpt2.convert_tokens_to_ids(["Ġ11", "50", "Ġeggs"])
+    assert gpt2(" 1150 eggs", add_special_tokens=False)["input_ids"] == completion, "the tokenizer's own split"
+    script = {
+        "": {" ": 1.0},
+        " ": {"1": 1.0},
+        " 1": {"1": 1.0},
+        " 11": {"5": 0.5, "2": 0.1, " eggs": 0.4},
+        " 112": {" eggs": 1.0},
+    }
+    _, result = run("gpt2", "smollm2", completion, script)
+    assert support(result, 0, "gpt2") == pytest.approx({"Ġ11": 0.9, "Ġ112": 0.1}, rel=1e-5)
