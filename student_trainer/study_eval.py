@@ -20,8 +20,9 @@ from student_trainer.teacher_router import TeacherRouter
 class HeldoutEvaluator:
     """`evaluate_task` for train(): the same held-out measurements for every variant.
 
-    accuracy: greedy exact match. On the student's own rollouts of held-out prompts (sampled
-    with the evaluation config, top-p 1.0, fixed seed): heldout_rkl, the truncated renormalised
+    accuracy: greedy exact match, also over the problems whose answer has a doubled digit and over
+    the others (task.accuracy_by_doubled_digit). On the student's own rollouts of held-out prompts
+    (sampled with the evaluation config, top-p 1.0, fixed seed): heldout_rkl, the truncated renormalised
     reverse KL over the positions that carry a loss (as train.evaluate_heldout); heldout_masked,
     the share of completion positions masked (the student wrote a special token there);
     heldout_support_mass, the student's mass on the teacher's non-special support over every

@@ -4,8 +4,8 @@ prompts file), and every rollout is scored by its prompt's teacher.
 One client, and one session, per teacher named (the teacher service hosts them by name;
 student_trainer/client.py), at the teacher's own endpoint where one is given (teachers served by
 different deployments) and at the common target otherwise; a batch's rollouts are split by
-teacher, sent at once, and their answers put back in the batch's order. Prompts that name none go to the server's default teacher
-(""), so a run without names is one teacher, as before.
+teacher, sent at once, and their answers put back in the batch's order. Prompts that name none go
+to the server's default teacher (""), so a run without names is one teacher, as before.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class PairTables:
         keys = list(zip(student_ids.tolist(), teacher_ids.tolist()))
         unique = dict.fromkeys(keys)
         todo = [key for key in unique if key not in self._first_after]
-        if todo and self.encoder is not None:
+        if todo:  # first_of_words answers -1 for all without an encoder
             if len(self._first_after) + len(todo) > FIRST_AFTER_KEPT:  # bounded: rollouts bring ever new pairs
                 self._first_after.clear()
                 todo = list(unique)
