@@ -79,7 +79,8 @@ def steps_logged(output: Path) -> int:
     path = output / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    # Only whole lines: the trainer may be half-way through appending the last one.
+    lines = [line for line in path.read_text().split("\n")[:-1] if line.strip()]
     return json.loads(lines[-1])["step"] if lines else 0
 
 
